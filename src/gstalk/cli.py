@@ -1,0 +1,359 @@
+"""The ``gstalk`` command line (typer): one command per stage, plus ``run``.
+
+Results go to stdout (a workspace path, a video path, a metrics table or ``--json``);
+progress and messages go to stderr, so commands chain in shell pipelines::
+
+    gstalk extract video.mp4 | xargs gstalk track
+
+Errors print one red line and exit with the code of their class (``gstalk.errors``;
+``docs/troubleshooting.md``); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from gstalk import __version__
+from gstalk.errors import EXIT_CODES, GstalkError
+
+app = typer.Typer(
+    name="gstalk",
+    help="Learn a talking head from one video of a speaker, then render any speech as a lip-synced video "
+         "(3D Gaussian Splatting; CPU or GPU).\n\nStages: extract -> track -> coarse -> fine -> render -> eval, "
+         "each reading and writing a workspace folder. `gstalk run VIDEO` does them all.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and warnings (no progress).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Raster = Annotated[str, typer.Option("--raster", help="Rasterizer backend: auto, cpu, torch, gsplat or inria.")]
+Preset = Annotated[Optional[str], typer.Option(
+    "--preset", help="cpu-quick (256 px, minutes on a CPU), paper (512 px, the papers' iterations) or test. "
+                     "Default: the preset the workspace was extracted with.")]
+WorkspaceArg = Annotated[Optional[Path], typer.Argument(
+    help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]
+
+
+def _reporter(quiet: bool):  # type: ignore[no-untyped-def]
+    from gstalk.progress import Reporter
+
+    return Reporter(quiet=quiet)
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    if isinstance(exc, GstalkError):
+        if debug:
+            err.print_exception()
+        from rich.markup import escape
+
+        hint = f" [dim]Fix: {escape(exc.hint)}[/dim]" if exc.hint else ""
+        err.print(f"[bold red]error:[/bold red] {escape(exc.message)}{hint}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        err.print("[yellow]interrupted[/yellow]: the workspace keeps its last complete state; re-run to continue.")
+        raise typer.Exit(130)
+    raise exc
+
+
+@contextlib.contextmanager
+def _guard(debug: bool) -> Iterator[None]:
+    """Turn a GstalkError (or Ctrl-C) into one red line and its exit code."""
+    try:
+        yield
+    except (typer.Exit, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - re-raised unless it is ours
+        _fail(exc, debug)
+
+
+def _workspace(ws: Path | None) -> Path:
+    """The workspace folder: ``ws`` itself, the one workspace inside it, or (None) the
+    current folder / the one workspace inside it."""
+    from gstalk.workspace import MANIFEST, find_workspace
+
+    if ws is None:
+        return find_workspace()
+    if ws.is_dir() and not (ws / MANIFEST).exists():
+        return find_workspace(ws)
+    return ws
+
+
+def _preset(name: str | None, ws_root: Path | None = None):  # type: ignore[no-untyped-def]
+    from gstalk.config import get_preset
+    from gstalk.workspace import Workspace
+
+    if name is None and ws_root is not None:
+        name = Workspace.open(ws_root).preset
+    return get_preset(name or "cpu-quick")
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"gstalk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """gstalk: audio-driven talking heads with 3D Gaussian Splatting."""
+
+
+# ---------------------------------------------------------------------------- extract
+@app.command()
+def extract(
+    video: Annotated[Path, typer.Argument(help="Training video: one speaker facing the camera, with speech, "
+                                               "3-5 minutes for a good model (any format ffmpeg reads).")],
+    workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", "-w", help="Workspace folder to create (default: VIDEO_STEM_ws).")] = None,
+    preset: Preset = None,
+    size: Annotated[Optional[int], typer.Option(help="Working resolution in pixels (default from the preset: "
+                                                     "256 for cpu-quick, 512 for paper).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed recorded for all later stages.")] = 0,
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Decode the video at 25 fps, crop a square around head and shoulders, write frames (PNG), 16 kHz audio and MFCC
+    features per frame into WORKSPACE/extract/. Prints the workspace path."""
+    with _guard(debug):
+        from gstalk.config import override
+        from gstalk.stages.extract import run_extract
+
+        p = _preset(preset or "cpu-quick")
+        cfg = override(p.extract, size=size)
+        ws = run_extract(video, workspace, cfg, preset=p.name, seed=seed, reporter=_reporter(quiet))
+        _result(ws.root, ws.stage("extract").summary, as_json)
+
+
+def _result(ws_root: Path, summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json({"workspace": str(ws_root), **summary})
+    else:
+        print(ws_root)
+
+
+# ---------------------------------------------------------------------------- track
+@app.command()
+def track(
+    workspace: WorkspaceArg = None,
+    preset: Preset = None,
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Track the face in every frame (MediaPipe, model shipped with gstalk): 478 landmarks, blendshapes, head pose, one
+    focal length, eye blink, the audio/video offset, masks (head, mouth, torso, person) and a background plate,
+    into WORKSPACE/track/. See track/preview.png to check it worked."""
+    with _guard(debug):
+        from gstalk.stages.track import run_track
+
+        root = _workspace(workspace)
+        ws = run_track(str(root), _preset(preset, root).track, reporter=_reporter(quiet))
+        _result(ws.root, ws.stage("track").summary, as_json)
+
+
+# ---------------------------------------------------------------------------- coarse
+@app.command()
+def coarse(
+    workspace: WorkspaceArg = None,
+    preset: Preset = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
+    raster: Raster = "auto",
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density
+    control). Writes WORKSPACE/coarse/gaussians.safetensors and point_cloud.ply (3DGS PLY)."""
+    with _guard(debug):
+        from gstalk.config import override
+        from gstalk.stages.coarse import run_coarse
+
+        root = _workspace(workspace)
+        cfg = override(_preset(preset, root).coarse, iterations=iterations, raster=raster)
+        ws = run_coarse(str(root), cfg, reporter=_reporter(quiet))
+        _result(ws.root, ws.stage("coarse").summary, as_json)
+
+
+# ---------------------------------------------------------------------------- fine
+@app.command()
+def fine(
+    workspace: WorkspaceArg = None,
+    preset: Preset = None,
+    model: Annotated[str, typer.Option(help="Deformation model: gstalker.")] = "gstalker",
+    iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
+    av_offset: Annotated[Optional[int], typer.Option(
+        "--av-offset", help="Audio/video offset in frames (positive: audio late). Default: the track stage's "
+                            "estimate.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from fine/checkpoint.safetensors.")] = False,
+    raster: Raster = "auto",
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Train the audio-driven deformation of the canonical Gaussians (hash-grid tri-plane + audio encoder with temporal
+    smoothing + MLP, GSTalker). Writes WORKSPACE/fine/model.safetensors and point_cloud.ply."""
+    with _guard(debug):
+        from gstalk.config import override
+        from gstalk.stages.fine import run_fine
+
+        root = _workspace(workspace)
+        cfg = override(_preset(preset, root).fine, model=model, iterations=iterations, av_offset=av_offset,
+                       raster=raster)
+        ws = run_fine(str(root), cfg, resume=resume, reporter=_reporter(quiet))
+        _result(ws.root, ws.stage("fine").summary, as_json)
+
+
+# ---------------------------------------------------------------------------- render
+@app.command()
+def render(
+    workspace: WorkspaceArg = None,
+    audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Speech to say (wav/mp3/m4a/flac/... any "
+                                                  "rate, mono or stereo). Omitted: re-render the test split with "
+                                                  "its own audio.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write (.mp4); default "
+                                                   "WORKSPACE/renders/AUDIO_STEM.mp4.")] = None,
+    pose: Annotated[str, typer.Option(help="Head poses: loop (the training poses, back and forth).")] = "loop",
+    raster: Raster = "auto",
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Render a lip-synced H.264 video of the trained person saying AUDIO, muxed with it: exactly round(duration x 25)
+    frames. Prints the video path (or, with --json, frames, duration and speed)."""
+    with _guard(debug):
+        from gstalk.stages.render import run_render
+
+        root = _workspace(workspace)
+        s = run_render(root, audio, output, pose=pose, backend=raster, reporter=_reporter(quiet))
+        if as_json:
+            _print_json(s)
+        else:
+            if not quiet:
+                _reporter(False).log(f"{s['frames']} frames, {s['duration_s']:.2f} s of audio, "
+                                     f"{s['fps']:.1f} frames/s, real-time factor {s['realtime_factor']:.2f}")
+            print(s["output"])
+
+
+# ---------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(
+    workspace: WorkspaceArg = None,
+    raster: Raster = "auto",
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Evaluate on the held-out test frames: PSNR/SSIM of the full frame, face box and mouth box, against the mean-
+    frame and the static coarse baselines. Writes WORKSPACE/eval/metrics.json, report.md, samples.png."""
+    with _guard(debug):
+        from gstalk.stages.evaluate import run_eval
+
+        root = _workspace(workspace)
+        m = run_eval(str(root), backend=raster, reporter=_reporter(quiet))
+        if as_json:
+            _print_json(m)
+        else:
+            _metrics_table(m)
+
+
+def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gstalk.stages.evaluate import KEYS
+
+    t = Table(title=f"gstalk eval: {m['n_frames']} test frames")
+    t.add_column("")
+    for k in KEYS:
+        t.add_column(k, justify="right")
+    for name, v in [("fine model", m)] + [(f"baseline: {k}", b) for k, b in m["baselines"].items()]:
+        t.add_row(name, *[f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS])
+    Console(stderr=stderr).print(t)
+
+
+# ---------------------------------------------------------------------------- run
+@app.command()
+def run(
+    video: Annotated[Path, typer.Argument(help="Training video (one speaker, with speech).")],
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder "
+                                                      "(default: VIDEO_STEM_ws).")] = None,
+    preset: Annotated[str, typer.Option(help="cpu-quick, paper or test.")] = "cpu-quick",
+    audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Speech to render at the end (default: "
+                                                  "the test split with its own audio).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    raster: Raster = "auto",
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Run every stage on VIDEO: extract, track, coarse, fine, render and eval. Prints the rendered video's path (with
+    --json: per-stage times, the video and the metrics)."""
+    with _guard(debug):
+        from gstalk.config import get_preset, override
+        from gstalk.stages.coarse import run_coarse
+        from gstalk.stages.evaluate import run_eval
+        from gstalk.stages.extract import run_extract
+        from gstalk.stages.fine import run_fine
+        from gstalk.stages.render import run_render
+        from gstalk.stages.track import run_track
+
+        rep = _reporter(quiet)
+        p = get_preset(preset)
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        ws = run_extract(video, workspace, p.extract, preset=p.name, seed=seed, reporter=rep)
+        times["extract"] = time.perf_counter() - t
+        root = str(ws.root)
+        for name, fn in (("track", lambda: run_track(root, p.track, reporter=rep)),
+                         ("coarse", lambda: run_coarse(root, override(p.coarse, raster=raster), reporter=rep)),
+                         ("fine", lambda: run_fine(root, override(p.fine, raster=raster), reporter=rep))):
+            t = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        r = run_render(root, audio, output, backend=raster, reporter=rep)
+        times["render"] = time.perf_counter() - t
+        t = time.perf_counter()
+        m = run_eval(root, backend=raster, reporter=rep)
+        times["eval"] = time.perf_counter() - t
+        if as_json:
+            _print_json({"workspace": root, "video": r["output"], "seconds": times, "metrics": m})
+        else:
+            if not quiet:
+                _metrics_table(m, stderr=True)
+                rep.log("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+            print(r["output"])
+
+
+bench_app = typer.Typer(help="Benchmarks (speed on this machine).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("raster", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_raster(ctx: typer.Context) -> None:
+    """Time the rasterizer backends (forward, forward+backward, FPS) at 256²/10k, 512²/10k and 512²/50k Gaussians.
+    Options: --quick, --json, --sizes WxHxN,..., --backends cpu,torch, --repeats N."""
+    from gstalk.raster.bench import main as bench_main
+
+    raise typer.Exit(bench_main(ctx.args))
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app()
+
+
+__all__ = ["EXIT_CODES", "app", "main"]

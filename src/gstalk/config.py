@@ -1,0 +1,199 @@
+"""Typed stage configurations and the named presets that pick them.
+
+Each stage has one frozen dataclass with commented defaults; a preset (``--preset
+cpu-quick|paper``) is a named set of instances. The resolved config of a stage is stored in
+the manifest, so a run can be repeated from the workspace alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from gstalk.errors import UsageError
+
+
+@dataclass(frozen=True)
+class AudioFeatureConfig:
+    """MFCC features windowed per video frame (``gstalk.audio``)."""
+
+    sample_rate: int = 16000  # Hz, audio is resampled to this, mono
+    winlen: float = 0.025  # s, analysis window
+    winstep: float = 0.02  # s, hop: 50 feature steps per second (2 per video frame at 25 fps)
+    numcep: int = 13  # cepstral coefficients kept
+    nfilt: int = 26  # mel filters
+    nfft: int = 512
+    window: int = 16  # feature steps per video frame, centred on the frame (0.32 s)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    size: int = 256  # px, side of the square working frames
+    fps: float = 25.0  # frames per second after resampling
+    crop_scale: float = 2.0  # crop side = crop_scale x face size (clamped to the frame)
+    crop_shift: float = 0.12  # crop centre moved down by this fraction of the side (shoulders)
+    test_fraction: float = 1.0 / 11.0  # last frames held out for eval, as the peers do
+    audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    focal_min: float = 0.8  # focal search range, as a multiple of the frame size in px
+    focal_max: float = 4.0
+    smooth_sigma: float = 1.5  # frames, zero-phase Gaussian smoothing of the head pose
+    max_gap: int = 5  # frames without a face that are interpolated; longer gaps fail
+    min_face_px: float = 48.0  # smaller faces fail (at the working resolution)
+    av_max_lag: int = 10  # frames searched each way for the audio/video offset
+    grabcut_size: int = 128  # px, resolution the person/background segmentation runs at
+
+
+@dataclass(frozen=True)
+class DensifyConfig:
+    """Adaptive density control (3DGS, Kerbl et al. 2023, Sec. 5.2)."""
+
+    start: int = 300  # iteration to start refining
+    stop: int = 2000  # iteration to stop refining
+    every: int = 100  # refine every N iterations
+    reset_opacity_every: int = 1500  # 0 = never
+    grad_threshold: float = 0.0002  # mean view-space gradient norm (NDC units) to clone/split
+    percent_dense: float = 0.01  # fraction of the scene extent: small Gaussians clone, larger split
+    prune_opacity: float = 0.005
+    max_screen_fraction: float = 0.15  # prune Gaussians larger than this fraction of the image
+    max_gaussians: int = 40000
+
+
+@dataclass(frozen=True)
+class CoarseConfig:
+    iterations: int = 2500
+    n_random: int = 2000  # random points in the head box besides the mesh vertices
+    sh_degree: int = 1
+    ssim_lambda: float = 0.2  # L = (1-λ) L1 + λ (1-SSIM)
+    lr_means: float = 1.6e-4  # x scene extent (m), decayed x0.01 over training
+    lr_scales: float = 5e-3
+    lr_quats: float = 1e-3
+    lr_opacities: float = 5e-2
+    lr_sh0: float = 2.5e-3
+    lr_shN: float = 1.25e-4
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    raster: str = "auto"
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class FineConfig:
+    model: str = "gstalker"
+    iterations: int = 3000
+    # hash-grid tri-plane (Instant-NGP style, per plane)
+    grid_levels: int = 12
+    grid_features: int = 2
+    grid_log2_table: int = 14
+    grid_base_res: int = 16
+    grid_max_res: int = 512
+    grid_init: float = 1e-4  # tables start uniform in ±grid_init
+    position_scale: float = 0.01  # metres per unit of the network's position output
+    appearance: bool = True  # also deform opacity and colour (teeth, the inside of the mouth)
+    rigid_free: bool = True  # remove the rigid part of the position offsets (the camera's job)
+    audio_dim: int = 32  # audio latent per frame
+    audio_smooth_window: int = 8  # frames smoothed by the attention module
+    hidden: int = 64
+    layers: int = 2
+    lr_net: float = 1e-3
+    lr_grid: float = 1e-2
+    lr_gaussians_scale: float = 0.1  # canonical Gaussian lrs x this during fine
+    ssim_lambda: float = 0.2
+    mouth_weight: float = 2.0  # extra L1 weight on the mouth mask
+    deform_reg: float = 0.0  # weight of the mean |offset| penalty (position in cm)
+    expr_weight: float = 0.05  # weight of the audio-code -> mouth-blendshape loss (0 = off)
+    expr_pretrain: int = 400  # steps fitting the audio encoder to the blendshapes before rendering
+    av_offset: int | None = None  # frames; None = use the track stage's estimate
+    raster: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    extract: ExtractConfig
+    track: TrackConfig
+    coarse: CoarseConfig
+    fine: FineConfig
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu-quick": Preset(
+        name="cpu-quick",
+        extract=ExtractConfig(size=256),
+        track=TrackConfig(),
+        coarse=CoarseConfig(),
+        fine=FineConfig(),
+        description="256 px, a few thousand iterations: minutes on a 2-core CPU",
+    ),
+    "paper": Preset(
+        name="paper",
+        extract=ExtractConfig(size=512),
+        track=TrackConfig(grabcut_size=256, min_face_px=96.0),
+        coarse=CoarseConfig(iterations=15000, n_random=5000,
+                            densify=DensifyConfig(start=500, stop=10000, every=100,
+                                                  reset_opacity_every=3000, max_gaussians=150000)),
+        fine=FineConfig(iterations=30000, grid_max_res=1024, hidden=128, checkpoint_every=2000),
+        description="512 px and the papers' iteration counts: for a GPU (hours on a CPU)",
+    ),
+    "test": Preset(
+        name="test",
+        extract=ExtractConfig(size=128),
+        track=TrackConfig(grabcut_size=64, min_face_px=24.0),
+        coarse=CoarseConfig(iterations=60, n_random=300,
+                            densify=DensifyConfig(start=20, stop=50, every=10, reset_opacity_every=0,
+                                                  max_gaussians=4000),
+                            log_every=10),
+        fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
+                        hidden=32, checkpoint_every=20, log_every=10),
+        description="tiny: for the test suite and CI smoke runs (seconds)",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``.
+
+    Raises:
+        UsageError: unknown name (the message lists the known ones).
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UsageError(f"Unknown preset '{name}'.", hint=f"use one of: {', '.join(PRESETS)}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a plain JSON-able dict (for the manifest)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from :func:`to_dict` output, ignoring unknown keys.
+
+    Raises:
+        UsageError: a field has the wrong type.
+    """
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        v = data[f.name]
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            if not isinstance(v, dict):
+                raise UsageError(f"config field '{f.name}' must be a mapping, got {type(v).__name__}")
+            v = from_dict(type(sub), v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def override(cfg: Any, **changes: Any) -> Any:
+    """``cfg`` with the non-None ``changes`` applied (flags that the user set)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(cfg, **changes) if changes else cfg

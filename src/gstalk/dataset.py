@@ -1,0 +1,193 @@
+"""Readers of the workspace's per-frame data, shared by the stages that consume it.
+
+Stages never import each other; they read each other's outputs through these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gstalk.errors import WorkspaceError
+from gstalk.tensorio import load_tensors
+from gstalk.train.frames import FrameSet
+from gstalk.workspace import Workspace
+
+
+def frame_path(ws: Workspace, i: int) -> Path:
+    return ws.path("extract", "frames", f"{i:06d}.png")
+
+
+def mask_path(ws: Workspace, i: int) -> Path:
+    return ws.path("track", "masks", f"{i:06d}.png")
+
+
+def _imread(path: Path, flags: int) -> np.ndarray:
+    import cv2
+
+    img = cv2.imread(str(path), flags)
+    if img is None:
+        raise WorkspaceError(f"{path} is missing or unreadable.", hint="re-run the stage that writes it", path=path)
+    return img
+
+
+def load_frame(ws: Workspace, i: int) -> np.ndarray:
+    """Extracted frame ``i`` as [H, W, 3] uint8 RGB."""
+    import cv2
+
+    return np.ascontiguousarray(_imread(frame_path(ws, i), cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+def load_frames(ws: Workspace, indices: range | list[int] | None = None) -> np.ndarray:
+    """Extracted frames as [F, H, W, 3] uint8 RGB (all when ``indices`` is None)."""
+    if indices is None:
+        indices = range(ws.stage("extract").summary["n_frames"])
+    return np.stack([load_frame(ws, i) for i in indices])
+
+
+def load_masks(ws: Workspace, indices: range | list[int]) -> np.ndarray:
+    """Track masks as [F, H, W, 4] uint8 {0, 255}, channels head, mouth, torso, person."""
+    import cv2
+
+    return np.stack([_imread(mask_path(ws, i), cv2.IMREAD_UNCHANGED) for i in indices])
+
+
+def load_background(ws: Workspace) -> np.ndarray:
+    """The background plate [H, W, 3] uint8 RGB."""
+    import cv2
+
+    return np.ascontiguousarray(_imread(ws.path("track", "background.png"), cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+@dataclass
+class Tracks:
+    """Per-frame tracking results (``track/tracks.safetensors``).
+
+    Attributes:
+        viewmats: [N, 4, 4] float32 world(canonical head)-to-camera = smoothed head pose, metres, OpenCV.
+        K: [3, 3] float32 intrinsics in pixels.
+        landmarks: [N, 478, 3] float32 pixels (z in the same pixel scale).
+        blendshapes: [N, 52] float32.
+        blink: [N] float32 eye blink in [0, 1].
+        valid: [N] bool, False for interpolated frames.
+        mouth_box: [N, 4] float32 (x0, y0, x1, y1) pixels, a square around the mouth.
+        face_box: [N, 4] float32 (x0, y0, x1, y1) pixels of the landmarks.
+        blendshape_names: the 52 blendshape names, in column order.
+    """
+
+    viewmats: torch.Tensor
+    K: torch.Tensor
+    landmarks: torch.Tensor
+    blendshapes: torch.Tensor
+    blink: torch.Tensor
+    valid: torch.Tensor
+    mouth_box: torch.Tensor
+    face_box: torch.Tensor
+    blendshape_names: tuple[str, ...] = ()
+
+    def mouth_expressions(self) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """The mouth and jaw blendshapes ([N, E], names): what the audio should explain."""
+        cols = [i for i, n in enumerate(self.blendshape_names) if n.startswith(("mouth", "jaw"))]
+        return self.blendshapes[:, cols], tuple(self.blendshape_names[i] for i in cols)
+
+
+def load_tracks(ws: Workspace) -> Tracks:
+    t, meta = load_tensors(ws.path("track", "tracks.safetensors"))
+    return Tracks(viewmats=t["viewmats"].float(), K=t["K"].float(), landmarks=t["landmarks"].float(),
+                  blendshapes=t["blendshapes"].float(), blink=t["blink"].float(), valid=t["valid"].bool(),
+                  mouth_box=t["mouth_box"].float(), face_box=t["face_box"].float(),
+                  blendshape_names=tuple(meta.get("blendshape_names", ())))
+
+
+@dataclass
+class AudioFeatures:
+    """``extract/audio_features.safetensors``: normalised steps [T, C], their mean/std [C] and rate."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    steps_per_second: float
+    window: int
+    extractor: str
+
+
+def load_audio_features(ws: Workspace) -> AudioFeatures:
+    t, meta = load_tensors(ws.path("extract", "audio_features.safetensors"))
+    return AudioFeatures(steps=t["steps"].numpy(), mean=t["mean"].numpy(), std=t["std"].numpy(),
+                         steps_per_second=float(meta["steps_per_second"]), window=int(meta["window"]),
+                         extractor=str(meta["extractor"]))
+
+
+def split_indices(ws: Workspace) -> tuple[range, range]:
+    """(train frames, test frames) as ranges, from the extract summary."""
+    s = ws.stage("extract").summary["split"]
+    return range(*s["train"]), range(*s["test"])
+
+
+def composite_background(frame: np.ndarray, masks: np.ndarray, plate: np.ndarray) -> np.ndarray:
+    """What lies behind the head in one frame: the frame's torso over the background plate.
+
+    Args:
+        frame: [H, W, 3] uint8; masks: [H, W, 4] uint8 (head, mouth, torso, person);
+        plate: [H, W, 3] uint8.
+
+    Returns:
+        [H, W, 3] uint8.
+    """
+    torso = masks[..., 2:3].astype(np.float32) / 255.0
+    return (frame * torso + plate * (1.0 - torso)).round().astype(np.uint8)
+
+
+def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: int | None = None) -> FrameSet:
+    """Load frames, backgrounds, cameras, masks and (optionally) audio windows into a
+    :class:`~gstalk.train.frames.FrameSet`.
+
+    Args:
+        indices: workspace frame numbers.
+        audio_offset: None to skip audio; else the A/V offset in frames applied when cutting
+            the feature windows (frame i gets the window of audio frame i + offset). With
+            audio, the mouth/jaw blendshapes of every frame are loaded too, standardised
+            with the statistics of ``indices``.
+    """
+    from gstalk.audio import frame_windows
+
+    idx = list(indices)
+    tracks = load_tracks(ws)
+    plate = load_background(ws)
+    images = load_frames(ws, idx)
+    masks = load_masks(ws, idx)
+    bgs = np.stack([composite_background(images[j], masks[j], plate) for j in range(len(idx))])
+    audio = expressions = None
+    if audio_offset is not None:
+        af = load_audio_features(ws)
+        fps = float(ws.stage("extract").summary["fps"])
+        n_all = int(ws.stage("extract").summary["n_frames"])
+        win = frame_windows(af.steps, n_all, fps, af.steps_per_second, af.window, offset_frames=audio_offset)
+        audio = torch.from_numpy(win)
+        expr, _ = tracks.mouth_expressions()
+        if expr.shape[1]:
+            mu, sd = expr[idx].mean(0), expr[idx].std(0).clamp_min(1e-3)
+            expressions = (expr - mu) / sd
+    sel = torch.tensor(idx, dtype=torch.long)
+    return FrameSet(
+        images=torch.from_numpy(images), backgrounds=torch.from_numpy(bgs), viewmats=tracks.viewmats[sel],
+        K=tracks.K, head_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 0])),
+        mouth_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 1])), mouth_boxes=tracks.mouth_box[sel],
+        blink=tracks.blink[sel], audio=audio, frame_ids=sel, expressions=expressions,
+    )
+
+
+def load_fine_model(ws: Workspace) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+    """(canonical Gaussians, deformation model in eval mode, metadata) from ``fine/model.safetensors``."""
+    from gstalk.deform.registry import build_model
+
+    t, meta = load_tensors(ws.path("fine", "model.safetensors"))
+    params = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("params.")}
+    model = build_model(meta["spec"])
+    model.load_state_dict({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("module.")})
+    model.eval()
+    return params, model, meta

@@ -1,0 +1,157 @@
+"""The deformation interface shared by the fine-stage models.
+
+A model maps each canonical Gaussian (its position) and a per-frame condition (the audio
+code, the eye blink) to offsets of its attributes: G' = G + ΔG (GSTalker Sec. 3.2,
+Audio-Plane Eq. 7). Models only run the forward pass; training lives in ``gstalk.train``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Deltas:
+    """Per-Gaussian offsets, all float32.
+
+    Attributes:
+        means: [N, 3] metres, added to the canonical means.
+        quats: [N, 4] added to the raw (unnormalised) quaternions.
+        scales: [N, 3] added to the log-scales.
+        opacities: [N] added to the opacity logits, or None.
+        colors: [N, 3] added to the degree-0 SH coefficients (RGB), or None.
+        weight: [N] dynamism weight d in [0, 1] multiplying the offsets (Audio-Plane's
+            dynamic splatting), or None (= 1).
+        rigid_free: remove the rigid part of ``means`` when applied (see :func:`apply_deltas`).
+    """
+
+    means: torch.Tensor
+    quats: torch.Tensor
+    scales: torch.Tensor
+    opacities: torch.Tensor | None = None
+    colors: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    rigid_free: bool = False
+
+
+class MLP(nn.Module):
+    """Plain MLP with ReLU; the last layer starts at zero so training starts from the
+    canonical (coarse) Gaussians.
+
+    Input [..., in_dim] -> [..., out_dim].
+    """
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, out_dim: int, zero_last: bool = True):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        last = nn.Linear(dims[-1], out_dim)
+        if zero_last:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        mods.append(last)
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SplitInputMLP(nn.Module):
+    """An MLP over ``concat(per_gaussian [N, S], shared [D])`` that applies the first layer's
+    shared part once: ``W [s; c] = W_s s + W_c c``, identical to concatenation fusion but
+    N times cheaper for the condition.
+
+    Input: per_gaussian [N, S], shared [D]. Output: [N, out_dim].
+    """
+
+    def __init__(self, per_dim: int, shared_dim: int, hidden: int, layers: int, out_dim: int):
+        super().__init__()
+        self.first_per = nn.Linear(per_dim, hidden)
+        self.first_shared = nn.Linear(shared_dim, hidden, bias=False)
+        self.rest = MLP(hidden, hidden, max(layers - 1, 0), out_dim)
+
+    def forward(self, per_gaussian: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        h = self.first_per(per_gaussian) + self.first_shared(shared)[None]
+        return self.rest(torch.relu(h))
+
+
+class DeformationModel(nn.Module):
+    """Base class: ``spatial(means)`` then ``deform(spatial, condition)``.
+
+    Subclasses implement :meth:`spatial` ([N, 3] -> [N, S] features, independent of the
+    audio, so render can cache them), :meth:`encode_audio` ([B, K, W, C] windows -> [B, A]
+    codes) and :meth:`deform`.
+    """
+
+    def spatial(self, means: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_audio(self, windows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_expression(self, audio_code: torch.Tensor) -> torch.Tensor | None:
+        """[B, A] audio codes -> [B, E] standardised mouth blendshapes (training aid), or
+        None for a model without an expression head."""
+        head = getattr(self, "expr_head", None)
+        return None if head is None else head(audio_code)
+
+    def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
+        raise NotImplementedError
+
+    def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:
+        """Offsets for one frame: means [N, 3], windows [1, K, W, C], blink [1]."""
+        return self.deform(self.spatial(means), self.encode_audio(windows)[0], blink)
+
+
+def remove_rigid(means: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Remove the best-fitting small rigid motion from per-point offsets.
+
+    Least squares over all points for ``offsets_i ≈ ω × (μ_i − c) + τ`` (a linearised
+    rotation ω about the centroid c and a translation τ), then subtract it: what remains is
+    the non-rigid part. Linear in ``offsets``, so gradients flow through.
+
+    Args:
+        means: [N, 3] canonical positions (metres).
+        offsets: [N, 3] position offsets (metres).
+
+    Returns:
+        [N, 3] offsets without their rigid component.
+    """
+    if means.shape[0] < 3:
+        return offsets - offsets.mean(0, keepdim=True)
+    p = (means - means.mean(0, keepdim=True)).detach()
+    zero = torch.zeros_like(p[:, 0])
+    # ω × p = -[p]_x ω, rows of -[p]_x per point: [N, 3, 3]
+    skew = torch.stack([torch.stack([zero, p[:, 2], -p[:, 1]], -1),
+                        torch.stack([-p[:, 2], zero, p[:, 0]], -1),
+                        torch.stack([p[:, 1], -p[:, 0], zero], -1)], 1)
+    eye = torch.eye(3, dtype=p.dtype).expand(p.shape[0], 3, 3)
+    a = torch.cat([skew, eye], dim=2).reshape(-1, 6)  # [3N, 6]
+    ata = a.T @ a + 1e-9 * torch.eye(6, dtype=p.dtype)
+    x = torch.linalg.solve(ata, a.T @ offsets.reshape(-1))
+    return offsets - (a @ x).reshape(-1, 3)
+
+
+def apply_deltas(params: dict[str, torch.Tensor], d: Deltas) -> dict[str, torch.Tensor]:
+    """Deformed raw parameters: means + w·Δμ, quats + w·Δq, log-scales + w·Δs, and when
+    present opacity logits + w·Δo and SH DC + w·Δc (w = 1 or the dynamism weight d).
+
+    ``d.rigid_free`` removes the rigid part of Δμ first (:func:`remove_rigid`): the head's
+    rigid motion is the tracked camera's job, and an audio-driven field that moves the whole
+    head learns speech-correlated tracking residuals that do not transfer to new audio."""
+    w = d.weight[:, None] if d.weight is not None else 1.0
+    out = dict(params)
+    dmeans = remove_rigid(params["means"], d.means) if d.rigid_free else d.means
+    out["means"] = params["means"] + w * dmeans
+    out["quats"] = params["quats"] + w * d.quats
+    out["scales"] = params["scales"] + w * d.scales
+    if d.opacities is not None:
+        out["opacities"] = params["opacities"] + (w[:, 0] if d.weight is not None else 1.0) * d.opacities
+    if d.colors is not None:
+        out["sh0"] = params["sh0"] + (w * d.colors)[:, None, :]
+    return out

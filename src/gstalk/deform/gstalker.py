@@ -1,0 +1,68 @@
+"""GSTalker's audio-driven Gaussian deformation field (Chen et al. 2024, Sec. 3.2-3.3).
+
+ΔG = F(E_tri(μ), A(a_{t-K/2..t+K/2}), e_t): a multi-resolution hash-grid tri-plane E_tri
+encodes each canonical position μ; the audio encoder A (AudioNet per frame + the temporal
+smoothing attention over K neighbouring frames) gives the frame's audio code; the eye
+blink e_t conditions the eyes; an MLP F fuses them by concatenation and predicts offsets of
+position (3), rotation (4) and log-scale (3), and optionally opacity (1) and colour (3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gstalk.deform.audio import AudioEncoder
+from gstalk.deform.base import DeformationModel, Deltas, SplitInputMLP
+from gstalk.deform.encoders import TriPlaneHash
+
+
+class GSTalkerDeformation(DeformationModel):
+    """GSTalker deformation field.
+
+    Args:
+        aabb: [2, 3] canonical box (metres) the tri-plane covers.
+        audio_in_dim: C, audio features per step; window: W steps per frame.
+        audio_dim: audio code size; smooth: K frames of temporal smoothing (1 = off).
+        levels, features, log2_table, base_res, max_res: tri-plane hash grids.
+        hidden, layers: the fusion MLP.
+        position_scale: metres per unit of the position output.
+        grid_init: the hash tables start uniform in ±grid_init.
+        expr_dim: size of the expression head on the audio code (0 = none); it is used only
+            by the training loss that ties the audio code to the tracked mouth blendshapes.
+        appearance: also predict offsets of opacity (logit) and colour (SH DC), which the
+            method digest allows ("and optionally opacity/colour"): the inside of the mouth
+            and the teeth appear and disappear as the lips move.
+        rigid_free: remove the rigid part of the position offsets (the tracked camera moves
+            the head; see :func:`~gstalk.deform.base.remove_rigid`).
+    """
+
+    def __init__(self, aabb: torch.Tensor, audio_in_dim: int, window: int = 16, audio_dim: int = 32,
+                 smooth: int = 8, levels: int = 12, features: int = 2, log2_table: int = 14, base_res: int = 16,
+                 max_res: int = 512, hidden: int = 64, layers: int = 2, position_scale: float = 0.01,
+                 grid_init: float = 1e-4, expr_dim: int = 0, appearance: bool = True, rigid_free: bool = False):
+        super().__init__()
+        self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
+        self.audio = AudioEncoder(audio_in_dim, window, audio_dim, smooth)
+        self.appearance = appearance
+        self.rigid_free = rigid_free
+        self.head = SplitInputMLP(self.triplane.out_dim, audio_dim + 1, hidden, layers, 14 if appearance else 10)
+        self.position_scale = position_scale
+        self.smooth = self.audio.smooth
+        # training aid: the audio code also predicts the tracked mouth blendshapes (see train/fine.py)
+        self.expr_head = nn.Linear(audio_dim, expr_dim) if expr_dim > 0 else None
+
+    def spatial(self, means: torch.Tensor) -> torch.Tensor:
+        return self.triplane(means)
+
+    def encode_audio(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.audio(windows)
+
+    def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
+        cond = torch.cat([audio_code.reshape(-1), blink.reshape(1).to(audio_code)])
+        out = self.head(spatial, cond)
+        d = Deltas(means=out[:, 0:3] * self.position_scale, quats=out[:, 3:7], scales=out[:, 7:10],
+                   rigid_free=self.rigid_free)
+        if self.appearance:
+            d.opacities, d.colors = out[:, 10], out[:, 11:14]
+        return d

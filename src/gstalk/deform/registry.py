@@ -1,0 +1,46 @@
+"""Build a fine-stage deformation model by name from a :class:`~gstalk.config.FineConfig`.
+
+The returned ``spec`` (name + keyword arguments) is stored with the weights, so render and
+eval rebuild exactly the trained model from the workspace alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gstalk.config import FineConfig
+from gstalk.deform.base import DeformationModel
+from gstalk.errors import UsageError
+
+MODELS = ("gstalker",)
+
+
+def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cfg: FineConfig,
+               expr_dim: int = 0) -> dict[str, Any]:
+    """JSON-able description of a model: {"name": …, "kwargs": {…}}.
+
+    Raises:
+        UsageError: unknown model name.
+    """
+    if name == "gstalker":
+        return {"name": name, "kwargs": {
+            "aabb": aabb.tolist(), "audio_in_dim": audio_in_dim, "window": window, "audio_dim": cfg.audio_dim,
+            "smooth": cfg.audio_smooth_window, "levels": cfg.grid_levels, "features": cfg.grid_features,
+            "log2_table": cfg.grid_log2_table, "base_res": cfg.grid_base_res, "max_res": cfg.grid_max_res,
+            "hidden": cfg.hidden, "layers": cfg.layers, "position_scale": cfg.position_scale,
+            "grid_init": cfg.grid_init, "expr_dim": expr_dim if cfg.expr_weight > 0 else 0,
+            "appearance": cfg.appearance, "rigid_free": cfg.rigid_free}}
+    raise UsageError(f"Unknown fine model '{name}'.", hint=f"use one of: {', '.join(MODELS)}")
+
+
+def build_model(spec: dict[str, Any]) -> DeformationModel:
+    """Instantiate the model described by :func:`model_spec`."""
+    kw = dict(spec["kwargs"])
+    kw["aabb"] = torch.tensor(kw["aabb"], dtype=torch.float32)
+    if spec["name"] == "gstalker":
+        from gstalk.deform.gstalker import GSTalkerDeformation
+
+        return GSTalkerDeformation(**kw)
+    raise UsageError(f"Unknown fine model '{spec['name']}'.", hint=f"use one of: {', '.join(MODELS)}")

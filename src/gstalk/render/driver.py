@@ -1,0 +1,89 @@
+"""Per-frame rendering of a trained workspace: audio windows + pose -> RGB frame.
+
+The spatial encoding of the canonical Gaussians does not depend on the audio, so
+:class:`HeadRenderer` computes it once; each frame then costs the audio encoder, the
+deformation MLP, one rasterization and the composite over the pose frame's background
+(its torso over the background plate).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from gstalk.dataset import Tracks, composite_background, load_background, load_frame, load_masks
+from gstalk.deform.base import DeformationModel, apply_deltas
+from gstalk.gaussians.splat import composite, splat
+from gstalk.workspace import Workspace
+
+
+def loop_poses(n_out: int, frames: range | list[int]) -> list[int]:
+    """``--pose loop``: walk the training frames forwards then backwards (ping-pong), so the
+    head never jumps: ``n_out`` workspace frame numbers."""
+    f = list(frames)
+    if len(f) == 1:
+        return f * n_out
+    cycle = f + f[-2:0:-1]
+    return [cycle[i % len(cycle)] for i in range(n_out)]
+
+
+class HeadRenderer:
+    """Render frames of a trained model.
+
+    Args:
+        ws: the workspace (for frames, masks and the background plate).
+        params: canonical Gaussians (raw).
+        model: the deformation model (eval mode).
+        tracks: the track stage's per-frame data.
+        backend: rasterizer backend.
+        cache: how many composited backgrounds to keep in memory.
+    """
+
+    def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
+                 backend: str = "auto", cache: int = 512):
+        self.ws, self.params, self.model, self.tracks = ws, params, model, tracks
+        self.backend = backend
+        self.plate = load_background(ws)
+        self.height, self.width = self.plate.shape[:2]
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cache_size = cache
+        with torch.no_grad():
+            self.spatial = model.spatial(params["means"])
+
+    def background(self, frame: int) -> torch.Tensor:
+        """[1, H, W, 3] float32: frame ``frame``'s torso over the background plate (cached)."""
+        bg = self._cache.get(frame)
+        if bg is None:
+            img = composite_background(load_frame(self.ws, frame), load_masks(self.ws, [frame])[0], self.plate)
+            bg = torch.from_numpy(img)[None].float() / 255.0
+            self._cache[frame] = bg
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(frame)
+        return bg
+
+    @torch.no_grad()
+    def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None) -> torch.Tensor:
+        """One frame: windows [1, K, W, C] around it, the workspace frame whose camera, blink
+        and background to use. Returns [H, W, 3] float32 in [0, 1]."""
+        code = self.model.encode_audio(windows)[0]
+        e = torch.tensor([float(self.tracks.blink[pose_frame]) if blink is None else blink])
+        deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
+        colors, alphas, _ = splat(deformed, self.tracks.viewmats[pose_frame:pose_frame + 1], self.tracks.K,
+                                  self.width, self.height, backend=self.backend)
+        return composite(colors, alphas, self.background(pose_frame)).clamp(0, 1)[0]
+
+    def frames(self, audio_windows: np.ndarray, poses: list[int]) -> Iterator[np.ndarray]:
+        """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
+        [N] workspace frames. Yields [H, W, 3] uint8."""
+        win = torch.from_numpy(audio_windows)
+        k = self.model.smooth
+        n = win.shape[0]
+        for i in range(n):
+            ids = (torch.arange(i - k // 2, i - k // 2 + k)).clamp(0, n - 1)
+            img = self.render(win[ids][None], poses[i])
+            yield (img.numpy() * 255.0).round().astype(np.uint8)

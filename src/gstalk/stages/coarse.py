@@ -1,0 +1,115 @@
+"""Stage 3, ``gstalk coarse``: static canonical 3D Gaussians of the head.
+
+Writes ``ws/coarse/``:
+
+- ``gaussians.safetensors``: raw parameters (see :mod:`gstalk.gaussians.model`), metadata
+  with the SH degree, the scene scale and the canonical box;
+- ``point_cloud.ply``: the same Gaussians as a standard 3DGS PLY;
+- ``preview.png``: ground truth | render of a few training frames;
+- ``summary.json``: iterations, Gaussian count, final loss, train PSNR, seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from gstalk.config import CoarseConfig, to_dict
+from gstalk.dataset import build_frameset, split_indices
+from gstalk.gaussians import head_init_points, init_params, save_ply
+from gstalk.images import write_preview
+from gstalk.progress import SILENT, Reporter
+from gstalk.tensorio import save_tensors
+from gstalk.tracking.canonical import canonical_face
+from gstalk.train.coarse import CoarseTrainer, render_frames
+from gstalk.train.frames import FrameSet
+from gstalk.workspace import Workspace, clean_temp, write_json
+
+
+def head_box(margin: float = 0.04) -> torch.Tensor:
+    """[2, 3] canonical box (metres) around the face mesh plus ``margin`` and the skull behind."""
+    v = canonical_face().vertices
+    lo, hi = v.min(0) - margin, v.max(0) + margin
+    lo[2] = v[:, 2].min() - (v[:, 2].max() - v[:, 2].min()) * 1.2
+    hi[1] += 0.04  # hair
+    return torch.tensor(np.stack([lo, hi]), dtype=torch.float32)
+
+
+def sample_colors(points: np.ndarray, data: FrameSet, frame: int = 0) -> np.ndarray:
+    """Colours of canonical points from one training frame (projected with its camera): [P, 3] in [0, 1]."""
+    vm = data.viewmats[frame].numpy().astype(np.float64)
+    K = data.K.numpy().astype(np.float64)
+    pc = points @ vm[:3, :3].T + vm[:3, 3]
+    uv = pc[:, :2] / pc[:, 2:3] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2]
+    x = np.clip(uv[:, 0].astype(int), 0, data.width - 1)
+    y = np.clip(uv[:, 1].astype(int), 0, data.height - 1)
+    return data.images[frame].numpy()[y, x].astype(np.float32) / 255.0
+
+
+def run_coarse(workspace: str, cfg: CoarseConfig, *, reporter: Reporter = SILENT) -> Workspace:
+    """Run the coarse stage.
+
+    Raises:
+        WorkspaceError: extract/track missing or stale.
+        TrainingError: the loss became NaN/Inf.
+    """
+    t0 = time.perf_counter()
+    ws = Workspace.open(workspace)
+    ws.require("coarse")
+    with ws.lock("coarse"):
+        clean_temp(ws.path("coarse"))
+        ws.begin("coarse", to_dict(cfg))
+        try:
+            summary = _coarse(ws, cfg, reporter)
+        except BaseException as exc:
+            ws.fail("coarse", str(exc) or type(exc).__name__)
+            raise
+        outputs = ["coarse/gaussians.safetensors", "coarse/point_cloud.ply", "coarse/preview.png",
+                   "coarse/summary.json"]
+        ws.finish("coarse", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0)
+    return ws
+
+
+def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter) -> dict[str, Any]:
+    train, _ = split_indices(ws)
+    torch.manual_seed(ws.seed)
+    reporter.log(f"[bold]coarse[/bold] {len(train)} training frames, {cfg.iterations} iterations")
+    data = build_frameset(ws, train)
+    pts = head_init_points(canonical_face().vertices, cfg.n_random, seed=ws.seed)
+    rgb = sample_colors(pts, data, 0)
+    params = init_params(torch.from_numpy(pts), torch.from_numpy(rgb), cfg.sh_degree, seed=ws.seed)
+    box = head_box()
+    scene_scale = float((box[1] - box[0]).norm() / 2)
+    trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
+    t = time.perf_counter()
+    with reporter.task("coarse", cfg.iterations) as bar:
+        def cb(step: int, stats: dict[str, float]) -> None:
+            bar.advance()
+            if step % 10 == 0:
+                bar.update(info=f"loss {stats['loss']:.4f}  {int(stats['n'])} Gaussians")
+        trainer.run(cb)
+    train_s = time.perf_counter() - t
+    params = trainer.params
+    out = ws.path("coarse")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"sh_degree": cfg.sh_degree, "scene_scale": scene_scale, "aabb": box.tolist(), "iterations": cfg.iterations}
+    save_tensors(out / "gaussians.safetensors", dict(params.items()), meta)
+    save_ply(out / "point_cloud.ply", dict(params.items()))
+    # quality on the training frames (a subsample) and a preview
+    sub = list(range(0, len(data), max(1, len(data) // 20)))
+    renders = render_frames(dict(params.items()), data.subset(sub), cfg.raster)
+    gt = data.images[sub].float() / 255.0
+    mse = ((renders - gt) ** 2).mean(dim=(1, 2, 3))
+    psnr = float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
+    write_preview(out / "preview.png", gt[:4], renders[:4])
+    n = int(params["means"].shape[0])
+    reporter.log(f"  {n} Gaussians, train PSNR {psnr:.2f} dB, {train_s:.0f} s "
+                 f"({1000 * train_s / max(cfg.iterations, 1):.0f} ms/iteration)")
+    summary = {"iterations": cfg.iterations, "n_gaussians": n, "train_psnr": psnr, "train_seconds": train_s,
+               "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1), "scene_scale": scene_scale,
+               "history": trainer.history[-20:]}
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,130 @@
+"""Stage 4, ``gstalk fine``: train the audio-driven deformation field.
+
+Reads the coarse Gaussians and the audio features; pairs each frame with the audio shifted
+by the A/V offset the track stage measured (or ``--av-offset``). Writes ``ws/fine/``:
+
+- ``model.safetensors``: ``params.*`` canonical Gaussians, ``module.*`` the deformation
+  model's weights; metadata: the model spec (to rebuild it), SH degree, A/V offset, audio
+  feature layout;
+- ``point_cloud.ply``: the canonical Gaussians as a 3DGS PLY;
+- ``checkpoint.safetensors``: the latest training state (for ``--resume``), removed when the
+  stage finishes;
+- ``preview.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from gstalk.config import FineConfig, to_dict
+from gstalk.dataset import build_frameset, load_audio_features, split_indices
+from gstalk.deform.registry import build_model, model_spec
+from gstalk.errors import WorkspaceError
+from gstalk.gaussians import save_ply
+from gstalk.images import write_preview
+from gstalk.progress import SILENT, Reporter
+from gstalk.tensorio import load_tensors, save_tensors
+from gstalk.train.checkpoint import load_checkpoint, restore_optimizers, restore_rng, save_checkpoint
+from gstalk.train.fine import FineTrainer, render_deformed
+from gstalk.workspace import Workspace, clean_temp, write_json
+
+
+def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter: Reporter = SILENT) -> Workspace:
+    """Run the fine stage (``resume``: continue from ``fine/checkpoint.safetensors``).
+
+    Raises:
+        WorkspaceError: coarse missing/stale, or ``resume`` without a compatible checkpoint.
+        TrainingError: the loss stayed NaN/Inf.
+    """
+    t0 = time.perf_counter()
+    ws = Workspace.open(workspace)
+    ws.require("fine")
+    with ws.lock("fine"):
+        clean_temp(ws.path("fine"))
+        prev = ws.stage("fine")
+        ws.begin("fine", to_dict(cfg))
+        if resume and prev.run_id:  # keep the run id so the checkpoint is recognised
+            ws.manifest["stages"]["fine"]["resumed_from"] = prev.run_id
+        try:
+            summary = _fine(ws, cfg, resume, reporter)
+        except BaseException as exc:
+            ws.fail("fine", str(exc) or type(exc).__name__)
+            raise
+        outputs = ["fine/model.safetensors", "fine/point_cloud.ply", "fine/preview.png", "fine/summary.json"]
+        ws.finish("fine", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0)
+    return ws
+
+
+def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> dict[str, Any]:
+    coarse, cmeta = load_tensors(ws.path("coarse", "gaussians.safetensors"))
+    av_offset = cfg.av_offset
+    if av_offset is None:
+        av_offset = int(ws.stage("track").summary.get("av_offset_frames", 0))
+    af = load_audio_features(ws)
+    train, _ = split_indices(ws)
+    reporter.log(f"[bold]fine[/bold] model {cfg.model}, {len(train)} training frames, {cfg.iterations} iterations, "
+                 f"A/V offset {av_offset:+d} frames")
+    data = build_frameset(ws, train, audio_offset=av_offset)
+    aabb = torch.tensor(cmeta["aabb"], dtype=torch.float32)
+    expr_dim = 0 if data.expressions is None else int(data.expressions.shape[1])
+    spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, expr_dim=expr_dim)
+    torch.manual_seed(ws.seed)
+    model = build_model(spec)
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in coarse.items()})
+    trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
+    ckpt_path = ws.path("fine", "checkpoint.safetensors")
+    if resume:
+        if not ckpt_path.exists():
+            raise WorkspaceError(f"No checkpoint to resume from in {ws.path('fine')}.",
+                                 hint=f"run `gstalk fine {ws.root}` without --resume")
+        groups, meta = load_checkpoint(ckpt_path)
+        if meta["info"].get("spec") != spec:
+            raise WorkspaceError("The fine checkpoint was made with other settings than this run's.",
+                                 hint="resume with the same flags, or run without --resume")
+        for k, v in groups["params"].items():
+            params[k] = torch.nn.Parameter(v.clone())
+        model.load_state_dict(groups["module"])
+        trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
+        restore_optimizers(trainer.optimizers, groups["optim"])
+        trainer.rng = restore_rng(groups, meta)
+        trainer.step = int(meta["step"])
+        reporter.log(f"  resuming at iteration {trainer.step}")
+
+    def checkpoint(t: FineTrainer) -> None:
+        save_checkpoint(ckpt_path, step=t.step, params=t.params, module=t.model, optimizers=t.optimizers,
+                        rng=t.rng, info={"spec": spec})
+
+    t = time.perf_counter()
+    with reporter.task("fine", cfg.iterations) as bar:
+        bar.advance(trainer.step)
+
+        def cb(step: int, stats: dict[str, float]) -> None:
+            bar.advance()
+            if step % 10 == 0:
+                bar.update(info=f"loss {stats['loss']:.4f}")
+        trainer.run(cb, checkpoint)
+    train_s = time.perf_counter() - t
+    out = ws.path("fine")
+    params_d = {k: v.detach() for k, v in trainer.params.items()}
+    meta = {"spec": spec, "av_offset_frames": av_offset, "audio": {"extractor": af.extractor, "window": af.window,
+            "steps_per_second": af.steps_per_second, "dim": int(af.steps.shape[1])},
+            "scene_scale": float(cmeta["scene_scale"]), "iterations": cfg.iterations}
+    tensors = {f"params.{k}": v for k, v in params_d.items()}
+    tensors.update({f"module.{k}": v for k, v in model.state_dict().items()})
+    save_tensors(out / "model.safetensors", tensors, meta)
+    save_ply(out / "point_cloud.ply", params_d)
+    sub = list(range(0, len(data), max(1, len(data) // 4)))[:4]
+    renders = render_deformed(params_d, model, data.subset(sub), backend=cfg.raster)
+    write_preview(out / "preview.png", data.images[sub].float() / 255.0, renders)
+    ckpt_path.unlink(missing_ok=True)
+    reporter.log(f"  {int(params_d['means'].shape[0])} Gaussians, {train_s:.0f} s "
+                 f"({1000 * train_s / max(cfg.iterations, 1):.0f} ms/iteration), {trainer.skipped_steps} skipped steps")
+    summary = {"model": cfg.model, "iterations": cfg.iterations, "n_gaussians": int(params_d["means"].shape[0]),
+               "train_seconds": train_s, "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1),
+               "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
+               "history": trainer.history[-20:]}
+    write_json(out / "summary.json", summary)
+    return summary

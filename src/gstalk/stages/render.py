@@ -1,0 +1,124 @@
+"""Stage 5, ``gstalk render``: speech audio -> lip-synced H.264 video of the trained person.
+
+New audio goes through the same feature extractor as the training audio (normalised with
+the training statistics); the video has exactly ``round(duration · fps)`` frames and the
+input audio is muxed from t = 0. Head poses walk the training sequence back and forth
+(``loop``). Without ``--audio`` the test split is re-rendered with its own audio (A/V
+offset applied, as in training), which is what ``eval`` compares with the ground truth.
+
+Writes ``ws/renders/NAME.mp4`` (or the ``-o`` path) and records the render in the manifest
+under ``renders``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gstalk.audio import frame_windows, get_extractor, n_video_frames, normalise
+from gstalk.config import AudioFeatureConfig, from_dict
+from gstalk.dataset import load_audio_features, load_fine_model, load_tracks, split_indices
+from gstalk.errors import InputError
+from gstalk.media import VideoWriter, read_audio, write_wav
+from gstalk.progress import SILENT, Reporter
+from gstalk.render.driver import HeadRenderer, loop_poses
+from gstalk.workspace import Workspace, now_iso
+
+POSE_STRATEGIES = ("loop",)
+
+
+def run_render(workspace: str | Path, audio: str | Path | None = None, output: str | Path | None = None, *,
+               pose: str = "loop", backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+    """Render a video.
+
+    Args:
+        workspace: a workspace whose fine stage is done.
+        audio: speech file (any format ffmpeg reads), or None for the test split.
+        output: the .mp4 to write; default ``ws/renders/<audio stem or 'test'>.mp4``.
+        pose: head pose strategy (``loop``).
+        backend: rasterizer backend.
+
+    Returns:
+        Summary: output path, frames, duration_s, fps (rendering speed), realtime_factor.
+
+    Raises:
+        WorkspaceError: fine missing or stale. InputError: unreadable or empty audio.
+    """
+    t0 = time.perf_counter()
+    ws = Workspace.open(workspace)
+    ws.require("render")
+    if pose not in POSE_STRATEGIES:
+        from gstalk.errors import UsageError
+
+        raise UsageError(f"Unknown pose strategy '{pose}'.", hint=f"use one of: {', '.join(POSE_STRATEGIES)}")
+    ex = ws.stage("extract")
+    fps = float(ex.summary["fps"])
+    train, test = split_indices(ws)
+    params, model, meta = load_fine_model(ws)
+    tracks = load_tracks(ws)
+    af = load_audio_features(ws)
+    renders = ws.path("renders")
+    renders.mkdir(parents=True, exist_ok=True)
+    with ws.lock("render"), tempfile.TemporaryDirectory(dir=renders, prefix=".tmp-") as tmp:
+        if audio is None:
+            n_all = int(ex.summary["n_frames"])
+            offset = int(meta.get("av_offset_frames", 0))
+            windows = frame_windows(af.steps, n_all, fps, af.steps_per_second, af.window, offset)[list(test)]
+            poses = list(test)
+            sr = int(ex.summary["audio"]["sample_rate"])
+            import soundfile as sf
+
+            samples, _ = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+            seg = samples[int(round(test.start / fps * sr)):int(round(test.stop / fps * sr))]
+            mux = Path(tmp) / "audio.wav"
+            write_wav(mux, seg, sr)
+            name = "test"
+            duration = len(test) / fps
+        else:
+            acfg = from_dict(AudioFeatureConfig, ex.config.get("audio", {}))
+            samples = read_audio(audio, acfg.sample_rate)
+            if samples.size == 0:
+                raise InputError(f"{audio} contains no audio samples.", path=audio)
+            duration = samples.size / acfg.sample_rate
+            extractor = get_extractor(af.extractor, acfg)
+            steps = normalise(extractor(samples, acfg.sample_rate), af.mean, af.std)
+            n_out = n_video_frames(samples.size, acfg.sample_rate, fps)
+            windows = frame_windows(steps, n_out, fps, extractor.steps_per_second, af.window, 0)
+            poses = loop_poses(n_out, train)
+            mux = Path(audio)
+            name = Path(audio).stem
+        out_path = Path(output) if output is not None else renders / f"{name}.mp4"
+        if len(poses) == 0:
+            raise InputError(f"The audio is too short for one frame at {fps:g} fps.")
+        renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+        t = time.perf_counter()
+        tmp_out = Path(tmp) / "out.mp4" if str(out_path) != "-" else None
+        with VideoWriter(tmp_out if tmp_out else "-", renderer.width, renderer.height, fps, audio_path=mux) as writer, \
+                reporter.task("render", len(poses)) as bar:
+            for k, frame in enumerate(renderer.frames(windows, poses)):
+                writer.write(frame)
+                bar.advance()
+                if k % 10 == 0:
+                    el = time.perf_counter() - t
+                    bar.update(info=f"{(k + 1) / max(el, 1e-9):.1f} frames/s")
+        render_s = time.perf_counter() - t
+        if tmp_out is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(tmp_out), str(out_path))  # a rename when on the same filesystem
+    total = time.perf_counter() - t0
+    summary = {"output": str(out_path), "frames": len(poses), "duration_s": duration,
+               "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
+               "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
+               "pose": pose, "backend": backend, "finished": now_iso()}
+    _record(ws, name, summary)
+    return summary
+
+
+def _record(ws: Workspace, name: str, summary: dict[str, Any]) -> None:
+    with ws.lock("render"):
+        ws.load()
+        ws.manifest.setdefault("renders", {})[name] = summary
+        ws.save()

@@ -1,0 +1,283 @@
+"""Stage 2, ``gstalk track``: landmarks, head pose, camera, blink, masks, background plate.
+
+Writes ``ws/track/``:
+
+- ``tracks.safetensors``: ``landmarks`` [N, 478, 3] px, ``blendshapes`` [N, 52],
+  ``pose_raw`` / ``viewmats`` [N, 4, 4] (head-to-camera before / after smoothing; the
+  smoothed one is the world-to-camera matrix of canonical head space), ``K`` [3, 3] px,
+  ``blink`` [N] in [0, 1], ``valid`` [N] (0 = interpolated), ``mouth_box`` / ``face_box``
+  [N, 4] px, ``mouth_open`` [N];
+- ``masks/NNNNNN.png``: 4-channel PNG per frame, channels head, mouth, torso, person;
+- ``background.png``: the background plate;
+- ``preview.png``: landmarks, pose axes and masks over a few frames;
+- ``summary.json``: fps, focal_px, reprojection_error_px, jitter before/after smoothing,
+  interpolated_frames, av_offset_frames, blendshape names.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from gstalk.config import TrackConfig, to_dict
+from gstalk.dataset import load_frame
+from gstalk.errors import TrackingError
+from gstalk.progress import SILENT, Reporter
+from gstalk.tensorio import save_tensors
+from gstalk.tracking.avsync import estimate_offset, mouth_opening
+from gstalk.tracking.canonical import LIPS_OUTER
+from gstalk.tracking.detector import N_BLENDSHAPES, N_LANDMARKS, MediaPipeDetector
+from gstalk.tracking.masks import background_plate, face_geometry, frame_masks
+from gstalk.tracking.pose import intrinsics, jitter, search_focal, smooth_poses, solve_poses
+from gstalk.workspace import Workspace, atomic_dir, atomic_write, clean_temp, write_json
+
+
+def fill_gaps(values: np.ndarray, valid: np.ndarray, max_gap: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Linearly interpolate frames where ``valid`` is False.
+
+    Args:
+        values: [N, ...] per-frame arrays (rows of invalid frames are ignored).
+        valid: [N] bool.
+        max_gap: longest run of invalid frames that may be filled.
+
+    Returns:
+        (filled [N, ...], list of [first, last] frame ranges that were filled).
+
+    Raises:
+        TrackingError: no valid frame, or a gap longer than ``max_gap`` (ranges named).
+    """
+    n = len(valid)
+    if not valid.any():
+        raise TrackingError("No face was found in any frame.",
+                            hint="use a video with one face looking at the camera")
+    gaps, i = [], 0
+    while i < n:
+        if not valid[i]:
+            j = i
+            while j + 1 < n and not valid[j + 1]:
+                j += 1
+            gaps.append([i, j])
+            i = j + 1
+        else:
+            i += 1
+    long = [g for g in gaps if g[1] - g[0] + 1 > max_gap]
+    if long:
+        ranges = ", ".join(f"{a}-{b}" for a, b in long[:5])
+        raise TrackingError(f"The face is lost for more than {max_gap} frames at frames {ranges} "
+                            f"({len(long)} gap(s)).", hint="trim those parts from the video and re-run extract")
+    out = values.copy()
+    idx = np.flatnonzero(valid)
+    flat = out.reshape(n, -1)
+    for a, b in gaps:
+        for k in range(a, b + 1):
+            lo = idx[idx < k]
+            hi = idx[idx > k]
+            if len(lo) and len(hi):
+                w = (k - lo[-1]) / (hi[0] - lo[-1])
+                flat[k] = (1 - w) * flat[lo[-1]] + w * flat[hi[0]]
+            else:
+                flat[k] = flat[lo[-1]] if len(lo) else flat[hi[0]]
+    return out, gaps
+
+
+def normalise_blink(blendshapes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Eye blink per frame in [0, 1]: mean of eyeBlinkLeft/Right rescaled between their
+    2nd and 98th percentiles over the video (the AU45 analogue)."""
+    cols = [names.index(k) for k in ("eyeBlinkLeft", "eyeBlinkRight") if k in names]
+    if not cols:
+        return np.zeros(len(blendshapes), np.float32)
+    b = blendshapes[:, cols].mean(1)
+    lo, hi = np.percentile(b, 2), np.percentile(b, 98)
+    return np.clip((b - lo) / max(hi - lo, 1e-3), 0.0, 1.0).astype(np.float32)
+
+
+def mouth_boxes(landmarks: np.ndarray, size: int, scale: float = 1.6) -> np.ndarray:
+    """A square box per frame around the outer lips, ``scale`` x the mouth width, clamped to
+    the image: [N, 4] float32 (x0, y0, x1, y1) px."""
+    lips = landmarks[:, list(LIPS_OUTER), :2]
+    c = (lips.min(1) + lips.max(1)) / 2
+    side = scale * np.ptp(lips[:, :, 0], axis=1)
+    side = np.maximum(side, 8.0)
+    x0 = np.clip(c[:, 0] - side / 2, 0, size - side)
+    y0 = np.clip(c[:, 1] - side / 2, 0, size - side)
+    return np.stack([x0, y0, x0 + side, y0 + side], 1).astype(np.float32)
+
+
+def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) -> Workspace:
+    """Run the track stage on a workspace whose extract stage is done.
+
+    Raises:
+        WorkspaceError: extract missing.
+        TrackingError: no face, face too small, face lost for too long.
+    """
+    t0 = time.perf_counter()
+    ws = Workspace.open(workspace)
+    ws.require("track")
+    with ws.lock("track"):
+        clean_temp(ws.path("track"))
+        ws.begin("track", to_dict(cfg))
+        try:
+            summary, timings = _track(ws, cfg, reporter)
+        except BaseException as exc:
+            ws.fail("track", str(exc) or type(exc).__name__)
+            raise
+        outputs = ["track/tracks.safetensors", "track/masks", "track/background.png", "track/preview.png",
+                   "track/summary.json"]
+        ws.finish("track", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0, timings=timings)
+    return ws
+
+
+def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[str, Any], dict[str, float]]:
+    import cv2
+
+    ex = ws.stage("extract").summary
+    n, size, fps = int(ex["n_frames"]), int(ex["size"]), float(ex["fps"])
+    timings: dict[str, float] = {}
+    reporter.log(f"[bold]track[/bold] {n} frames at {size} px")
+
+    # 1. landmarks ---------------------------------------------------------------------
+    t = time.perf_counter()
+    lms = np.zeros((n, N_LANDMARKS, 3), np.float32)
+    bss = np.zeros((n, N_BLENDSHAPES), np.float32)
+    valid = np.zeros(n, bool)
+    multi: list[int] = []
+    names: tuple[str, ...] = ()
+    prev_centre: np.ndarray | None = None
+    with MediaPipeDetector(video=True, num_faces=2) as det, reporter.task("landmarks", n) as bar:
+        for i in range(n):
+            faces = det.detect(load_frame(ws, i), timestamp_ms=int(round(i * 1000 / fps)))
+            if len(faces) > 1:
+                multi.append(i)
+            if faces:
+                # the largest face, or the one nearest the previous track when sizes are close
+                face = faces[0]
+                if prev_centre is not None and len(faces) > 1:
+                    d = [np.linalg.norm(f.landmarks[:, :2].mean(0) - prev_centre) for f in faces]
+                    near = faces[int(np.argmin(d))]
+                    if near.size > 0.7 * face.size:
+                        face = near
+                lms[i], bss[i], valid[i] = face.landmarks, face.blendshapes, True
+                prev_centre = face.landmarks[:, :2].mean(0)
+                names = names or face.names
+            bar.advance()
+    timings["landmarks_s"] = time.perf_counter() - t
+    if valid.any():
+        sizes = np.array([face_geometry(lm)[2] for lm in lms[valid]])
+        med = float(np.median(sizes))
+        if med < cfg.min_face_px:
+            raise TrackingError(f"The face is only {med:.0f} px tall at the working resolution {size} px "
+                                f"(minimum {cfg.min_face_px:.0f} px).",
+                                hint="film closer to the face, or extract at a larger --size")
+    filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss], 1), valid, cfg.max_gap)
+    lms = filled[:, :N_LANDMARKS * 3].reshape(n, N_LANDMARKS, 3).astype(np.float32)
+    bss = filled[:, N_LANDMARKS * 3:].astype(np.float32)
+    n_interp = int((~valid).sum())
+    if gaps:
+        reporter.warn(f"face not found in {n_interp} frame(s) ({', '.join(f'{a}-{b}' for a, b in gaps[:5])}); "
+                      "interpolated")
+    if multi:
+        reporter.warn(f"{len(multi)} frame(s) show more than one face; tracking the largest, consistent one")
+
+    # 2. focal length and head pose ------------------------------------------------------
+    t = time.perf_counter()
+    fs = search_focal(lms, size, size, cfg.focal_min, cfg.focal_max)
+    K = intrinsics(fs.focal_px, size, size)
+    poses_raw, errs = solve_poses(lms, K)
+    poses = smooth_poses(poses_raw, cfg.smooth_sigma)
+    jr, jt = jitter(poses_raw)
+    js, jts = jitter(poses)
+    timings["pose_s"] = time.perf_counter() - t
+    reporter.log(f"  focal {fs.focal_px:.0f} px, reprojection error {errs.mean():.2f} px, "
+                 f"jitter {jr:.2f}->{js:.2f} deg, {jt:.1f}->{jts:.1f} mm per frame")
+
+    # 3. A/V offset ----------------------------------------------------------------------
+    import soundfile as sf
+
+    samples, sr = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+    av = estimate_offset(lms, samples, sr, fps, cfg.av_max_lag)
+    reporter.log(f"  audio/video offset {av.frames:+d} frames (correlation {av.correlation:.2f}, "
+                 f"{av.correlation_at_zero:.2f} at 0)")
+
+    # 4. masks and background plate ------------------------------------------------------
+    t = time.perf_counter()
+    out_dir = ws.path("track")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plate_every = max(1, n // 100)
+    plate_frames, plate_person = [], []
+    with atomic_dir(out_dir / "masks") as tmp, reporter.task("masks", n) as bar:
+        for i in range(n):
+            frame = load_frame(ws, i)
+            m = frame_masks(frame, lms[i], cfg.grabcut_size)
+            cv2.imwrite(str(tmp / f"{i:06d}.png"), m)
+            if i % plate_every == 0:
+                plate_frames.append(frame)
+                plate_person.append(m[..., 3])
+            bar.advance()
+    plate, unseen = background_plate(np.stack(plate_frames), np.stack(plate_person))
+    ok, buf = cv2.imencode(".png", plate[:, :, ::-1])
+    with atomic_write(out_dir / "background.png") as f:
+        f.write(buf.tobytes())
+    timings["masks_s"] = time.perf_counter() - t
+
+    # 5. save -------------------------------------------------------------------------
+    blink = normalise_blink(bss, names)
+    face_box = np.concatenate([lms[:, :, :2].min(1), lms[:, :, :2].max(1)], 1).astype(np.float32)
+    save_tensors(out_dir / "tracks.safetensors", {
+        "landmarks": lms, "blendshapes": bss, "pose_raw": poses_raw.astype(np.float32),
+        "viewmats": poses.astype(np.float32), "K": K.astype(np.float32), "blink": blink,
+        "valid": valid.astype(np.uint8), "mouth_box": mouth_boxes(lms, size), "face_box": face_box,
+        "mouth_open": mouth_opening(lms).astype(np.float32), "reprojection_error": errs.astype(np.float32),
+    }, {"blendshape_names": list(names), "units": {"landmarks": "px", "viewmats": "m", "K": "px"}})
+    write_preview(ws, lms, poses, K, out_dir / "preview.png")
+    summary = {
+        "fps": fps, "n_frames": n, "size": size, "detector": "mediapipe",
+        "focal_px": fs.focal_px, "focal_search": {"candidates": fs.candidates, "errors": fs.errors},
+        "reprojection_error_px": float(errs.mean()),
+        "jitter_rot_deg_raw": jr, "jitter_trans_mm_raw": jt, "jitter_rot_deg": js, "jitter_trans_mm": jts,
+        "smooth_sigma_frames": cfg.smooth_sigma,
+        "interpolated_frames": n_interp, "gaps": gaps, "multi_face_frames": len(multi),
+        "av_offset_frames": av.frames, "av_correlation": av.correlation,
+        "av_correlation_at_zero": av.correlation_at_zero,
+        "av_curve": {str(k): v for k, v in av.curve.items()},
+        "background_inpainted_fraction": unseen,
+        "blendshape_names": list(names),
+    }
+    write_json(out_dir / "summary.json", summary)
+    return summary, timings
+
+
+def write_preview(ws: Workspace, lms: np.ndarray, poses: np.ndarray, K: np.ndarray, path: Any,
+                  count: int = 6) -> None:
+    """A PNG grid of ``count`` frames with landmarks, the head's axes and the mask outlines."""
+    import cv2
+
+    from gstalk.dataset import load_masks
+
+    n = len(lms)
+    idx = np.linspace(0, n - 1, min(count, n)).round().astype(int)
+    tiles = []
+    masks = load_masks(ws, list(idx)) if ws.path("track", "masks").exists() else None
+    for j, i in enumerate(idx):
+        img = load_frame(ws, int(i))[:, :, ::-1].copy()
+        if masks is not None:
+            for ch, col in ((0, (0, 0, 255)), (1, (255, 0, 255)), (2, (0, 255, 0))):
+                cs, _ = cv2.findContours(masks[j][..., ch], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(img, cs, -1, col, 1)
+        for x, y, _ in lms[i]:
+            cv2.circle(img, (int(x), int(y)), 1, (255, 255, 0), -1)
+        axes = np.array([[0, 0, 0], [0.05, 0, 0], [0, 0.05, 0], [0, 0, 0.05]])
+        pc = axes @ poses[i][:3, :3].T + poses[i][:3, 3]
+        uv = pc[:, :2] / pc[:, 2:3] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2]
+        for k, col in ((1, (0, 0, 255)), (2, (0, 255, 0)), (3, (255, 0, 0))):
+            cv2.line(img, tuple(np.round(uv[0]).astype(int)), tuple(np.round(uv[k]).astype(int)), col, 2)
+        cv2.putText(img, str(int(i)), (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+        tiles.append(img)
+    cols = 3
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.concatenate([np.concatenate(tiles[r:r + cols], 1) for r in range(0, len(tiles), cols)], 0)
+    ok, buf = cv2.imencode(".png", grid)
+    with atomic_write(path) as f:
+        f.write(buf.tobytes())

@@ -1,0 +1,76 @@
+"""Training checkpoints in safetensors (parameters, Adam moments, densification state, RNG).
+
+Keys: ``params.<name>`` (Gaussian parameters), ``module.<name>`` (a deformation model's
+state dict), ``optim.<opt>.<index>.<exp_avg|exp_avg_sq|step>`` (Adam state of the
+``index``-th parameter of optimizer ``opt``), ``densify.<key>``, ``rng.torch``; the
+metadata holds the step, the numpy generator state and free-form info. Loading never
+executes code (no pickle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gstalk.tensorio import load_tensors, save_tensors
+
+
+def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def save_checkpoint(path: str | Path, *, step: int, params: torch.nn.ParameterDict | None = None,
+                    module: torch.nn.Module | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
+                    densify: dict[str, torch.Tensor] | None = None, rng: np.random.Generator | None = None,
+                    info: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint atomically (see the module docstring for the layout)."""
+    t: dict[str, torch.Tensor] = {}
+    for k, v in (params or {}).items():
+        t[f"params.{k}"] = v.detach()
+    if module is not None:
+        for k, v in module.state_dict().items():
+            t[f"module.{k}"] = v.detach()
+    for name, opt in (optimizers or {}).items():
+        for i, p in enumerate(_opt_params(opt)):
+            for key, val in opt.state.get(p, {}).items():
+                if isinstance(val, torch.Tensor):
+                    t[f"optim.{name}.{i}.{key}"] = val.detach().reshape(val.shape)
+    for k, v in (densify or {}).items():
+        t[f"densify.{k}"] = v
+    t["rng.torch"] = torch.get_rng_state()
+    meta = {"step": step, "info": info or {}}
+    if rng is not None:
+        meta["numpy_rng"] = rng.bit_generator.state
+    save_tensors(path, t, meta)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read a checkpoint: ({"params": …, "module": …, "optim": …, "densify": …, "rng": …}, metadata)."""
+    t, meta = load_tensors(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {"params": {}, "module": {}, "optim": {}, "densify": {}, "rng": {}}
+    for k, v in t.items():
+        head, _, rest = k.partition(".")
+        groups.setdefault(head, {})[rest] = v
+    return groups, meta
+
+
+def restore_optimizers(optimizers: dict[str, torch.optim.Optimizer], optim: dict[str, torch.Tensor]) -> None:
+    """Put saved Adam moments back into freshly built optimizers (same parameter order)."""
+    for name, opt in optimizers.items():
+        for i, p in enumerate(_opt_params(opt)):
+            st = {key.split(".")[-1]: v for key, v in optim.items() if key.startswith(f"{name}.{i}.")}
+            if st:
+                opt.state[p] = {k: (v.clone() if k != "step" else v.clone().float()) for k, v in st.items()}
+
+
+def restore_rng(groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> np.random.Generator:
+    """Restore torch's RNG and return the numpy generator saved in the checkpoint."""
+    if "torch" in groups.get("rng", {}):
+        torch.set_rng_state(groups["rng"]["torch"])
+    rng = np.random.default_rng()
+    if "numpy_rng" in meta:
+        rng.bit_generator.state = meta["numpy_rng"]
+    return rng

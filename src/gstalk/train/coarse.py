@@ -1,0 +1,128 @@
+"""The coarse stage's loop: static canonical Gaussians fitted to all training frames.
+
+Each step draws one training frame, renders the Gaussians with that frame's camera
+(= inverse head pose), composites them over the frame's background (torso over the
+plate) and minimises (1 - λ) L1 + λ D-SSIM (3DGS Eq. 7), with adaptive density control
+(:class:`~gstalk.gaussians.Densifier`). Pure: tensors in, tensors out, progress through
+a callback; files are the stage's business.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gstalk.config import CoarseConfig
+from gstalk.errors import TrainingError
+from gstalk.gaussians import Densifier
+from gstalk.gaussians.splat import composite, splat
+from gstalk.train.frames import FrameSet
+from gstalk.train.losses import photometric_loss
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+def gaussian_optimizers(params: torch.nn.ParameterDict, lrs: dict[str, float]) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per Gaussian parameter (so densification can edit each), 3DGS's eps 1e-15."""
+    return {k: torch.optim.Adam([params[k]], lr=lrs[k], eps=1e-15) for k in params.keys() if lrs.get(k, 0) > 0}
+
+
+def exp_decay(step: int, total: int, start: float, end: float) -> float:
+    """Log-linear interpolation from ``start`` (step 0) to ``end`` (step ``total``)."""
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    return math.exp(math.log(start) * (1 - t) + math.log(end) * t)
+
+
+@dataclass
+class CoarseTrainer:
+    """State of a coarse run; :meth:`run` trains to ``cfg.iterations``.
+
+    Args:
+        params: raw Gaussian parameters (edited in place, densification replaces entries).
+        data: training frames.
+        cfg: :class:`~gstalk.config.CoarseConfig`.
+        scene_scale: head radius in metres (learning rate and densification scale).
+        seed: random seed for frame sampling.
+    """
+
+    params: torch.nn.ParameterDict
+    data: FrameSet
+    cfg: CoarseConfig
+    scene_scale: float
+    seed: int = 0
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        self.lr_means0 = c.lr_means * self.scene_scale
+        self.optimizers = gaussian_optimizers(self.params, {
+            "means": self.lr_means0, "scales": c.lr_scales, "quats": c.lr_quats, "opacities": c.lr_opacities,
+            "sh0": c.lr_sh0, "shN": c.lr_shN})
+        self.densifier = Densifier(c.densify, self.scene_scale)
+        self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0])
+        self.rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+
+    def sh_degree(self) -> int:
+        """Active SH degree: one more band every 1000 steps (3DGS), up to the stored degree."""
+        stored = int(round(math.sqrt(1 + self.params["shN"].shape[1]))) - 1
+        return min(stored, self.step // 1000)
+
+    def train_step(self) -> dict[str, float]:
+        c, d = self.cfg, self.data
+        i = int(self.rng.integers(len(d)))
+        for g in self.optimizers["means"].param_groups:
+            g["lr"] = exp_decay(self.step, c.iterations, self.lr_means0, self.lr_means0 * 0.01)
+        colors, alphas, meta = splat(self.params, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=c.raster,
+                                     sh_degree=self.sh_degree())
+        pred = composite(colors, alphas, d.background(i))
+        loss = photometric_loss(pred, d.image(i), c.ssim_lambda)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"coarse loss became {loss.item()} at step {self.step} (frame {int(d.frame_ids[i])}).",
+                                hint="re-run with a lower learning rate or another --seed")
+        self.densifier.step_pre_backward(meta)
+        loss.backward()
+        changes = self.densifier.step_post_backward(self.params, self.optimizers, self.densify_state, self.step,
+                                                    meta, d.width, d.height)
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        out = {"loss": float(loss.item()), "n": float(self.params["means"].shape[0])}
+        out.update({k: float(v) for k, v in changes.items()})
+        return out
+
+    def run(self, callback: Callback | None = None) -> list[dict[str, float]]:
+        """Train until ``cfg.iterations``; ``callback(step, stats)`` after each step."""
+        while self.step < self.cfg.iterations:
+            stats = self.train_step()
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
+                self.history.append({"step": float(self.step), **stats})
+            if callback is not None:
+                callback(self.step, stats)
+        return self.history
+
+
+def render_frames(params: dict[str, torch.Tensor], data: FrameSet, backend: str = "auto") -> torch.Tensor:
+    """Render the static Gaussians for every frame of ``data`` over its background:
+    [F, H, W, 3] float32 in [0, 1]."""
+    out = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            colors, alphas, _ = splat(params, data.viewmats[i:i + 1], data.K, data.width, data.height, backend=backend)
+            out.append(composite(colors, alphas, data.background(i)).clamp(0, 1)[0])
+    return torch.stack(out)
+
+
+def summarise(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Final loss and Gaussian count of a history."""
+    if not history:
+        return {}
+    last = history[-1]
+    return {"final_loss": last.get("loss", float("nan")), "n_gaussians": last.get("n", 0.0)}

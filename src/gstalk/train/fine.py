@@ -1,0 +1,206 @@
+"""The fine stage's loop: train the audio-driven deformation of the canonical Gaussians.
+
+Each step draws a training frame t, encodes the audio windows of the K frames around t
+(A/V offset applied by the data), deforms the canonical Gaussians G' = G + ΔG(μ, a_t, e_t),
+renders them with frame t's camera over its background and minimises
+(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask). The canonical Gaussians keep training at
+a reduced learning rate, as in GSTalker. A step whose loss is NaN/Inf is skipped and
+counted (the checkpoint keeps the last good state); too many in a row raise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gstalk.config import CoarseConfig, FineConfig
+from gstalk.deform.base import DeformationModel, Deltas, apply_deltas
+from gstalk.errors import TrainingError
+from gstalk.gaussians.splat import composite, splat
+from gstalk.train.coarse import exp_decay, gaussian_optimizers
+from gstalk.train.frames import FrameSet
+from gstalk.train.losses import masked_l1, photometric_loss
+
+Callback = Callable[[int, dict[str, float]], None]
+MAX_BAD_STEPS = 20
+
+
+def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
+    """Adam with two groups: hash-grid tables (``lr_grid``) and everything else (``lr_net``)."""
+    grid, net = [], []
+    for name, p in model.named_parameters():
+        (grid if name.endswith("table") else net).append(p)
+    groups = [{"params": net, "lr": lr_net, "name": "net"}]
+    if grid:
+        groups.append({"params": grid, "lr": lr_grid, "name": "grid", "eps": 1e-15})
+    return torch.optim.Adam(groups, betas=(0.9, 0.99))
+
+
+@dataclass
+class FineTrainer:
+    """State of a fine run; :meth:`run` trains to ``cfg.iterations``.
+
+    Args:
+        params: canonical Gaussians from the coarse stage (raw parameters).
+        model: the deformation model.
+        data: training frames with audio windows.
+        cfg: :class:`~gstalk.config.FineConfig`.
+        scene_scale: head radius in metres.
+        seed: frame sampling seed.
+    """
+
+    params: torch.nn.ParameterDict
+    model: DeformationModel
+    data: FrameSet
+    cfg: FineConfig
+    scene_scale: float
+    seed: int = 0
+    step: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    pretrain_loss: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        c, base = self.cfg, CoarseConfig()
+        s = c.lr_gaussians_scale
+        self.lr_means0 = base.lr_means * self.scene_scale * 0.1 * s
+        self.optimizers = gaussian_optimizers(self.params, {
+            "means": self.lr_means0, "scales": base.lr_scales * s, "quats": base.lr_quats * s,
+            "opacities": base.lr_opacities * s, "sh0": base.lr_sh0 * s, "shN": base.lr_shN * s})
+        self.optimizers["model"] = model_optimizer(self.model, c.lr_net, c.lr_grid)
+        self.base_lrs = [g["lr"] for g in self.optimizers["model"].param_groups]
+        self.rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+        if self.data.audio is None:
+            raise ValueError("the fine stage needs audio windows in the FrameSet")
+
+    def _set_lrs(self) -> None:
+        c = self.cfg
+        for g, lr0 in zip(self.optimizers["model"].param_groups, self.base_lrs):
+            g["lr"] = exp_decay(self.step, c.iterations, lr0, lr0 * 0.1)
+        if "means" in self.optimizers:
+            for g in self.optimizers["means"].param_groups:
+                g["lr"] = exp_decay(self.step, c.iterations, self.lr_means0, self.lr_means0 * 0.1)
+
+    def forward(self, i: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Render training frame ``i`` (position in the set) over its background:
+        ([1, H, W, 3] image, [1, A] audio code, rasterizer meta)."""
+        d, m = self.data, self.model
+        code = m.encode_audio(d.audio_windows(i, m.smooth))
+        deltas = m.deform(m.spatial(self.params["means"]), code[0], d.blink[i:i + 1])
+        deformed = apply_deltas(dict(self.params.items()), deltas)
+        colors, alphas, meta = splat(deformed, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=self.cfg.raster)
+        meta["deltas"] = deltas
+        return composite(colors, alphas, d.background(i)), code, meta
+
+    def deformation_penalty(self, deltas: Deltas) -> torch.Tensor:
+        """Mean absolute offset over Gaussians and attributes (position in cm): keeps the
+        deformation sparse, so the head is not moved as a whole (that is the camera's job)."""
+        parts = [deltas.means * 100.0, deltas.quats, deltas.scales, deltas.opacities, deltas.colors]
+        return torch.stack([p.abs().mean() for p in parts if p is not None]).sum()
+
+    def expression_loss(self, codes: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor | None:
+        """MSE between the expressions predicted from audio codes [B, A] and the tracked
+        (standardised) mouth blendshapes of ``frame_ids`` [B]; None when unavailable."""
+        pred = self.model.predict_expression(codes)
+        if pred is None or self.data.expressions is None:
+            return None
+        return (pred - self.data.expressions[frame_ids]).square().mean()
+
+    def pretrain_audio(self, steps: int, batch: int = 32, lr: float = 1e-3) -> float | None:
+        """Fit the audio encoder and expression head to the tracked mouth blendshapes before
+        any rendering (seconds, not minutes), so the deformation starts from an audio code
+        that already carries the mouth's state. Returns the final loss (None if skipped)."""
+        d, m = self.data, self.model
+        if steps <= 0 or d.expressions is None or getattr(m, "expr_head", None) is None:
+            return None
+        from gstalk.deform.audio import neighbour_indices
+
+        opt = torch.optim.Adam(m.parameters(), lr=lr, weight_decay=1e-4)
+        loss = None
+        for _ in range(steps):
+            pick = torch.from_numpy(self.rng.integers(len(d), size=batch))
+            ids = neighbour_indices(d.frame_ids[pick], m.smooth, d.audio.shape[0])
+            loss = self.expression_loss(m.encode_audio(d.audio[ids]), d.frame_ids[pick])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return float(loss.item()) if loss is not None else None
+
+    def train_step(self) -> dict[str, float]:
+        c, d = self.cfg, self.data
+        i = int(self.rng.integers(len(d)))
+        self._set_lrs()
+        pred, code, meta = self.forward(i)
+        gt = d.image(i)
+        loss = photometric_loss(pred, gt, c.ssim_lambda)
+        if c.mouth_weight > 0:
+            loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
+        if c.deform_reg > 0:
+            loss = loss + c.deform_reg * self.deformation_penalty(meta["deltas"])
+        if c.expr_weight > 0:
+            aux = self.expression_loss(code, d.frame_ids[i:i + 1])
+            if aux is not None:
+                loss = loss + c.expr_weight * aux
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.step += 1
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise TrainingError(f"the fine loss was NaN/Inf for {self.bad_steps} steps in a row "
+                                    f"(last at step {self.step}).",
+                                    hint="resume from the last checkpoint with a lower --lr, or another --seed")
+            return {"loss": float("nan"), "skipped": 1.0}
+        loss.backward()
+        grads_ok = all(torch.isfinite(p.grad).all() for opt in self.optimizers.values()
+                       for g in opt.param_groups for p in g["params"] if p.grad is not None)
+        if not grads_ok:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.step += 1
+            return {"loss": float(loss.item()), "skipped": 1.0}
+        self.bad_steps = 0
+        for opt in self.optimizers.values():
+            opt.step()
+        self.step += 1
+        return {"loss": float(loss.item()), "n": float(self.params["means"].shape[0])}
+
+    def run(self, callback: Callback | None = None, checkpoint: Callable[[FineTrainer], None] | None = None
+            ) -> list[dict[str, float]]:
+        """Train until ``cfg.iterations`` (after :meth:`pretrain_audio` on a fresh run);
+        ``checkpoint(self)`` every ``cfg.checkpoint_every`` steps."""
+        if self.step == 0 and self.cfg.expr_weight > 0:
+            self.pretrain_loss = self.pretrain_audio(self.cfg.expr_pretrain)
+        while self.step < self.cfg.iterations:
+            stats = self.train_step()
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
+                self.history.append({"step": float(self.step), **stats})
+            if callback is not None:
+                callback(self.step, stats)
+            if checkpoint is not None and self.cfg.checkpoint_every > 0 and self.step % self.cfg.checkpoint_every == 0 \
+                    and self.step < self.cfg.iterations and math.isfinite(stats.get("loss", float("nan"))):
+                checkpoint(self)
+        return self.history
+
+
+def render_deformed(params: dict[str, torch.Tensor], model: DeformationModel, data: FrameSet, *,
+                    backend: str = "auto") -> torch.Tensor:
+    """Render every frame of ``data`` with its own audio and blink over its background:
+    [F, H, W, 3] float32 in [0, 1]."""
+    out = []
+    with torch.no_grad():
+        spatial = model.spatial(params["means"])
+        for i in range(len(data)):
+            code = model.encode_audio(data.audio_windows(i, model.smooth))[0]
+            deformed = apply_deltas(params, model.deform(spatial, code, data.blink[i:i + 1]))
+            colors, alphas, _ = splat(deformed, data.viewmats[i:i + 1], data.K, data.width, data.height,
+                                      backend=backend)
+            out.append(composite(colors, alphas, data.background(i)).clamp(0, 1)[0])
+    return torch.stack(out)

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real data folder (skipped when absent), a synthetic talking clip, and
+one tiny trained workspace reused by the render/eval/CLI tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GSTALK_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or ``$GSTALK_SHARED_DATA``); tests using it skip when it is absent."""
+    if not (SHARED_DATA / "video" / "obama.mp4").is_file():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (set GSTALK_SHARED_DATA or check out ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep compiled kernels in the user's cache unless the environment says otherwise."""
+    os.environ.setdefault("GSTALK_CACHE_DIR", str(Path.home() / ".cache" / "gstalk"))
+
+
+@pytest.fixture(scope="session")
+def mannequin_clip(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A 3 s synthetic talking-mannequin clip (256 px, beeping tone, audio 2 frames late)."""
+    from gstalk.testing.mannequin import make_clip
+
+    d = tmp_path_factory.mktemp("clip")
+    return make_clip(d / "mannequin talk.mp4", duration_s=3.0, size=256, offset_frames=2)
+
+
+@pytest.fixture(scope="session")
+def trained_ws(tmp_path_factory: pytest.TempPathFactory, mannequin_clip) -> Path:  # type: ignore[no-untyped-def]
+    """A workspace taken through extract, track, coarse and fine with the ``test`` preset."""
+    from gstalk.config import get_preset
+    from gstalk.stages.coarse import run_coarse
+    from gstalk.stages.extract import run_extract
+    from gstalk.stages.fine import run_fine
+    from gstalk.stages.track import run_track
+
+    p = get_preset("test")
+    root = tmp_path_factory.mktemp("ws") / "ws"
+    run_extract(mannequin_clip.path, root, p.extract, preset="test")
+    run_track(str(root), p.track)
+    run_coarse(str(root), p.coarse)
+    run_fine(str(root), p.fine)
+    return root
+
+
+@pytest.fixture
+def ws_copy(trained_ws: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained workspace (for tests that modify it)."""
+    dst = tmp_path / "ws"
+    shutil.copytree(trained_ws, dst)
+    return dst

@@ -1,0 +1,72 @@
+"""The command line: help, exit codes, one-line errors, stdout for pipelines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from gstalk.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("extract", "track", "coarse", "fine", "render", "eval", "run"):
+        assert cmd in r.output
+    for cmd in ("extract", "track", "coarse", "fine", "render", "eval", "run"):
+        sub = runner.invoke(app, [cmd, "--help"])
+        assert sub.exit_code == 0 and "Usage" in sub.output and "--quiet" in sub.output
+
+
+def test_version():
+    from gstalk import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+@pytest.mark.parametrize("content, code, message", [
+    (None, 3, "does not exist"),
+    (b"", 3, "is empty"),
+    (b"not a video at all\n" * 50, 3, "not a media file"),
+])
+def test_bad_video_inputs(tmp_path, content, code, message):
+    v = tmp_path / "clip.mp4"
+    if content is not None:
+        v.write_bytes(content)
+    r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(v), "-w", str(tmp_path / "ws")],
+                       capture_output=True, text=True)
+    assert r.returncode == code
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert not (tmp_path / "ws").exists()
+
+
+def test_stage_out_of_order_and_missing_workspace(tmp_path):
+    r = runner.invoke(app, ["coarse", str(tmp_path / "nope")])
+    assert r.exit_code == 4
+    from gstalk.workspace import Workspace
+
+    Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
+    r = runner.invoke(app, ["fine", str(tmp_path / "ws")])
+    assert r.exit_code == 4 and "Stage 'extract' has not run" in r.output
+
+
+def test_unknown_preset_is_a_usage_error(tmp_path):
+    r = runner.invoke(app, ["extract", str(tmp_path / "v.mp4"), "--preset", "fast"])
+    assert r.exit_code == 2 and "Unknown preset 'fast'" in r.output
+
+
+def test_track_prints_workspace_for_pipelines(ws_copy):
+    # re-running a finished stage is allowed and prints the workspace path only on stdout
+    r = subprocess.run([sys.executable, "-m", "gstalk", "eval", str(ws_copy), "--json", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert {"psnr", "ssim", "mouth_psnr"} <= set(m) and "coarse" in m["baselines"]

@@ -1,0 +1,89 @@
+"""End to end on a synthetic talking clip: every stage, the files they write, and the videos."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gstalk.media import probe
+from gstalk.workspace import Workspace
+
+
+def test_stage_outputs_are_valid(trained_ws):
+    from plyfile import PlyData
+
+    from gstalk.tensorio import load_tensors
+
+    ws = Workspace.open(trained_ws)
+    for stage in ("extract", "track", "coarse", "fine"):
+        rec = ws.stage(stage)
+        assert rec.status == "done" and rec.data["seconds"] > 0
+        for rel in rec.data["outputs"]:
+            assert ws.path(rel).exists(), rel
+    n = ws.stage("extract").summary["n_frames"]
+    assert n == 75 and ws.stage("extract").summary["split"] == {"train": [0, 68], "test": [68, 75]}
+    feats, meta = load_tensors(trained_ws / "extract" / "audio_features.safetensors")
+    assert feats["windows"].shape == (75, 16, 13) and meta["steps_per_second"] == 50
+    tracks, _ = load_tensors(trained_ws / "track" / "tracks.safetensors")
+    assert tracks["landmarks"].shape == (75, 478, 3) and tracks["viewmats"].shape == (75, 4, 4)
+    assert tracks["blink"].min() >= 0 and tracks["blink"].max() <= 1
+    s = ws.stage("track").summary
+    assert {"fps", "focal_px", "reprojection_error_px", "jitter_rot_deg", "jitter_trans_mm",
+            "interpolated_frames", "av_offset_frames"} <= set(s)
+    assert s["reprojection_error_px"] < 3.0
+    for stage in ("coarse", "fine"):
+        v = PlyData.read(str(trained_ws / stage / "point_cloud.ply"))["vertex"]
+        assert len(v.data) > 100 and np.isfinite(np.asarray(v["opacity"])).all()
+    assert not (trained_ws / "fine" / "checkpoint.safetensors").exists()
+
+
+def test_render_with_new_audio_has_matching_length(trained_ws, tmp_path):
+    from gstalk.stages.render import run_render
+
+    sr = 22050  # any rate, stereo
+    t = np.arange(int(sr * 1.7)) / sr
+    wav = tmp_path / "speech.wav"
+    import soundfile as sf
+
+    sf.write(wav, np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1) * 0.3, sr)
+    out = tmp_path / "out.mp4"
+    s = run_render(trained_ws, wav, out)
+    info = probe(out)
+    assert s["frames"] == round(1.7 * 25) == info.video.n_frames
+    assert info.audio is not None
+    assert abs(info.audio.duration_s - 1.7) < 0.05
+    assert abs(info.video.duration_s - info.audio.duration_s) < 1.5 / 25  # within one frame (+AAC padding)
+
+
+def test_render_test_split_and_eval(trained_ws):
+    from gstalk.stages.evaluate import run_eval
+    from gstalk.stages.render import run_render
+
+    s = run_render(trained_ws)
+    info = probe(s["output"])
+    assert info.video.n_frames == 7 and abs(info.audio.duration_s - 7 / 25) < 0.05
+    m = run_eval(str(trained_ws))
+    for key in ("psnr", "ssim", "mouth_psnr"):
+        assert np.isfinite(m[key]) and key in m["baselines"]["mean_frame"] and key in m["baselines"]["coarse"]
+    assert m["psnr"] > m["baselines"]["mean_frame"]["psnr"]
+    saved = json.loads((trained_ws / "eval" / "metrics.json").read_text())
+    assert saved["schema_version"] == 1 and saved["psnr"] == pytest.approx(m["psnr"])
+    assert (trained_ws / "eval" / "report.md").read_text().startswith("# gstalk eval")
+
+
+@pytest.mark.slow
+def test_gstalk_run_cli_end_to_end(mannequin_clip, tmp_path):
+    """`gstalk run` as a user types it: the video it prints lasts as long as its audio."""
+    ws = tmp_path / "my ws"
+    r = subprocess.run([sys.executable, "-m", "gstalk", "run", str(mannequin_clip.path), "--preset", "test",
+                        "-w", str(ws), "--json", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    info = probe(out["video"])
+    assert info.video.n_frames == 7
+    assert abs(info.audio.duration_s - info.video.duration_s) < 1.5 / 25
+    assert set(out["seconds"]) == {"extract", "track", "coarse", "fine", "render", "eval"}

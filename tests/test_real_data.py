@@ -1,0 +1,45 @@
+"""Extract and track on the real sample clip (skipped when ../shared/data is absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gstalk.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def obama_ws(shared_data, tmp_path_factory):
+    from gstalk.config import get_preset
+    from gstalk.stages.extract import run_extract
+    from gstalk.stages.track import run_track
+
+    p = get_preset("test")  # 128 px: the same code paths, a quarter of the pixels
+    root = tmp_path_factory.mktemp("real") / "obama_ws"
+    run_extract(shared_data / "video" / "obama.mp4", root, p.extract, preset="test")
+    run_track(str(root), p.track)
+    return Workspace.open(root)
+
+
+def test_extract_on_real_clip(obama_ws):
+    s = obama_ws.stage("extract").summary
+    assert s["n_frames"] == 500 and s["fps"] == 25.0 and s["size"] == 128
+    assert s["split"] == {"train": [0, 455], "test": [455, 500]}  # the last 1/11, as the peers
+    assert s["audio"]["duration_s"] == pytest.approx(20.0, abs=0.05)
+    assert 100 < s["face"]["face_size_src_px"] < 300  # the face is ~240 px tall in the 450 px source
+
+
+def test_track_on_real_clip(obama_ws):
+    from gstalk.tensorio import load_tensors
+
+    s = obama_ws.stage("track").summary
+    assert s["interpolated_frames"] == 0 and s["multi_face_frames"] == 0
+    assert s["reprojection_error_px"] < 1.5  # at 128 px
+    assert 1.5 * 128 < s["focal_px"] < 4.0 * 128
+    assert s["jitter_rot_deg"] < s["jitter_rot_deg_raw"]
+    # the data notes: the audio is about 5 frames (0.2 s) behind the lips
+    assert 4 <= s["av_offset_frames"] <= 7 and s["av_correlation"] > 0.25
+    t, meta = load_tensors(obama_ws.path("track", "tracks.safetensors"))
+    assert len(meta["blendshape_names"]) == 52 and "jawOpen" in meta["blendshape_names"]
+    blink = t["blink"].numpy()
+    assert blink.max() == 1.0 and np.median(blink) < 0.5  # eyes are open most of the time

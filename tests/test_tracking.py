@@ -1,0 +1,170 @@
+"""Tracking: canonical model, pose and focal recovery, smoothing, A/V offset, masks, gaps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gstalk.errors import TrackingError
+from gstalk.stages.track import fill_gaps, mouth_boxes, normalise_blink
+from gstalk.testing.mannequin import head_pose
+from gstalk.tracking.avsync import correlate_lags, estimate_offset, mouth_opening
+from gstalk.tracking.canonical import FACE_OVAL, LIPS_OUTER, canonical_face
+from gstalk.tracking.masks import background_plate, frame_masks, mouth_mask
+from gstalk.tracking.pose import intrinsics, jitter, project, search_focal, smooth_poses, solve_pose
+
+
+def test_canonical_face_model():
+    f = canonical_face()
+    assert f.vertices.shape == (468, 3) and f.triangles.shape == (898, 3)
+    assert f.triangles.max() == 467 and f.triangles.min() == 0
+    width = np.ptp(f.vertices[:, 0])
+    assert 0.12 < width < 0.20  # metres: a human face
+    assert f.vertices[1, 2] > f.vertices[234, 2]  # nose tip in front of the cheek edge (z towards viewer)
+    assert len(f.basis_ids) >= 20 and (f.basis_weights > 0).all()
+
+
+def _landmarks(pose, K, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    uv = project(canonical_face().vertices, pose, K)
+    lm = np.zeros((478, 3))
+    lm[:468, :2] = uv + rng.normal(0, noise, uv.shape)
+    return lm
+
+
+def test_pose_recovered_from_projected_mesh():
+    K = intrinsics(900.0, 512, 512)
+    truth = head_pose(yaw=0.2, pitch=-0.1, roll=0.05, t=(0.01, -0.02, 0.6))
+    pose, err = solve_pose(_landmarks(truth, K), K)
+    assert err < 1e-3
+    np.testing.assert_allclose(pose, truth, atol=1e-5)
+    pose_n, err_n = solve_pose(_landmarks(truth, K, noise=1.0), K)
+    assert 1.0 < err_n < 1.8  # RMS of 2-D noise with sigma 1 px per axis is about sqrt(2)
+    cos = (np.trace(pose_n[:3, :3].T @ truth[:3, :3]) - 1) / 2
+    assert np.degrees(np.arccos(np.clip(cos, -1, 1))) < 2.0
+    assert np.linalg.norm(pose_n[:3, 3] - truth[:3, 3]) < 0.02  # 2 cm at 60 cm
+
+
+def test_focal_search_finds_the_true_focal_with_head_motion():
+    size, f_true = 512, 700.0
+    K = intrinsics(f_true, size, size)
+    lms = np.stack([_landmarks(head_pose(yaw=0.4 * np.sin(i / 5), pitch=0.2 * np.cos(i / 7), t=(0.0, 0.0, 0.45)), K,
+                               noise=0.3, seed=i) for i in range(30)])
+    res = search_focal(lms, size, size, 0.8, 4.0, n_frames=30)
+    assert abs(res.focal_px - f_true) / f_true < 0.15
+    assert res.error_px < 0.6
+
+
+def test_smoothing_reduces_jitter_without_lag():
+    rng = np.random.default_rng(0)
+    n = 120
+    truth = np.stack([head_pose(yaw=0.3 * np.sin(i / 15), t=(0.0, 0.0, 0.5)) for i in range(n)])
+    noisy = truth.copy()
+    for p in noisy:
+        wobble = head_pose(yaw=rng.normal(0, 0.01), pitch=rng.normal(0, 0.01))[:3, :3] @ np.diag([1, -1, -1])
+        p[:3, :3] = p[:3, :3] @ wobble
+        p[:3, 3] += rng.normal(0, 0.002, 3)
+    smooth = smooth_poses(noisy, 2.0)
+    assert jitter(smooth)[0] < jitter(noisy)[0] and jitter(smooth)[1] < 0.5 * jitter(noisy)[1]
+
+    def rot_err(ps):  # mean angle to the truth, degrees
+        cos = (np.einsum("nij,nij->n", ps[:, :3, :3], truth[:, :3, :3]) - 1) / 2
+        return np.degrees(np.arccos(np.clip(cos, -1, 1))).mean()
+
+    assert rot_err(smooth) < 0.6 * rot_err(noisy)
+    # zero phase: the smoothed yaw peaks where the true yaw does
+    yaw = lambda ps: np.arctan2(ps[:, 0, 2], ps[:, 0, 0])  # noqa: E731
+    assert abs(int(np.argmax(yaw(smooth)[:60])) - int(np.argmax(yaw(truth)[:60]))) <= 1
+
+
+def test_av_offset_found_on_synthetic_signals():
+    rng = np.random.default_rng(1)
+    n, k = 300, 4
+    env = np.convolve(rng.random(n + 20) > 0.7, np.ones(4) / 4, "same")[:n + k]
+    mouth = env[:n] + rng.normal(0, 0.05, n)
+    audio = env[k:n + k] * 0 + np.roll(env[:n], k)  # audio late by k frames
+    curve = correlate_lags(mouth, audio, 8)
+    assert max(curve, key=curve.get) == k
+
+
+def test_estimate_offset_on_mannequin_clip(mannequin_clip):
+    """The mannequin's audio is 2 frames late; landmarks from the known projection."""
+    c = mannequin_clip
+    from gstalk.testing.mannequin import deformed_vertices
+
+    K = intrinsics(c.focal, c.size, c.size)
+    lms = []
+    for pose, o in zip(c.poses, c.opening):
+        v = deformed_vertices(float(o))
+        lm = np.zeros((478, 3))
+        lm[:468, :2] = project(v, pose, K)
+        lms.append(lm)
+    res = estimate_offset(np.stack(lms), c.audio, c.sample_rate, 25.0, max_lag=6)
+    assert res.frames == c.offset_frames and res.correlation > 0.5
+
+
+def test_fill_gaps_interpolates_short_and_rejects_long():
+    v = np.arange(10, dtype=float)[:, None]
+    valid = np.ones(10, bool)
+    valid[[3, 4]] = False
+    out, gaps = fill_gaps(v * 0 + np.where(valid[:, None], v, -99), valid, max_gap=5)
+    np.testing.assert_allclose(out[:, 0], np.arange(10))
+    assert gaps == [[3, 4]]
+    valid[1:8] = False
+    with pytest.raises(TrackingError, match="lost for more than 5 frames at frames 1-7"):
+        fill_gaps(v, valid, 5)
+    with pytest.raises(TrackingError, match="No face"):
+        fill_gaps(v, np.zeros(10, bool), 5)
+
+
+def test_masks_cover_landmark_hulls(mannequin_clip):
+    import cv2
+
+    from gstalk.testing.mannequin import render
+
+    pose = mannequin_clip.poses[10]
+    img, uv = render(0.7, pose, mannequin_clip.focal, mannequin_clip.size)
+    lm = np.zeros((478, 3))
+    lm[:468, :2] = uv
+    m = frame_masks(img, lm, work_size=128)
+    assert m.shape == (256, 256, 4) and set(np.unique(m)) <= {0, 255}
+    hull = np.zeros((256, 256), np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.round(uv[list(FACE_OVAL)]).astype(np.int32)), 255)
+    inner = cv2.erode(hull, np.ones((5, 5), np.uint8)) > 0
+    assert (m[..., 0][inner] > 0).mean() > 0.99  # head covers the face
+    lips = np.zeros_like(hull)
+    cv2.fillPoly(lips, [np.round(uv[list(LIPS_OUTER)]).astype(np.int32)], 255)
+    assert (m[..., 1][lips > 0] > 0).mean() > 0.99  # mouth covers the lips
+    assert not (m[..., 2] & m[..., 0]).any()  # torso and head are disjoint
+    assert m[..., 3][:8, :8].max() == 0  # a corner is background
+    assert mouth_mask(lm, (256, 256)).sum() > lips.sum()
+
+
+def test_background_plate_median_and_inpaint():
+    rng = np.random.default_rng(0)
+    bg = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    frames, person = [], []
+    for i in range(9):
+        f = bg.copy()
+        m = np.zeros((32, 32), np.uint8)
+        m[8:24, 4 + i:14 + i] = 255
+        f[m > 0] = 0
+        frames.append(f)
+        person.append(m)
+    plate, unseen = background_plate(np.stack(frames), np.stack(person), margin=1)
+    assert 0 < unseen < 0.2
+    assert np.abs(plate.astype(int) - bg.astype(int))[:6].max() == 0  # rows never covered
+
+
+def test_blink_and_mouth_box_helpers():
+    names = ("eyeBlinkLeft", "eyeBlinkRight", "jawOpen")
+    bs = np.zeros((100, 3), np.float32)
+    bs[:, 0] = bs[:, 1] = np.linspace(0.05, 0.6, 100)
+    b = normalise_blink(bs, names)
+    assert b.min() == 0.0 and b.max() == 1.0 and np.all(np.diff(b) >= 0)
+    lm = np.zeros((1, 478, 3), np.float32)
+    lm[0, list(LIPS_OUTER), 0] = np.linspace(100, 140, len(LIPS_OUTER))
+    lm[0, list(LIPS_OUTER), 1] = 200
+    box = mouth_boxes(lm, 256)[0]
+    assert box[2] - box[0] == pytest.approx(64.0) and box[3] - box[1] == pytest.approx(64.0)
+    assert mouth_opening(lm).shape == (1,)

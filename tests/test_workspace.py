@@ -1,0 +1,133 @@
+"""Workspace: atomic writes, manifest round trip, schema checks, stage requirements, lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gstalk.errors import LockError, WorkspaceError
+from gstalk.workspace import SCHEMA_VERSION, Workspace, atomic_dir, atomic_write, find_workspace, read_json, write_json
+
+
+def test_atomic_write_keeps_old_content_on_error(tmp_path):
+    p = tmp_path / "f.json"
+    write_json(p, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(p, "w") as f:
+            f.write('{"a": 2')  # half written
+            raise RuntimeError("killed")
+    assert read_json(p) == {"a": 1}
+    assert [q.name for q in tmp_path.iterdir()] == ["f.json"]  # no temp file left
+
+
+def test_atomic_dir_replaces_whole_folder(tmp_path):
+    d = tmp_path / "frames"
+    with atomic_dir(d) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(KeyError):
+        with atomic_dir(d) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise KeyError("stop")
+    assert sorted(p.name for p in d.iterdir()) == ["a.txt"]
+    with atomic_dir(d) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in d.iterdir()) == ["c.txt"]
+
+
+def test_manifest_round_trip_and_stage_records(tmp_path):
+    ws = Workspace.create(tmp_path / "ws", preset="test", seed=3, source={"path": "v.mp4"})
+    ws.begin("extract", {"size": 64})
+    (ws.path("extract")).mkdir()
+    (ws.path("extract", "x.bin")).write_bytes(b"abc")
+    ws.finish("extract", outputs=["extract/x.bin"], summary={"n_frames": 5}, seconds=1.5)
+    again = Workspace.open(tmp_path / "ws")
+    rec = again.stage("extract")
+    assert rec.status == "done" and rec.config == {"size": 64} and rec.summary == {"n_frames": 5}
+    # sha256 of b"abc"
+    assert rec.data["outputs"]["extract/x.bin"].startswith("ba7816bf")
+    assert again.seed == 3 and again.preset == "test"
+    m = json.loads((tmp_path / "ws" / "manifest.json").read_text())
+    assert m["schema_version"] == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused(tmp_path):
+    ws = Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
+    ws.manifest["schema_version"] = SCHEMA_VERSION + 1
+    ws.save()
+    with pytest.raises(WorkspaceError, match="newer than this gstalk"):
+        Workspace.open(tmp_path / "ws")
+
+
+def test_corrupt_manifest_names_the_file(tmp_path):
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "manifest.json").write_text("{not json")
+    with pytest.raises(WorkspaceError, match="manifest.json is not valid JSON"):
+        Workspace.open(tmp_path / "ws")
+
+
+def test_missing_and_stale_stages(tmp_path):
+    ws = Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
+    with pytest.raises(WorkspaceError, match="Stage 'extract' has not run") as e:
+        ws.require("track")
+    assert "gstalk extract" in e.value.hint
+    for stage in ("extract", "track"):
+        ws.begin(stage, {})
+        ws.finish(stage, outputs=[], summary={}, seconds=0)
+    ws.require("coarse")
+    ws.begin("extract", {})  # extract re-run after track
+    ws.finish("extract", outputs=[], summary={}, seconds=0)
+    with pytest.raises(WorkspaceError, match="'track' .* is stale"):
+        ws.require("coarse")
+
+
+def test_running_stage_counts_as_unfinished(tmp_path):
+    ws = Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
+    ws.begin("extract", {})  # killed before finish
+    with pytest.raises(WorkspaceError, match="is 'running'"):
+        ws.require("track")
+
+
+def test_lock_conflict_between_processes(tmp_path):
+    ws = Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
+    code = ("import sys, time; from gstalk.workspace import Workspace\n"
+            "with Workspace.open(sys.argv[1]).lock('coarse'):\n print('locked', flush=True); time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ws.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockError, match=r"in use by gstalk coarse \(pid \d+\)"):
+            with ws.lock("fine"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with ws.lock("fine"):  # released when the holder died
+        pass
+
+
+def test_find_workspace(tmp_path, monkeypatch):
+    with pytest.raises(WorkspaceError, match="No gstalk workspace"):
+        find_workspace(tmp_path)
+    Workspace.create(tmp_path / "a", preset="test", seed=0, source={})
+    assert find_workspace(tmp_path) == tmp_path / "a"
+    assert find_workspace(tmp_path / "a") == tmp_path / "a"
+    Workspace.create(tmp_path / "b", preset="test", seed=0, source={})
+    with pytest.raises(WorkspaceError, match="Several workspaces"):
+        find_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path / "b")
+    assert find_workspace() == tmp_path / "b"
+
+
+def test_unwritable_folder_gives_resource_error(tmp_path):
+    from gstalk.errors import ResourceError
+
+    if os.geteuid() == 0:
+        pytest.skip("root can write to read-only folders")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(ResourceError):
+        write_json(ro / "x.json", {})
