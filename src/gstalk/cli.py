@@ -202,19 +202,24 @@ def fine(
     av_offset: Annotated[Optional[int], typer.Option(
         "--av-offset", help="Audio/video offset in frames (positive: audio late). Default: the track stage's "
                             "estimate.")] = None,
+    conditioning: Annotated[Optional[str], typer.Option(
+        help="What drives the deformation: articulation (audio -> a 7-number mouth code fitted to the tracked "
+             "lips, then the field; default) or audio (the audio features directly, as in the papers).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from fine/checkpoint.safetensors.")] = False,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Train the audio-driven deformation of the canonical Gaussians (hash-grid tri-plane + audio encoder with temporal
-    smoothing + MLP, GSTalker). Writes WORKSPACE/fine/model.safetensors and point_cloud.ply."""
+    smoothing + MLP, GSTalker). By default the audio first predicts a mouth articulation code (a small regressor
+    fitted to the tracked lips in seconds), which then drives the field. Writes WORKSPACE/fine/model.safetensors and
+    point_cloud.ply."""
     with _guard(debug):
         from gstalk.config import override
         from gstalk.stages.fine import run_fine
 
         root = _workspace(workspace)
         cfg = override(_preset(preset, root).fine, model=model, iterations=iterations, av_offset=av_offset,
-                       raster=raster)
+                       conditioning=conditioning, raster=raster)
         ws = run_fine(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("fine").summary, as_json)
 

@@ -83,18 +83,18 @@ class CoarseConfig:
 @dataclass(frozen=True)
 class FineConfig:
     model: str = "gstalker"
-    iterations: int = 3000
+    iterations: int = 1500
     # hash-grid tri-plane (Instant-NGP style, per plane)
-    grid_levels: int = 12
+    grid_levels: int = 6
     grid_features: int = 2
     grid_log2_table: int = 14
     grid_base_res: int = 16
-    grid_max_res: int = 512
+    grid_max_res: int = 64
     grid_init: float = 1e-4  # tables start uniform in ±grid_init
     position_scale: float = 0.01  # metres per unit of the network's position output
     appearance: bool = True  # also deform opacity and colour (teeth, the inside of the mouth)
     rigid_free: bool = True  # remove the rigid part of the position offsets (the camera's job)
-    audio_dim: int = 32  # audio latent per frame
+    audio_dim: int = 8  # condition code per frame
     audio_smooth_window: int = 8  # frames smoothed by the attention module
     hidden: int = 64
     layers: int = 2
@@ -103,9 +103,12 @@ class FineConfig:
     lr_gaussians_scale: float = 0.1  # canonical Gaussian lrs x this during fine
     ssim_lambda: float = 0.2
     mouth_weight: float = 2.0  # extra L1 weight on the mouth mask
-    deform_reg: float = 0.0  # weight of the mean |offset| penalty (position in cm)
-    expr_weight: float = 0.05  # weight of the audio-code -> mouth-blendshape loss (0 = off)
-    expr_pretrain: int = 400  # steps fitting the audio encoder to the blendshapes before rendering
+    deform_reg: float = 0.01  # weight of the mean |offset| penalty (position in cm)
+    conditioning: str = "articulation"  # "articulation" (audio -> mouth code -> field) or "audio"
+    articulation_noise: float = 0.6  # std of the noise on the tracked code during training (std units)
+    articulation_steps: int = 1000  # max steps fitting each audio -> articulation regressor
+    articulation_smooth: int = 4  # frames the articulation regressor's attention looks at
+    articulation_members: int = 5  # regressors averaged (one alone varies a lot with its seed)
     av_offset: int | None = None  # frames; None = use the track stage's estimate
     raster: str = "auto"
     log_every: int = 50
@@ -138,7 +141,8 @@ PRESETS: dict[str, Preset] = {
         coarse=CoarseConfig(iterations=15000, n_random=5000,
                             densify=DensifyConfig(start=500, stop=10000, every=100,
                                                   reset_opacity_every=3000, max_gaussians=150000)),
-        fine=FineConfig(iterations=30000, grid_max_res=1024, hidden=128, checkpoint_every=2000),
+        fine=FineConfig(iterations=30000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
+                        checkpoint_every=2000),
         description="512 px and the papers' iteration counts: for a GPU (hours on a CPU)",
     ),
     "test": Preset(
@@ -150,7 +154,8 @@ PRESETS: dict[str, Preset] = {
                                                   max_gaussians=4000),
                             log_every=10),
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
-                        hidden=32, checkpoint_every=20, log_every=10),
+                        hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
+                        articulation_members=2),
         description="tiny: for the test suite and CI smoke runs (seconds)",
     ),
 }

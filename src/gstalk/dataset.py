@@ -89,10 +89,12 @@ class Tracks:
     face_box: torch.Tensor
     blendshape_names: tuple[str, ...] = ()
 
-    def mouth_expressions(self) -> tuple[torch.Tensor, tuple[str, ...]]:
-        """The mouth and jaw blendshapes ([N, E], names): what the audio should explain."""
-        cols = [i for i, n in enumerate(self.blendshape_names) if n.startswith(("mouth", "jaw"))]
-        return self.blendshapes[:, cols], tuple(self.blendshape_names[i] for i in cols)
+    def articulation(self) -> torch.Tensor:
+        """[N, 7] float32 raw mouth articulation features
+        (:func:`~gstalk.deform.articulation.articulation_features`)."""
+        from gstalk.deform.articulation import articulation_features
+
+        return articulation_features(self.landmarks, self.blendshapes, self.blendshape_names)
 
 
 def load_tracks(ws: Workspace) -> Tracks:
@@ -150,7 +152,7 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
         indices: workspace frame numbers.
         audio_offset: None to skip audio; else the A/V offset in frames applied when cutting
             the feature windows (frame i gets the window of audio frame i + offset). With
-            audio, the mouth/jaw blendshapes of every frame are loaded too, standardised
+            audio, the mouth articulation code of every frame is loaded too, standardised
             with the statistics of ``indices``.
     """
     from gstalk.audio import frame_windows
@@ -161,23 +163,23 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
     images = load_frames(ws, idx)
     masks = load_masks(ws, idx)
     bgs = np.stack([composite_background(images[j], masks[j], plate) for j in range(len(idx))])
-    audio = expressions = None
+    audio = articulation = None
     if audio_offset is not None:
         af = load_audio_features(ws)
         fps = float(ws.stage("extract").summary["fps"])
         n_all = int(ws.stage("extract").summary["n_frames"])
         win = frame_windows(af.steps, n_all, fps, af.steps_per_second, af.window, offset_frames=audio_offset)
         audio = torch.from_numpy(win)
-        expr, _ = tracks.mouth_expressions()
-        if expr.shape[1]:
-            mu, sd = expr[idx].mean(0), expr[idx].std(0).clamp_min(1e-3)
-            expressions = (expr - mu) / sd
+        if len(tracks.blendshape_names):
+            from gstalk.deform.articulation import standardise
+
+            articulation = standardise(tracks.articulation(), idx)
     sel = torch.tensor(idx, dtype=torch.long)
     return FrameSet(
         images=torch.from_numpy(images), backgrounds=torch.from_numpy(bgs), viewmats=tracks.viewmats[sel],
         K=tracks.K, head_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 0])),
         mouth_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 1])), mouth_boxes=tracks.mouth_box[sel],
-        blink=tracks.blink[sel], audio=audio, frame_ids=sel, expressions=expressions,
+        blink=tracks.blink[sel], audio=audio, frame_ids=sel, articulation=articulation,
     )
 
 

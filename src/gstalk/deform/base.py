@@ -81,12 +81,20 @@ class SplitInputMLP(nn.Module):
 
 
 class DeformationModel(nn.Module):
-    """Base class: ``spatial(means)`` then ``deform(spatial, condition)``.
+    """Base class: ``spatial(means)`` then ``deform(spatial, code, blink)``.
 
     Subclasses implement :meth:`spatial` ([N, 3] -> [N, S] features, independent of the
-    audio, so render can cache them), :meth:`encode_audio` ([B, K, W, C] windows -> [B, A]
-    codes) and :meth:`deform`.
+    audio, so render can cache them), :meth:`encode_audio` ([B, K, W, C'] condition windows
+    -> [B, A] codes) and :meth:`deform`. The condition windows are the audio feature windows
+    themselves, or, for a model with an ``articulator``
+    (:class:`~gstalk.deform.articulation.ArticulationRegressor`), windows of the mouth
+    articulation code that :meth:`conditions` predicts from the audio.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.articulator: nn.Module | None = None
+        self.window = 16
 
     def spatial(self, means: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -94,17 +102,34 @@ class DeformationModel(nn.Module):
     def encode_audio(self, windows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict_expression(self, audio_code: torch.Tensor) -> torch.Tensor | None:
-        """[B, A] audio codes -> [B, E] standardised mouth blendshapes (training aid), or
-        None for a model without an expression head."""
-        head = getattr(self, "expr_head", None)
-        return None if head is None else head(audio_code)
-
     def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
         raise NotImplementedError
 
+    def code_windows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Articulation codes [N, D] as condition windows [N, W, D] (each code repeated over
+        the W steps the audio encoder expects)."""
+        return codes[:, None, :].expand(-1, self.window, -1).contiguous()
+
+    def predict_codes(self, audio_windows: torch.Tensor) -> torch.Tensor:
+        """Articulation codes that drive the field, from audio windows [N, W, C] of a whole
+        clip in frame order: the articulator's prediction times ``code_scale`` -> [N, D].
+
+        ``code_scale`` (a buffer, set when the articulator is fitted) matches the spread of
+        the predicted code to that of the codes the field was trained on: the regressor's
+        shrinkage undone (its ``gain``) times sqrt(1 + σ²) for the training noise σ."""
+        assert self.articulator is not None
+        with torch.no_grad():
+            return self.articulator.predict_sequence(audio_windows) * self.code_scale
+
+    def conditions(self, audio_windows: torch.Tensor) -> torch.Tensor:
+        """The per-frame condition sequence from the audio: windows [N, W, C] of a whole clip,
+        in frame order -> [N, W, C'] (the audio itself, or :meth:`predict_codes` as windows)."""
+        if self.articulator is None:
+            return audio_windows
+        return self.code_windows(self.predict_codes(audio_windows))
+
     def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:
-        """Offsets for one frame: means [N, 3], windows [1, K, W, C], blink [1]."""
+        """Offsets for one frame: means [N, 3], condition windows [1, K, W, C'], blink [1]."""
         return self.deform(self.spatial(means), self.encode_audio(windows)[0], blink)
 
 

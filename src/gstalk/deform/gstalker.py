@@ -2,7 +2,9 @@
 
 ΔG = F(E_tri(μ), A(a_{t-K/2..t+K/2}), e_t): a multi-resolution hash-grid tri-plane E_tri
 encodes each canonical position μ; the audio encoder A (AudioNet per frame + the temporal
-smoothing attention over K neighbouring frames) gives the frame's audio code; the eye
+smoothing attention over K neighbouring frames) gives the frame's audio code (by default
+from the mouth articulation code an audio regressor predicts, see
+:mod:`gstalk.deform.articulation`); the eye
 blink e_t conditions the eyes; an MLP F fuses them by concatenation and predicts offsets of
 position (3), rotation (4) and log-scale (3), and optionally opacity (1) and colour (3).
 """
@@ -10,8 +12,8 @@ position (3), rotation (4) and log-scale (3), and optionally opacity (1) and col
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from gstalk.deform.articulation import ArticulationEnsemble
 from gstalk.deform.audio import AudioEncoder
 from gstalk.deform.base import DeformationModel, Deltas, SplitInputMLP
 from gstalk.deform.encoders import TriPlaneHash
@@ -28,8 +30,12 @@ class GSTalkerDeformation(DeformationModel):
         hidden, layers: the fusion MLP.
         position_scale: metres per unit of the position output.
         grid_init: the hash tables start uniform in ±grid_init.
-        expr_dim: size of the expression head on the audio code (0 = none); it is used only
-            by the training loss that ties the audio code to the tracked mouth blendshapes.
+        articulation: D > 0 conditions the field on a D-dimensional mouth articulation code
+            predicted from the audio by a frozen
+            :class:`~gstalk.deform.articulation.ArticulationEnsemble` of
+            ``articulation_members`` regressors (``articulator``) whose attention spans
+            ``articulation_smooth`` frames,
+            instead of on the audio directly (see :mod:`gstalk.deform.articulation`).
         appearance: also predict offsets of opacity (logit) and colour (SH DC), which the
             method digest allows ("and optionally opacity/colour"): the inside of the mouth
             and the teeth appear and disappear as the lips move.
@@ -40,17 +46,21 @@ class GSTalkerDeformation(DeformationModel):
     def __init__(self, aabb: torch.Tensor, audio_in_dim: int, window: int = 16, audio_dim: int = 32,
                  smooth: int = 8, levels: int = 12, features: int = 2, log2_table: int = 14, base_res: int = 16,
                  max_res: int = 512, hidden: int = 64, layers: int = 2, position_scale: float = 0.01,
-                 grid_init: float = 1e-4, expr_dim: int = 0, appearance: bool = True, rigid_free: bool = False):
+                 grid_init: float = 1e-4, articulation: int = 0, articulation_members: int = 5,
+                 articulation_smooth: int = 4, appearance: bool = True, rigid_free: bool = False):
         super().__init__()
         self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
-        self.audio = AudioEncoder(audio_in_dim, window, audio_dim, smooth)
+        if articulation > 0:
+            self.register_buffer("code_scale", torch.ones(()))
+            self.articulator = ArticulationEnsemble(audio_in_dim, window, 32, articulation_smooth, articulation,
+                                                    articulation_members)
+        self.audio = AudioEncoder(articulation if articulation > 0 else audio_in_dim, window, audio_dim, smooth)
+        self.window = window
         self.appearance = appearance
         self.rigid_free = rigid_free
         self.head = SplitInputMLP(self.triplane.out_dim, audio_dim + 1, hidden, layers, 14 if appearance else 10)
         self.position_scale = position_scale
         self.smooth = self.audio.smooth
-        # training aid: the audio code also predicts the tracked mouth blendshapes (see train/fine.py)
-        self.expr_head = nn.Linear(audio_dim, expr_dim) if expr_dim > 0 else None
 
     def spatial(self, means: torch.Tensor) -> torch.Tensor:
         return self.triplane(means)

@@ -18,8 +18,9 @@ MODELS = ("gstalker",)
 
 
 def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cfg: FineConfig,
-               expr_dim: int = 0) -> dict[str, Any]:
-    """JSON-able description of a model: {"name": …, "kwargs": {…}}.
+               articulation: int = 0) -> dict[str, Any]:
+    """JSON-able description of a model: {"name": …, "kwargs": {…}}; ``articulation``: size
+    of the articulation code (used when ``cfg.conditioning == "articulation"``).
 
     Raises:
         UsageError: unknown model name.
@@ -30,7 +31,9 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
             "smooth": cfg.audio_smooth_window, "levels": cfg.grid_levels, "features": cfg.grid_features,
             "log2_table": cfg.grid_log2_table, "base_res": cfg.grid_base_res, "max_res": cfg.grid_max_res,
             "hidden": cfg.hidden, "layers": cfg.layers, "position_scale": cfg.position_scale,
-            "grid_init": cfg.grid_init, "expr_dim": expr_dim if cfg.expr_weight > 0 else 0,
+            "grid_init": cfg.grid_init,
+            "articulation": articulation if cfg.conditioning == "articulation" else 0,
+            "articulation_members": cfg.articulation_members, "articulation_smooth": cfg.articulation_smooth,
             "appearance": cfg.appearance, "rigid_free": cfg.rigid_free}}
     raise UsageError(f"Unknown fine model '{name}'.", hint=f"use one of: {', '.join(MODELS)}")
 

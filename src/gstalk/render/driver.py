@@ -68,8 +68,9 @@ class HeadRenderer:
 
     @torch.no_grad()
     def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None) -> torch.Tensor:
-        """One frame: windows [1, K, W, C] around it, the workspace frame whose camera, blink
-        and background to use. Returns [H, W, 3] float32 in [0, 1]."""
+        """One frame: condition windows [1, K, W, C'] of the K frames around it (from
+        :meth:`conditions`), the workspace frame whose camera, blink and background to use.
+        Returns [H, W, 3] float32 in [0, 1]."""
         code = self.model.encode_audio(windows)[0]
         e = torch.tensor([float(self.tracks.blink[pose_frame]) if blink is None else blink])
         deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
@@ -77,10 +78,16 @@ class HeadRenderer:
                                   self.width, self.height, backend=self.backend)
         return composite(colors, alphas, self.background(pose_frame)).clamp(0, 1)[0]
 
+    def conditions(self, audio_windows: np.ndarray) -> torch.Tensor:
+        """The model's condition sequence for audio windows [N, W, C] (one per frame, in
+        order): [N, W, C'] float32 (the predicted articulation code, or the audio)."""
+        with torch.no_grad():
+            return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)))
+
     def frames(self, audio_windows: np.ndarray, poses: list[int]) -> Iterator[np.ndarray]:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
         [N] workspace frames. Yields [H, W, 3] uint8."""
-        win = torch.from_numpy(audio_windows)
+        win = self.conditions(audio_windows)
         k = self.model.smooth
         n = win.shape[0]
         for i in range(n):

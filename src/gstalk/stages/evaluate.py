@@ -66,13 +66,14 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
     renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+    cond = renderer.conditions(windows)
     t = time.perf_counter()
     fine = []
     with reporter.task("rendering test frames", len(test)) as bar:
         for frame in test:
             ids = torch.arange(frame - model.smooth // 2, frame - model.smooth // 2 + model.smooth)
-            ids = ids.clamp(0, windows.shape[0] - 1)
-            fine.append(renderer.render(torch.from_numpy(windows[ids.numpy()])[None], frame))
+            ids = ids.clamp(0, cond.shape[0] - 1)
+            fine.append(renderer.render(cond[ids][None], frame))
             bar.advance()
     fine_t = torch.stack(fine)
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)

@@ -4,8 +4,9 @@ Reads the coarse Gaussians and the audio features; pairs each frame with the aud
 by the A/V offset the track stage measured (or ``--av-offset``). Writes ``ws/fine/``:
 
 - ``model.safetensors``: ``params.*`` canonical Gaussians, ``module.*`` the deformation
-  model's weights; metadata: the model spec (to rebuild it), SH degree, A/V offset, audio
-  feature layout;
+  model's weights (with the audio → articulation regressor, ``module.articulator.*``,
+  and ``module.code_scale``); metadata: the model spec (to rebuild it), SH degree, A/V
+  offset, audio feature layout;
 - ``point_cloud.ply``: the canonical Gaussians as a 3DGS PLY;
 - ``checkpoint.safetensors``: the latest training state (for ``--resume``), removed when the
   stage finishes;
@@ -22,7 +23,7 @@ import torch
 from gstalk.config import FineConfig, to_dict
 from gstalk.dataset import build_frameset, load_audio_features, split_indices
 from gstalk.deform.registry import build_model, model_spec
-from gstalk.errors import WorkspaceError
+from gstalk.errors import UsageError, WorkspaceError
 from gstalk.gaussians import save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
@@ -30,6 +31,8 @@ from gstalk.tensorio import load_tensors, save_tensors
 from gstalk.train.checkpoint import load_checkpoint, restore_optimizers, restore_rng, save_checkpoint
 from gstalk.train.fine import FineTrainer, render_deformed
 from gstalk.workspace import Workspace, clean_temp, write_json
+
+CONDITIONINGS = ("articulation", "audio")
 
 
 def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter: Reporter = SILENT) -> Workspace:
@@ -69,8 +72,14 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                  f"A/V offset {av_offset:+d} frames")
     data = build_frameset(ws, train, audio_offset=av_offset)
     aabb = torch.tensor(cmeta["aabb"], dtype=torch.float32)
-    expr_dim = 0 if data.expressions is None else int(data.expressions.shape[1])
-    spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, expr_dim=expr_dim)
+    if cfg.conditioning not in CONDITIONINGS:
+        raise UsageError(f"Unknown conditioning '{cfg.conditioning}'.", hint=f"use one of: {', '.join(CONDITIONINGS)}")
+    if cfg.conditioning == "articulation" and data.articulation is None:
+        raise WorkspaceError("The track stage's blendshape names are missing, so the mouth articulation "
+                             "code cannot be computed.",
+                             hint=f"re-run `gstalk track {ws.root}`, or use --conditioning audio")
+    art_dim = 0 if data.articulation is None else int(data.articulation.shape[1])
+    spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, articulation=art_dim)
     torch.manual_seed(ws.seed)
     model = build_model(spec)
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in coarse.items()})
@@ -91,13 +100,20 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
         restore_optimizers(trainer.optimizers, groups["optim"])
         trainer.rng = restore_rng(groups, meta)
         trainer.step = int(meta["step"])
+        trainer.articulation_fit = meta["info"].get("articulation_fit")
         reporter.log(f"  resuming at iteration {trainer.step}")
 
     def checkpoint(t: FineTrainer) -> None:
         save_checkpoint(ckpt_path, step=t.step, params=t.params, module=t.model, optimizers=t.optimizers,
-                        rng=t.rng, info={"spec": spec})
+                        rng=t.rng, info={"spec": spec, "articulation_fit": t.articulation_fit})
 
     t = time.perf_counter()
+    if trainer.step == 0 and model.articulator is not None:
+        members = cfg.articulation_members
+        with reporter.task("audio → articulation", members) as abar:
+            trainer.articulation_fit = trainer.fit_articulator(lambda k: abar.advance())
+        trainer.articulation_fit["seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
     with reporter.task("fine", cfg.iterations) as bar:
         bar.advance(trainer.step)
 
@@ -106,6 +122,11 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
             if step % 10 == 0:
                 bar.update(info=f"loss {stats['loss']:.4f}")
         trainer.run(cb, checkpoint)
+    fit = trainer.articulation_fit
+    if fit is not None:
+        reporter.log(f"  audio -> articulation: held-out R² {fit['val_r2']:.2f} with {int(fit['members'])} "
+                     f"regressors (one alone: {fit['member_val_r2']:.2f}; on the fitted frames {fit['fit_r2']:.2f}); "
+                     f"code scale {fit['code_scale']:.2f}")
     train_s = time.perf_counter() - t
     out = ws.path("fine")
     params_d = {k: v.detach() for k, v in trainer.params.items()}
@@ -125,6 +146,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
     summary = {"model": cfg.model, "iterations": cfg.iterations, "n_gaussians": int(params_d["means"].shape[0]),
                "train_seconds": train_s, "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1),
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
+               "conditioning": cfg.conditioning, "articulation_fit": fit,
                "history": trainer.history[-20:]}
     write_json(out / "summary.json", summary)
     return summary

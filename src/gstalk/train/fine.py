@@ -1,11 +1,20 @@
 """The fine stage's loop: train the audio-driven deformation of the canonical Gaussians.
 
-Each step draws a training frame t, encodes the audio windows of the K frames around t
-(A/V offset applied by the data), deforms the canonical Gaussians G' = G + ΔG(μ, a_t, e_t),
-renders them with frame t's camera over its background and minimises
-(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask). The canonical Gaussians keep training at
-a reduced learning rate, as in GSTalker. A step whose loss is NaN/Inf is skipped and
-counted (the checkpoint keeps the last good state); too many in a row raise.
+Each step draws a training frame t, encodes the condition windows of the K frames around
+t, deforms the canonical Gaussians G' = G + ΔG(μ, c_t, e_t), renders them with frame t's
+camera over its background and minimises
+(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask) + w_reg · mean|ΔG|. The canonical
+Gaussians keep training at a reduced learning rate, as in GSTalker.
+
+With ``conditioning="articulation"`` (the default) a fresh run first fits the model's
+audio → articulation regressor (:func:`~gstalk.deform.articulation.fit_articulation`,
+seconds) and freezes it; the condition c_t of a training frame is then its *tracked*
+articulation code plus N(0, σ²) noise drawn anew at every step, and frames outside the
+training set (neighbours at the split) use the regressor's prediction. Render and eval use
+the prediction everywhere. With ``conditioning="audio"`` c_t is the audio window itself.
+
+A step whose loss is NaN/Inf is skipped and counted (the checkpoint keeps the last good
+state); too many in a row raise.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import numpy as np
 import torch
 
 from gstalk.config import CoarseConfig, FineConfig
+from gstalk.deform.articulation import fit_ensemble
+from gstalk.deform.audio import neighbour_indices
 from gstalk.deform.base import DeformationModel, Deltas, apply_deltas
 from gstalk.errors import TrainingError
 from gstalk.gaussians.splat import composite, splat
@@ -30,9 +41,12 @@ MAX_BAD_STEPS = 20
 
 
 def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
-    """Adam with two groups: hash-grid tables (``lr_grid``) and everything else (``lr_net``)."""
+    """Adam with two groups: hash-grid tables (``lr_grid``) and everything else (``lr_net``);
+    the articulation regressor (fitted on its own, then frozen) is left out."""
     grid, net = [], []
     for name, p in model.named_parameters():
+        if name.startswith("articulator."):
+            continue
         (grid if name.endswith("table") else net).append(p)
     groups = [{"params": net, "lr": lr_net, "name": "net"}]
     if grid:
@@ -62,7 +76,7 @@ class FineTrainer:
     step: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
-    pretrain_loss: float | None = None
+    articulation_fit: dict[str, float] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -78,6 +92,51 @@ class FineTrainer:
         torch.manual_seed(self.seed)
         if self.data.audio is None:
             raise ValueError("the fine stage needs audio windows in the FrameSet")
+        if self.model.articulator is not None and self.data.articulation is None:
+            raise ValueError("an articulation-conditioned model needs the tracked articulation in the FrameSet")
+        self._base_codes: torch.Tensor | None = None
+
+    def fit_articulator(self, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Fit the audio → articulation ensemble on the training frames (each member with
+        early stopping on their last tenth) and freeze it. Returns
+        :func:`~gstalk.deform.articulation.fit_ensemble`'s statistics."""
+        reg = self.model.articulator
+        assert reg is not None and self.data.articulation is not None
+        reg.requires_grad_(True)
+        stats = fit_ensemble(reg, self.data.audio, self.data.articulation, self.data.frame_ids,
+                             steps=self.cfg.articulation_steps, seed=self.seed, progress=progress)
+        reg.requires_grad_(False)
+        # the field trains on tracked codes + N(0, σ²) (std sqrt(1 + σ²) in standardised units):
+        # give the predicted codes the same spread
+        scale = stats["gain"] * math.sqrt(1.0 + self.cfg.articulation_noise ** 2)
+        self.model.code_scale.fill_(scale)
+        stats["code_scale"] = scale
+        self._base_codes = None
+        return stats
+
+    def base_codes(self) -> torch.Tensor:
+        """[N_all, D]: tracked articulation on training frames, the model's predicted code
+        (:meth:`~gstalk.deform.base.DeformationModel.predict_codes`) on every other frame
+        (computed once)."""
+        if self._base_codes is None:
+            reg, d = self.model.articulator, self.data
+            assert reg is not None and d.articulation is not None and d.audio is not None
+            reg.requires_grad_(False)
+            codes = self.model.predict_codes(d.audio)
+            codes[d.frame_ids] = d.articulation[d.frame_ids]
+            self._base_codes = codes
+        return self._base_codes
+
+    def condition_windows(self, i: int) -> torch.Tensor:
+        """Condition windows of the K frames around training frame ``i`` (position in the
+        set): [1, K, W, C'], noisy tracked articulation or the audio itself."""
+        m, d = self.model, self.data
+        if m.articulator is None:
+            return d.audio_windows(i, m.smooth)
+        base = self.base_codes()
+        ids = neighbour_indices(int(d.frame_ids[i]), m.smooth, base.shape[0])[0]
+        codes = base[ids] + self.cfg.articulation_noise * torch.randn(len(ids), base.shape[1])
+        return m.code_windows(codes)[None]
 
     def _set_lrs(self) -> None:
         c = self.cfg
@@ -91,7 +150,7 @@ class FineTrainer:
         """Render training frame ``i`` (position in the set) over its background:
         ([1, H, W, 3] image, [1, A] audio code, rasterizer meta)."""
         d, m = self.data, self.model
-        code = m.encode_audio(d.audio_windows(i, m.smooth))
+        code = m.encode_audio(self.condition_windows(i))
         deltas = m.deform(m.spatial(self.params["means"]), code[0], d.blink[i:i + 1])
         deformed = apply_deltas(dict(self.params.items()), deltas)
         colors, alphas, meta = splat(deformed, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=self.cfg.raster)
@@ -104,34 +163,6 @@ class FineTrainer:
         parts = [deltas.means * 100.0, deltas.quats, deltas.scales, deltas.opacities, deltas.colors]
         return torch.stack([p.abs().mean() for p in parts if p is not None]).sum()
 
-    def expression_loss(self, codes: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor | None:
-        """MSE between the expressions predicted from audio codes [B, A] and the tracked
-        (standardised) mouth blendshapes of ``frame_ids`` [B]; None when unavailable."""
-        pred = self.model.predict_expression(codes)
-        if pred is None or self.data.expressions is None:
-            return None
-        return (pred - self.data.expressions[frame_ids]).square().mean()
-
-    def pretrain_audio(self, steps: int, batch: int = 32, lr: float = 1e-3) -> float | None:
-        """Fit the audio encoder and expression head to the tracked mouth blendshapes before
-        any rendering (seconds, not minutes), so the deformation starts from an audio code
-        that already carries the mouth's state. Returns the final loss (None if skipped)."""
-        d, m = self.data, self.model
-        if steps <= 0 or d.expressions is None or getattr(m, "expr_head", None) is None:
-            return None
-        from gstalk.deform.audio import neighbour_indices
-
-        opt = torch.optim.Adam(m.parameters(), lr=lr, weight_decay=1e-4)
-        loss = None
-        for _ in range(steps):
-            pick = torch.from_numpy(self.rng.integers(len(d), size=batch))
-            ids = neighbour_indices(d.frame_ids[pick], m.smooth, d.audio.shape[0])
-            loss = self.expression_loss(m.encode_audio(d.audio[ids]), d.frame_ids[pick])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return float(loss.item()) if loss is not None else None
-
     def train_step(self) -> dict[str, float]:
         c, d = self.cfg, self.data
         i = int(self.rng.integers(len(d)))
@@ -143,10 +174,6 @@ class FineTrainer:
             loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
         if c.deform_reg > 0:
             loss = loss + c.deform_reg * self.deformation_penalty(meta["deltas"])
-        if c.expr_weight > 0:
-            aux = self.expression_loss(code, d.frame_ids[i:i + 1])
-            if aux is not None:
-                loss = loss + c.expr_weight * aux
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -172,12 +199,13 @@ class FineTrainer:
         self.step += 1
         return {"loss": float(loss.item()), "n": float(self.params["means"].shape[0])}
 
-    def run(self, callback: Callback | None = None, checkpoint: Callable[[FineTrainer], None] | None = None
-            ) -> list[dict[str, float]]:
-        """Train until ``cfg.iterations`` (after :meth:`pretrain_audio` on a fresh run);
+    def run(self, callback: Callback | None = None, checkpoint: Callable[[FineTrainer], None] | None = None,
+            fit_progress: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+        """Train until ``cfg.iterations`` (a fresh articulation-conditioned run first calls
+        :meth:`fit_articulator`, reporting each member to ``fit_progress``);
         ``checkpoint(self)`` every ``cfg.checkpoint_every`` steps."""
-        if self.step == 0 and self.cfg.expr_weight > 0:
-            self.pretrain_loss = self.pretrain_audio(self.cfg.expr_pretrain)
+        if self.step == 0 and self.model.articulator is not None and self.articulation_fit is None:
+            self.articulation_fit = self.fit_articulator(fit_progress)
         while self.step < self.cfg.iterations:
             stats = self.train_step()
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
@@ -192,13 +220,17 @@ class FineTrainer:
 
 def render_deformed(params: dict[str, torch.Tensor], model: DeformationModel, data: FrameSet, *,
                     backend: str = "auto") -> torch.Tensor:
-    """Render every frame of ``data`` with its own audio and blink over its background:
+    """Render every frame of ``data`` with its own audio (through the model's
+    :meth:`~gstalk.deform.base.DeformationModel.conditions`) and blink over its background:
     [F, H, W, 3] float32 in [0, 1]."""
+    assert data.audio is not None
     out = []
     with torch.no_grad():
         spatial = model.spatial(params["means"])
+        cond = model.conditions(data.audio)
         for i in range(len(data)):
-            code = model.encode_audio(data.audio_windows(i, model.smooth))[0]
+            ids = neighbour_indices(int(data.frame_ids[i]), model.smooth, cond.shape[0])
+            code = model.encode_audio(cond[ids])[0]
             deformed = apply_deltas(params, model.deform(spatial, code, data.blink[i:i + 1]))
             colors, alphas, _ = splat(deformed, data.viewmats[i:i + 1], data.K, data.width, data.height,
                                       backend=backend)

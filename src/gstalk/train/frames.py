@@ -29,8 +29,9 @@ class FrameSet:
             frame number (so neighbours of a training frame are available), A/V offset
             applied; or None.
         frame_ids: [F] int64 workspace frame numbers.
-        expressions: [N_all, E] float32 standardised mouth/jaw blendshapes of every frame,
-            indexed by frame number (targets of the audio code), or None.
+        articulation: [N_all, D] float32 tracked mouth articulation code of every frame
+            (:func:`~gstalk.deform.articulation.articulation_features`), standardised over
+            this set's frames, indexed by frame number; or None.
     """
 
     images: torch.Tensor
@@ -43,7 +44,7 @@ class FrameSet:
     blink: torch.Tensor
     audio: torch.Tensor | None
     frame_ids: torch.Tensor
-    expressions: torch.Tensor | None = None
+    articulation: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -86,4 +87,4 @@ class FrameSet:
         return FrameSet(images=self.images[sel], backgrounds=self.backgrounds[sel], viewmats=self.viewmats[sel],
                         K=self.K, head_masks=self.head_masks[sel], mouth_masks=self.mouth_masks[sel],
                         mouth_boxes=self.mouth_boxes[sel], blink=self.blink[sel], audio=self.audio,
-                        frame_ids=self.frame_ids[sel], expressions=self.expressions)
+                        frame_ids=self.frame_ids[sel], articulation=self.articulation)
