@@ -168,3 +168,56 @@ def test_blink_and_mouth_box_helpers():
     box = mouth_boxes(lm, 256)[0]
     assert box[2] - box[0] == pytest.approx(64.0) and box[3] - box[1] == pytest.approx(64.0)
     assert mouth_opening(lm).shape == (1,)
+
+
+def test_view_angles_of_known_head_turns():
+    from gstalk.tracking.pose import view_angles
+
+    poses = np.stack([head_pose(0.0, 0.0, 0.0), head_pose(np.radians(30), 0.0, 0.0),
+                      head_pose(0.0, np.radians(-20), 0.0), head_pose(0.0, 0.0, np.radians(40))])
+    a = view_angles(poses)
+    np.testing.assert_allclose(np.abs(a), [[0, 0], [30, 0], [0, 20], [0, 0]], atol=1e-6)
+    # a head to the side of the optical axis, facing straight ahead, sees the camera obliquely
+    side = view_angles(head_pose(0.0, 0.0, 0.0, t=(0.5, 0.0, 0.5))[None])[0]
+    assert abs(side[0]) == pytest.approx(45.0)
+
+
+def test_frame_ranges():
+    from gstalk.tracking.pose import frame_ranges
+
+    assert frame_ranges(np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], bool)) == [[1, 2], [4, 4], [7, 8]]
+    assert frame_ranges(np.zeros(4, bool)) == []
+
+
+def _face_at(cx: float, size: float):
+    from gstalk.tracking.detector import FaceDetection
+
+    lm = np.zeros((478, 3), np.float32)
+    lm[:, 0] = cx + np.linspace(-size / 2, size / 2, 478)
+    lm[:, 1] = np.linspace(-size / 2, size / 2, 478) + 100
+    return FaceDetection(lm, np.zeros(52, np.float32), np.zeros((4, 4), np.float32), ())
+
+
+def test_pick_face_prefers_largest_but_keeps_a_consistent_track():
+    from gstalk.stages.track import pick_face
+
+    big, small, tiny = _face_at(300, 120), _face_at(100, 100), _face_at(100, 40)
+    assert pick_face([small, big], None) is big
+    # the tracked face (near x=100) stays chosen while it is at least 0.7x the largest
+    assert pick_face([big, small], np.array([100.0, 100.0])) is small
+    # but not when it is much smaller
+    assert pick_face([big, tiny], np.array([100.0, 100.0])) is big
+
+
+def test_mediapipe_finds_both_faces_in_a_two_face_frame():
+    from gstalk.testing.mannequin import render
+    from gstalk.tracking.detector import MediaPipeDetector
+
+    left, _ = render(0.2, head_pose(t=(0, 0, 0.45)), 512.0, 256)
+    right, _ = render(0.2, head_pose(t=(0, 0, 0.7)), 512.0, 256)
+    frame = np.ascontiguousarray(np.concatenate([left, right], axis=1))
+    with MediaPipeDetector(video=False, num_faces=2) as det:
+        faces = det.detect(frame)
+    assert len(faces) == 2
+    sizes = sorted(f.size for f in faces)
+    assert sizes[1] > 1.3 * sizes[0]  # the nearer head is larger

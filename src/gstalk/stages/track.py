@@ -28,9 +28,17 @@ from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
 from gstalk.tracking.avsync import estimate_offset, mouth_opening
 from gstalk.tracking.canonical import LIPS_OUTER
-from gstalk.tracking.detector import N_BLENDSHAPES, N_LANDMARKS, MediaPipeDetector
+from gstalk.tracking.detector import N_BLENDSHAPES, N_LANDMARKS, FaceDetection, MediaPipeDetector
 from gstalk.tracking.masks import background_plate, face_geometry, frame_masks
-from gstalk.tracking.pose import intrinsics, jitter, search_focal, smooth_poses, solve_poses
+from gstalk.tracking.pose import (
+    frame_ranges,
+    intrinsics,
+    jitter,
+    search_focal,
+    smooth_poses,
+    solve_poses,
+    view_angles,
+)
 from gstalk.workspace import Workspace, atomic_dir, atomic_write, clean_temp, write_json
 
 
@@ -105,6 +113,19 @@ def mouth_boxes(landmarks: np.ndarray, size: int, scale: float = 1.6) -> np.ndar
     return np.stack([x0, y0, x0 + side, y0 + side], 1).astype(np.float32)
 
 
+def pick_face(faces: list[FaceDetection], prev_centre: np.ndarray | None) -> FaceDetection:
+    """The face to track among several in one frame: the largest, unless another one at
+    least 0.7x its size lies nearer the previous frame's face centre ``prev_centre`` [2] px
+    (so the track does not jump to a passer-by who is momentarily larger)."""
+    face = max(faces, key=lambda f: f.size)
+    if prev_centre is not None and len(faces) > 1:
+        d = [np.linalg.norm(f.landmarks[:, :2].mean(0) - prev_centre) for f in faces]
+        near = faces[int(np.argmin(d))]
+        if near.size > 0.7 * face.size:
+            face = near
+    return face
+
+
 def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) -> Workspace:
     """Run the track stage on a workspace whose extract stage is done.
 
@@ -151,13 +172,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
             if len(faces) > 1:
                 multi.append(i)
             if faces:
-                # the largest face, or the one nearest the previous track when sizes are close
-                face = faces[0]
-                if prev_centre is not None and len(faces) > 1:
-                    d = [np.linalg.norm(f.landmarks[:, :2].mean(0) - prev_centre) for f in faces]
-                    near = faces[int(np.argmin(d))]
-                    if near.size > 0.7 * face.size:
-                        face = near
+                face = pick_face(faces, prev_centre)
                 lms[i], bss[i], valid[i] = face.landmarks, face.blendshapes, True
                 prev_centre = face.landmarks[:, :2].mean(0)
                 names = names or face.names
@@ -191,6 +206,12 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     timings["pose_s"] = time.perf_counter() - t
     reporter.log(f"  focal {fs.focal_px:.0f} px, reprojection error {errs.mean():.2f} px, "
                  f"jitter {jr:.2f}->{js:.2f} deg, {jt:.1f}->{jts:.1f} mm per frame")
+    angles = view_angles(poses_raw)
+    turned = frame_ranges(np.abs(angles).max(1) > cfg.max_view_angle)
+    if turned:
+        reporter.warn(f"the head is turned more than {cfg.max_view_angle:.0f}° from the camera in frames "
+                      f"{', '.join(f'{a}-{b}' for a, b in turned[:5])}{' …' if len(turned) > 5 else ''}: "
+                      "landmarks are unreliable there; trim those frames for a better model")
 
     # 3. A/V offset ----------------------------------------------------------------------
     import soundfile as sf
@@ -238,6 +259,9 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
         "jitter_rot_deg_raw": jr, "jitter_trans_mm_raw": jt, "jitter_rot_deg": js, "jitter_trans_mm": jts,
         "smooth_sigma_frames": cfg.smooth_sigma,
         "interpolated_frames": n_interp, "gaps": gaps, "multi_face_frames": len(multi),
+        "multi_face_ranges": frame_ranges(np.isin(np.arange(n), multi)),
+        "view_angle_deg_max": [float(np.abs(angles[:, 0]).max()), float(np.abs(angles[:, 1]).max())],
+        "turned_away_frames": turned,
         "av_offset_frames": av.frames, "av_correlation": av.correlation,
         "av_correlation_at_zero": av.correlation_at_zero,
         "av_curve": {str(k): v for k, v in av.curve.items()},

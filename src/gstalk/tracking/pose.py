@@ -165,3 +165,37 @@ def jitter(poses: np.ndarray) -> tuple[float, float]:
     dr = (r[:-1].inv() * r[1:]).magnitude()
     dt = np.linalg.norm(np.diff(poses[:, :3, 3], axis=0), axis=1)
     return float(np.degrees(dr).mean()), float(dt.mean() * 1000.0)
+
+
+def view_angles(poses: np.ndarray) -> np.ndarray:
+    """How far each head is turned from the camera: the direction from the head to the
+    camera, in canonical head space (x to the subject's left, y up, z out of the face), as
+    two angles in degrees.
+
+    Args:
+        poses: [N, 4, 4] head-to-camera transforms (OpenCV camera, metres).
+
+    Returns:
+        [N, 2] float64 (yaw, pitch): yaw = atan2(x, z), positive when the camera lies
+        towards the subject's left; pitch = atan2(y, z), positive when the camera lies above
+        the face. (0, 0) is a face looking straight into the lens; MediaPipe's landmarks
+        degrade beyond about 45-60 degrees.
+    """
+    R, t = poses[:, :3, :3], poses[:, :3, 3]
+    to_cam = -np.einsum("nji,nj->ni", R, t)  # R^T (0 - t): the camera centre in head space
+    to_cam /= np.linalg.norm(to_cam, axis=1, keepdims=True).clip(1e-12)
+    yaw = np.degrees(np.arctan2(to_cam[:, 0], to_cam[:, 2]))
+    pitch = np.degrees(np.arctan2(to_cam[:, 1], to_cam[:, 2]))
+    return np.stack([yaw, pitch], 1)
+
+
+def frame_ranges(mask: np.ndarray) -> list[list[int]]:
+    """Runs of True in a [N] bool array as inclusive [first, last] frame pairs."""
+    out: list[list[int]] = []
+    idx = np.flatnonzero(np.asarray(mask, bool))
+    for i in idx:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = int(i)
+        else:
+            out.append([int(i), int(i)])
+    return out
