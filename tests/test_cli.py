@@ -88,3 +88,43 @@ def test_video_without_a_face_fails_with_its_message(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 5  # TrackingError
     assert "No face found" in r.stderr and str(video) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_doctor_reports_every_check_as_json():
+    import json
+
+    r = runner.invoke(app, ["doctor", "--json"])
+    data = json.loads(r.output)
+    names = [c["name"] for c in data["checks"]]
+    assert {"python", "torch", "cuda", "ffmpeg", "landmark model", "rasterizer", "disk"} <= set(names)
+    assert all(c["status"] in ("ok", "warn", "fail") for c in data["checks"])
+    assert data["ok"] == (r.exit_code == 0)
+    assert all(c["fix"] for c in data["checks"] if c["status"] != "ok")  # every problem names its fix
+    torch_check = next(c for c in data["checks"] if c["name"] == "torch")
+    import torch
+
+    assert torch.__version__ in torch_check["detail"]
+
+
+def test_doctor_turns_a_crashing_check_into_a_fail_line():
+    from gstalk.doctor import Check, run_checks
+
+    def check_boom() -> Check:
+        raise RuntimeError("kaputt")
+
+    def check_fine() -> Check:
+        return Check("fine", "ok", "yes")
+
+    out = run_checks((check_boom, check_fine))
+    assert [c.status for c in out] == ["fail", "ok"]
+    assert out[0].name == "boom" and "kaputt" in out[0].detail and out[0].fix
+
+
+def test_cli_reference_is_current():
+    from pathlib import Path
+
+    from gstalk.clidoc import render_cli_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert doc.read_text() == render_cli_markdown(), \
+        "docs/cli.md is stale: run `python -m gstalk.clidoc > docs/cli.md`"

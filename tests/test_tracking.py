@@ -221,3 +221,23 @@ def test_mediapipe_finds_both_faces_in_a_two_face_frame():
     assert len(faces) == 2
     sizes = sorted(f.size for f in faces)
     assert sizes[1] > 1.3 * sizes[0]  # the nearer head is larger
+
+
+def test_landmark_smoothing_reduces_jitter_without_lag():
+    from gstalk.tracking.pose import landmark_jitter, smooth_landmarks
+
+    rng = np.random.default_rng(0)
+    n = 200
+    t = np.arange(n, dtype=np.float64)
+    clean = np.zeros((n, 5, 3))
+    clean[:, :, 0] = (100 + 20 * np.sin(2 * np.pi * t / 50))[:, None]  # slow motion, 2 s period
+    noisy = clean + rng.normal(0, 0.5, clean.shape)
+    smooth = smooth_landmarks(noisy, 1.0)
+    assert smooth.dtype == np.float32 and smooth.shape == noisy.shape
+    assert landmark_jitter(smooth - clean) < 0.6 * landmark_jitter(noisy - clean)  # the noise part
+    # zero phase: the smoothed track is closer to the clean one, with no shift in time
+    err = np.abs(smooth[10:-10, :, 0] - clean[10:-10, :, 0]).mean()
+    assert err < np.abs(noisy[10:-10, :, 0] - clean[10:-10, :, 0]).mean()
+    lag = np.argmax(np.correlate(smooth[:, 0, 0] - 100, clean[:, 0, 0] - 100, "full")) - (n - 1)
+    assert lag == 0
+    assert landmark_jitter(clean[:1]) == 0.0

@@ -341,6 +341,35 @@ def run(
             print(r["output"])
 
 
+# ---------------------------------------------------------------------------- doctor
+@app.command()
+def doctor(as_json: JsonOut = False, debug: Debug = False) -> None:
+    """Check this machine: Python, torch, CUDA, ffmpeg, PyAV, MediaPipe and the shipped landmark model, the C++
+    compiler and kernels, which rasterizer backends work, and free disk. Prints a table with a fix for each problem.
+    Exit code 0 when nothing failed (warnings allowed), 6 otherwise."""
+    with _guard(debug):
+        from gstalk.doctor import run_checks
+
+        checks = run_checks()
+        failed = any(c.status == "fail" for c in checks)
+        if as_json:
+            _print_json({"ok": not failed, "checks": [c.to_dict() for c in checks]})
+        else:
+            from rich.console import Console
+            from rich.markup import escape
+            from rich.table import Table
+
+            table = Table(title="gstalk doctor", show_lines=False)
+            for col in ("check", "status", "found", "fix"):
+                table.add_column(col, overflow="fold")
+            style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+            for c in checks:
+                table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
+            Console(stderr=False).print(table)
+        if failed:
+            raise typer.Exit(6)
+
+
 bench_app = typer.Typer(help="Benchmarks (speed on this machine).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

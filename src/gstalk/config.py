@@ -46,6 +46,7 @@ class TrackConfig:
     min_face_px: float = 48.0  # smaller faces fail (at the working resolution)
     av_max_lag: int = 10  # frames searched each way for the audio/video offset
     grabcut_size: int = 128  # px, resolution the person/background segmentation runs at
+    landmark_sigma: float = 1.0  # frames, zero-phase smoothing of the stored landmarks_smooth
     max_view_angle: float = 45.0  # degrees a head may turn from the camera before its frames are flagged
 
 

@@ -27,14 +27,16 @@ from gstalk.errors import TrackingError
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
 from gstalk.tracking.avsync import estimate_offset, mouth_opening
-from gstalk.tracking.canonical import LIPS_OUTER
+from gstalk.tracking.canonical import LIPS_OUTER, canonical_face
 from gstalk.tracking.detector import N_BLENDSHAPES, N_LANDMARKS, FaceDetection, MediaPipeDetector
 from gstalk.tracking.masks import background_plate, face_geometry, frame_masks
 from gstalk.tracking.pose import (
     frame_ranges,
     intrinsics,
     jitter,
+    landmark_jitter,
     search_focal,
+    smooth_landmarks,
     smooth_poses,
     solve_poses,
     view_angles,
@@ -206,6 +208,9 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     timings["pose_s"] = time.perf_counter() - t
     reporter.log(f"  focal {fs.focal_px:.0f} px, reprojection error {errs.mean():.2f} px, "
                  f"jitter {jr:.2f}->{js:.2f} deg, {jt:.1f}->{jts:.1f} mm per frame")
+    lms_smooth = smooth_landmarks(lms, cfg.landmark_sigma)
+    stable = canonical_face().basis_ids
+    lj, ljs = landmark_jitter(lms, stable), landmark_jitter(lms_smooth, stable)
     angles = view_angles(poses_raw)
     turned = frame_ranges(np.abs(angles).max(1) > cfg.max_view_angle)
     if turned:
@@ -246,7 +251,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     blink = normalise_blink(bss, names)
     face_box = np.concatenate([lms[:, :, :2].min(1), lms[:, :, :2].max(1)], 1).astype(np.float32)
     save_tensors(out_dir / "tracks.safetensors", {
-        "landmarks": lms, "blendshapes": bss, "pose_raw": poses_raw.astype(np.float32),
+        "landmarks": lms, "landmarks_smooth": lms_smooth, "blendshapes": bss, "pose_raw": poses_raw.astype(np.float32),
         "viewmats": poses.astype(np.float32), "K": K.astype(np.float32), "blink": blink,
         "valid": valid.astype(np.uint8), "mouth_box": mouth_boxes(lms, size), "face_box": face_box,
         "mouth_open": mouth_opening(lms).astype(np.float32), "reprojection_error": errs.astype(np.float32),
@@ -257,6 +262,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
         "focal_px": fs.focal_px, "focal_search": {"candidates": fs.candidates, "errors": fs.errors},
         "reprojection_error_px": float(errs.mean()),
         "jitter_rot_deg_raw": jr, "jitter_trans_mm_raw": jt, "jitter_rot_deg": js, "jitter_trans_mm": jts,
+        "landmark_jitter_px_raw": lj, "landmark_jitter_px": ljs,
         "smooth_sigma_frames": cfg.smooth_sigma,
         "interpolated_frames": n_interp, "gaps": gaps, "multi_face_frames": len(multi),
         "multi_face_ranges": frame_ranges(np.isin(np.arange(n), multi)),

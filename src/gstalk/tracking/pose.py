@@ -199,3 +199,28 @@ def frame_ranges(mask: np.ndarray) -> list[list[int]]:
         else:
             out.append([int(i), int(i)])
     return out
+
+
+def smooth_landmarks(landmarks: np.ndarray, sigma: float) -> np.ndarray:
+    """Zero-phase (no lag) Gaussian smoothing of landmark tracks along time.
+
+    Args:
+        landmarks: [N, L, D] float pixels.
+        sigma: frames; 0 returns a copy.
+
+    Returns:
+        [N, L, D] float32, edges padded with the nearest frame.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    if sigma <= 0 or len(landmarks) < 3:
+        return landmarks.astype(np.float32, copy=True)
+    return gaussian_filter1d(landmarks.astype(np.float64), sigma, axis=0, mode="nearest").astype(np.float32)
+
+
+def landmark_jitter(landmarks: np.ndarray, ids: np.ndarray | list[int] | None = None) -> float:
+    """Mean frame-to-frame displacement of landmarks ``ids`` (default all), in pixels (x, y)."""
+    lm = landmarks[:, :, :2] if ids is None else landmarks[:, np.asarray(ids), :2]
+    if len(lm) < 2:
+        return 0.0
+    return float(np.linalg.norm(np.diff(lm, axis=0), axis=-1).mean())
