@@ -87,3 +87,21 @@ def test_gstalk_run_cli_end_to_end(mannequin_clip, tmp_path):
     assert info.video.n_frames == 7
     assert abs(info.audio.duration_s - info.video.duration_s) < 1.5 / 25
     assert set(out["seconds"]) == {"extract", "track", "coarse", "fine", "render", "eval"}
+
+
+def test_eval_quality_gate_exit_codes(trained_ws):
+    """`gstalk eval --fail-under`: 0 when met, 10 naming the metric when not, 2 for a bad gate."""
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["eval", str(trained_ws), "--json", "--fail-under", "psnr=1"])
+    assert ok.exit_code == 0, ok.output
+    psnr = json.loads(ok.stdout)["psnr"]
+    bad = runner.invoke(app, ["eval", str(trained_ws), "--quiet", "--fail-under", "psnr=1",
+                              "--fail-under", f"mouth_psnr={psnr + 100}"])
+    assert bad.exit_code == 10
+    assert "mouth_psnr" in bad.output and "psnr 1" not in bad.output
+    typo = runner.invoke(app, ["eval", str(trained_ws), "--fail-under", "pnsr=30"])
+    assert typo.exit_code == 2 and "pnsr" in typo.output

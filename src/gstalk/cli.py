@@ -257,20 +257,25 @@ def render(
 @app.command("eval")
 def eval_(
     workspace: WorkspaceArg = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option(
+        "--fail-under", help="Quality gate for CI, METRIC=VALUE (e.g. psnr=30 or mouth_psnr=25; repeatable): exit "
+                             "with code 10 when the model scores below it. Metrics: the keys of metrics.json.")] = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Evaluate on the held-out test frames: PSNR/SSIM of the full frame, face box and mouth box, against the mean-
     frame and the static coarse baselines. Writes WORKSPACE/eval/metrics.json, report.md, samples.png."""
     with _guard(debug):
-        from gstalk.stages.evaluate import run_eval
+        from gstalk.stages.evaluate import check_thresholds, parse_thresholds, run_eval
 
+        gates = parse_thresholds(fail_under or [])
         root = _workspace(workspace)
         m = run_eval(str(root), backend=raster, reporter=_reporter(quiet))
         if as_json:
             _print_json(m)
         else:
             _metrics_table(m)
+        check_thresholds(m, gates)
 
 
 def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:

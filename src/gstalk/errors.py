@@ -79,6 +79,12 @@ class ResourceError(GstalkError):
     exit_code = 9
 
 
+class QualityError(GstalkError):
+    """A metric is below the threshold given with ``gstalk eval --fail-under`` (exit 10)."""
+
+    exit_code = 10
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "other gstalk error",
@@ -90,5 +96,6 @@ EXIT_CODES: dict[int, str] = {
     7: "training error (NaN/Inf, diverged)",
     8: "workspace locked by another gstalk process",
     9: "resource error (disk full, not writable)",
+    10: "quality gate failed (a metric below `gstalk eval --fail-under`)",
     130: "interrupted (Ctrl-C)",
 }

@@ -134,3 +134,41 @@ def report_markdown(m: dict[str, Any]) -> str:
               f"Render speed during eval: {m['render_fps']:.1f} frames/s.", "",
               "![ground truth | coarse | fine | error x4](samples.png)", ""]
     return "\n".join(lines)
+
+
+GATE_KEYS = (*KEYS, "render_fps")
+
+
+def parse_thresholds(items: list[str]) -> dict[str, float]:
+    """``["psnr=30", "mouth_psnr=25"]`` -> {"psnr": 30.0, "mouth_psnr": 25.0}.
+
+    Raises:
+        UsageError: not METRIC=NUMBER, or an unknown metric (the message lists the known ones).
+    """
+    from gstalk.errors import UsageError
+
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or number is None:
+            raise UsageError(f"--fail-under expects METRIC=VALUE, got '{item}'.", hint="e.g. --fail-under psnr=30")
+        if key not in GATE_KEYS:
+            raise UsageError(f"Unknown metric '{key}' in --fail-under.", hint=f"use one of: {', '.join(GATE_KEYS)}")
+        out[key] = number
+    return out
+
+
+def check_thresholds(metrics: dict[str, Any], gates: dict[str, float]) -> None:
+    """Raise :class:`~gstalk.errors.QualityError` (exit 10) naming every metric of the fine
+    model below its threshold in ``gates``."""
+    from gstalk.errors import QualityError
+
+    low = [f"{k} {float(metrics[k]):.3f} < {v:g}" for k, v in gates.items() if float(metrics[k]) < v]
+    if low:
+        raise QualityError(f"Quality gate failed for {metrics.get('workspace', 'the workspace')}: {'; '.join(low)}.",
+                           hint="see eval/samples.png and eval/report.md")
