@@ -105,3 +105,40 @@ def test_eval_quality_gate_exit_codes(trained_ws):
     assert "mouth_psnr" in bad.output and "psnr 1" not in bad.output
     typo = runner.invoke(app, ["eval", str(trained_ws), "--fail-under", "pnsr=30"])
     assert typo.exit_code == 2 and "pnsr" in typo.output
+
+
+def test_still_pose_holds_the_most_frontal_training_pose(trained_ws, tmp_path, monkeypatch):
+    from gstalk.dataset import load_tracks, split_indices
+    from gstalk.render.driver import frontal_frame
+    from gstalk.stages.render import run_render
+    from gstalk.tracking.pose import view_angles
+    from gstalk.workspace import Workspace
+
+    ws = Workspace.open(trained_ws)
+    tracks = load_tracks(ws)
+    train, _ = split_indices(ws)
+    f = frontal_frame(tracks, train)
+    angles = np.abs(view_angles(tracks.viewmats[list(train)].double().numpy())).max(1)
+    assert angles[list(train).index(f)] == pytest.approx(angles.min())
+
+    sr = 16000
+    wav = tmp_path / "tone.wav"
+    import soundfile as sf
+
+    sf.write(wav, 0.3 * np.sin(2 * np.pi * 200 * np.arange(sr) / sr), sr)
+    from gstalk.render import driver
+
+    seen = {}
+    original = driver.HeadRenderer.frames
+
+    def spy(self, windows, poses, blinks=None):
+        seen["poses"], seen["blinks"] = list(poses), blinks
+        return original(self, windows, poses, blinks)
+
+    monkeypatch.setattr(driver.HeadRenderer, "frames", spy)
+    out = tmp_path / "still.mp4"
+    s = run_render(trained_ws, wav, out, pose="still")
+    assert s["frames"] == 25 == probe(out).video.n_frames
+    assert seen["poses"] == [f] * 25  # one camera throughout
+    loop = driver.loop_poses(25, train)
+    assert seen["blinks"] == [pytest.approx(float(tracks.blink[i])) for i in loop]  # blinks follow the training clip

@@ -233,7 +233,9 @@ def render(
                                                   "its own audio.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write (.mp4); default "
                                                    "WORKSPACE/renders/AUDIO_STEM.mp4.")] = None,
-    pose: Annotated[str, typer.Option(help="Head poses: loop (the training poses, back and forth).")] = "loop",
+    pose: Annotated[str, typer.Option(help="Head poses: loop (the training poses, back and forth) or still (the most "
+                                           "frontal training pose, held; blinks still follow the training "
+                                           "sequence).")] = "loop",
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:

@@ -30,6 +30,17 @@ def loop_poses(n_out: int, frames: range | list[int]) -> list[int]:
     return [cycle[i % len(cycle)] for i in range(n_out)]
 
 
+def frontal_frame(tracks: Tracks, frames: range | list[int]) -> int:
+    """``--pose still``: the workspace frame among ``frames`` whose head faces the camera
+    most directly (smallest max(|yaw|, |pitch|) of
+    :func:`~gstalk.tracking.pose.view_angles`)."""
+    from gstalk.tracking.pose import view_angles
+
+    f = list(frames)
+    angles = view_angles(tracks.viewmats[f].double().numpy())
+    return f[int(np.abs(angles).max(1).argmin())]
+
+
 class HeadRenderer:
     """Render frames of a trained model.
 
@@ -84,13 +95,15 @@ class HeadRenderer:
         with torch.no_grad():
             return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)))
 
-    def frames(self, audio_windows: np.ndarray, poses: list[int]) -> Iterator[np.ndarray]:
+    def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None
+               ) -> Iterator[np.ndarray]:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
-        [N] workspace frames. Yields [H, W, 3] uint8."""
+        [N] workspace frames, ``blinks`` [N] in [0, 1] (default: the pose frames' own).
+        Yields [H, W, 3] uint8."""
         win = self.conditions(audio_windows)
         k = self.model.smooth
         n = win.shape[0]
         for i in range(n):
             ids = (torch.arange(i - k // 2, i - k // 2 + k)).clamp(0, n - 1)
-            img = self.render(win[ids][None], poses[i])
+            img = self.render(win[ids][None], poses[i], None if blinks is None else blinks[i])
             yield (img.numpy() * 255.0).round().astype(np.uint8)

@@ -3,7 +3,8 @@
 New audio goes through the same feature extractor as the training audio (normalised with
 the training statistics); the video has exactly ``round(duration · fps)`` frames and the
 input audio is muxed from t = 0. Head poses walk the training sequence back and forth
-(``loop``). Without ``--audio`` the test split is re-rendered with its own audio (A/V
+(``loop``) or hold the most frontal training pose (``still``; blinks still follow the
+training sequence). Without ``--audio`` the test split is re-rendered with its own audio (A/V
 offset applied, as in training), which is what ``eval`` compares with the ground truth.
 
 Writes ``ws/renders/NAME.mp4`` (or the ``-o`` path) and records the render in the manifest
@@ -24,10 +25,10 @@ from gstalk.dataset import load_audio_features, load_fine_model, load_tracks, sp
 from gstalk.errors import InputError
 from gstalk.media import VideoWriter, read_audio, write_wav
 from gstalk.progress import SILENT, Reporter
-from gstalk.render.driver import HeadRenderer, loop_poses
+from gstalk.render.driver import HeadRenderer, frontal_frame, loop_poses
 from gstalk.workspace import Workspace, now_iso
 
-POSE_STRATEGIES = ("loop",)
+POSE_STRATEGIES = ("loop", "still")
 
 
 def run_render(workspace: str | Path, audio: str | Path | None = None, output: str | Path | None = None, *,
@@ -38,7 +39,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         workspace: a workspace whose fine stage is done.
         audio: speech file (any format ffmpeg reads), or None for the test split.
         output: the .mp4 to write; default ``ws/renders/<audio stem or 'test'>.mp4``.
-        pose: head pose strategy (``loop``).
+        pose: head pose strategy (``loop`` or ``still``).
         backend: rasterizer backend.
 
     Returns:
@@ -93,12 +94,16 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         out_path = Path(output) if output is not None else renders / f"{name}.mp4"
         if len(poses) == 0:
             raise InputError(f"The audio is too short for one frame at {fps:g} fps.")
+        blinks = None
+        if pose == "still":  # hold the most frontal training pose; blink as the training sequence does
+            blinks = [float(tracks.blink[f]) for f in poses]
+            poses = [frontal_frame(tracks, train)] * len(poses)
         renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
         t = time.perf_counter()
         tmp_out = Path(tmp) / "out.mp4" if str(out_path) != "-" else None
         with VideoWriter(tmp_out if tmp_out else "-", renderer.width, renderer.height, fps, audio_path=mux) as writer, \
                 reporter.task("render", len(poses)) as bar:
-            for k, frame in enumerate(renderer.frames(windows, poses)):
+            for k, frame in enumerate(renderer.frames(windows, poses, blinks)):
                 writer.write(frame)
                 bar.advance()
                 if k % 10 == 0:
