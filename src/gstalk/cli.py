@@ -229,9 +229,10 @@ def fine(
 def render(
     workspace: WorkspaceArg = None,
     audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Speech to say (wav/mp3/m4a/flac/... any "
-                                                  "rate, mono or stereo). Omitted: re-render the test split with "
-                                                  "its own audio.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write (.mp4); default "
+                                                  "rate, mono or stereo; - reads it from standard input). Omitted: "
+                                                  "re-render the test split with its own audio.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write (.mp4; - writes a "
+                                                   "fragmented MP4 to standard output); default "
                                                    "WORKSPACE/renders/AUDIO_STEM.mp4.")] = None,
     pose: Annotated[str, typer.Option(help="Head poses: loop (the training poses, back and forth) or still (the most "
                                            "frontal training pose, held; blinks still follow the training "
@@ -246,6 +247,10 @@ def render(
 
         root = _workspace(workspace)
         s = run_render(root, audio, output, pose=pose, backend=raster, reporter=_reporter(quiet))
+        if str(output) == "-":  # stdout carries the video: the summary goes to stderr
+            if not quiet:
+                _reporter(False).log(json.dumps(s) if as_json else f"{s['frames']} frames, {s['fps']:.1f} frames/s")
+            return
         if as_json:
             _print_json(s)
         else:

@@ -37,7 +37,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
 
     Args:
         workspace: a workspace whose fine stage is done.
-        audio: speech file (any format ffmpeg reads), or None for the test split.
+        audio: speech file (any format ffmpeg reads), ``"-"`` to read it from standard input,
+            or None for the test split.
         output: the .mp4 to write; default ``ws/renders/<audio stem or 'test'>.mp4``.
         pose: head pose strategy (``loop`` or ``still``).
         backend: rasterizer backend.
@@ -79,6 +80,14 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             name = "test"
             duration = len(test) / fps
         else:
+            name = Path(audio).stem
+            if str(audio) == "-":  # `--audio -`: the audio file arrives on standard input
+                import sys
+
+                audio = Path(tmp) / "stdin_audio"
+                with open(audio, "wb") as f:
+                    shutil.copyfileobj(sys.stdin.buffer, f)
+                name = "stdin"
             acfg = from_dict(AudioFeatureConfig, ex.config.get("audio", {}))
             samples = read_audio(audio, acfg.sample_rate)
             if samples.size == 0:
@@ -90,7 +99,6 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             windows = frame_windows(steps, n_out, fps, extractor.steps_per_second, af.window, 0)
             poses = loop_poses(n_out, train)
             mux = Path(audio)
-            name = Path(audio).stem
         out_path = Path(output) if output is not None else renders / f"{name}.mp4"
         if len(poses) == 0:
             raise InputError(f"The audio is too short for one frame at {fps:g} fps.")
