@@ -70,6 +70,9 @@ def test_render_test_split_and_eval(trained_ws):
     for key in ("psnr", "ssim", "mouth_psnr"):
         assert np.isfinite(m[key]) and key in m["baselines"]["mean_frame"] and key in m["baselines"]["coarse"]
     assert m["psnr"] > m["baselines"]["mean_frame"]["psnr"]
+    for v in (m, m["baselines"]["coarse"]):  # lip metrics: MediaPipe reads the mannequin's renders
+        assert v["lip_frames"] > 0 and np.isfinite(v["lmd"]) and v["lmd_512"] == pytest.approx(v["lmd"] * 4)
+        assert 0 <= v["aue"] < 1
     saved = json.loads((trained_ws / "eval" / "metrics.json").read_text())
     assert saved["schema_version"] == 1 and saved["psnr"] == pytest.approx(m["psnr"])
     assert (trained_ws / "eval" / "report.md").read_text().startswith("# gstalk eval")

@@ -293,10 +293,17 @@ def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:
 
     t = Table(title=f"gstalk eval: {m['n_frames']} test frames")
     t.add_column("")
-    for k in KEYS:
+    cols = (*KEYS, "lmd", "aue")
+    for k in cols:
         t.add_column(k, justify="right")
+
+    def cell(v: dict[str, Any], k: str) -> str:
+        if k not in v:
+            return "–"
+        return f"{v[k]:.4f}" if "ssim" in k or k == "aue" else f"{v[k]:.2f}"
+
     for name, v in [("fine model", m)] + [(f"baseline: {k}", b) for k, b in m["baselines"].items()]:
-        t.add_row(name, *[f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS])
+        t.add_row(name, *[cell(v, k) for k in cols])
     Console(stderr=stderr).print(t)
 
 

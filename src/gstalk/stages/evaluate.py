@@ -95,6 +95,9 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
             "coarse": image_metrics(coarse_t, gt, mouth_boxes, face_boxes),
         },
     }
+    with reporter.task("landmarks of the renders", 2 * len(test)) as bar:
+        results["model"].update(lip_metrics(fine_t, tracks, list(test), bar.advance))
+        results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance))
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
@@ -110,6 +113,44 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     with atomic_write(d / "report.md", "w") as f:
         f.write(report_markdown(out))
     return out
+
+
+def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
+                progress: Any = None) -> dict[str, Any]:
+    """LMD and blendshape error of rendered frames against the tracked ground truth.
+
+    MediaPipe (the track stage's detector, image mode) reads the renders [F, H, W, 3] float
+    in [0, 1]; ``frames`` [F] are their workspace frame numbers. Frames where it finds no
+    face are left out and counted.
+
+    Returns:
+        {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
+        (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
+        "lip_frames": frames measured}.
+    """
+    from gstalk.metrics.landmarks import MOUTH_IDS, blendshape_error, lmd
+    from gstalk.tracking.detector import MediaPipeDetector
+
+    lms, bss, keep = [], [], []
+    with MediaPipeDetector(video=False, num_faces=1) as det:
+        for k, img in enumerate(renders):
+            faces = det.detect(np.ascontiguousarray(to_uint8(img)))
+            if faces:
+                lms.append(faces[0].landmarks)
+                bss.append(faces[0].blendshapes)
+                keep.append(k)
+            if progress is not None:
+                progress()
+    if not keep:
+        nan = float("nan")
+        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0}
+    sel = [frames[k] for k in keep]
+    ids = list(MOUTH_IDS)
+    d = lmd(np.stack(lms)[:, ids], tracks.landmarks[sel][:, ids].numpy())
+    size = renders.shape[2]
+    aue = blendshape_error(np.stack(bss), tracks.blendshapes[sel].numpy(), tracks.blendshape_names)
+    return {"lmd": float(d.mean()), "lmd_512": float(d.mean() * 512.0 / size), "aue": aue.pop("mean"),
+            "aue_parts": aue, "lip_frames": len(keep)}
 
 
 def _samples(path: Any, gt: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, count: int = 4) -> None:
@@ -130,7 +171,15 @@ def report_markdown(m: dict[str, Any]) -> str:
     rows = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
     for name, v in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
+    lip = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
+    lines += ["", "| | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {name} | {v['lmd']:.2f} | {v['lmd_512']:.2f} | {v['aue']:.4f} | {v['lip_frames']} |"
+              for name, v in lip]
     lines += ["", "PSNR in dB; boxes from the ground truth's landmarks (mouth: 1.6 x mouth width; face: landmark box).",
+              "LMD: mean distance of the 40 lip landmarks (mean-centred per frame) that MediaPipe reads on the render "
+              "vs on the ground truth; blendshape MAE over jawOpen, mouthClose, mouthFunnel, mouthPucker, "
+              "mouthLowerDown/UpperUp L/R.",
               f"Render speed during eval: {m['render_fps']:.1f} frames/s.", "",
               "![ground truth | coarse | fine | error x4](samples.png)", ""]
     return "\n".join(lines)
