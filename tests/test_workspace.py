@@ -131,3 +131,50 @@ def test_unwritable_folder_gives_resource_error(tmp_path):
     ro.chmod(0o500)
     with pytest.raises(ResourceError):
         write_json(ro / "x.json", {})
+
+
+def test_check_verifies_checksums_and_names_what_to_rerun(ws_copy):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check", str(ws_copy), "--json"])
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(ok.stdout)
+    assert data["ok"] and [s["status"] for s in data["stages"]] == ["ok"] * 4
+
+    # flip one byte of a coarse output: coarse is reported, and it is what to re-run first
+    ply = ws_copy / "coarse" / "point_cloud.ply"
+    raw = bytearray(ply.read_bytes())
+    raw[-1] ^= 0xFF
+    ply.write_bytes(bytes(raw))
+    (ws_copy / "track" / "background.png").unlink()
+    bad = runner.invoke(app, ["check", str(ws_copy), "--json"])
+    assert bad.exit_code == 4
+    data = json.loads(bad.stdout)
+    by = {s["stage"]: s for s in data["stages"]}
+    assert by["track"]["status"] == "problem" and "background.png is missing" in by["track"]["detail"]
+    assert by["coarse"]["status"] == "problem" and "point_cloud.ply changed" in by["coarse"]["detail"]
+    assert by["extract"]["status"] == "ok" and by["fine"]["status"] == "ok"
+    assert data["rerun"] == f"gstalk track {ws_copy}"
+
+
+def test_check_reports_interrupted_and_stale_stages(ws_copy):
+    from gstalk.check import check_workspace, first_fix
+    from gstalk.workspace import Workspace
+
+    ws = Workspace.open(ws_copy)
+    ws.manifest["stages"]["coarse"]["run_id"] = "rerun"  # coarse re-run after fine read it
+    ws.manifest["stages"]["fine"]["status"] = "running"
+    ws.save()
+    by = {f.stage: f for f in check_workspace(Workspace.open(ws_copy))}
+    assert by["fine"].status == "problem" and "interrupted" in by["fine"].detail
+    ws.manifest["stages"]["fine"]["status"] = "done"
+    ws.save()
+    found = check_workspace(Workspace.open(ws_copy))
+    by = {f.stage: f for f in found}
+    assert by["fine"].status == "problem" and "stale: 'coarse'" in by["fine"].detail
+    assert first_fix(found) == f"gstalk fine {ws_copy}"

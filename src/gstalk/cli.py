@@ -360,6 +360,41 @@ def run(
             print(r["output"])
 
 
+# ---------------------------------------------------------------------------- check
+@app.command()
+def check(workspace: WorkspaceArg = None, as_json: JsonOut = False, debug: Debug = False) -> None:
+    """Verify a workspace: every stage's status, every recorded output's SHA-256 checksum, and whether a stage is
+    stale (an earlier stage was re-run after it). Reads only. Prints what to re-run first; exit code 0 when all
+    finished stages are intact, 4 otherwise."""
+    with _guard(debug):
+        from gstalk.check import check_workspace, first_fix
+        from gstalk.workspace import Workspace
+
+        root = _workspace(workspace)
+        findings = check_workspace(Workspace.open(root))
+        fix = first_fix(findings)
+        if as_json:
+            _print_json({"workspace": str(root), "ok": fix is None, "rerun": fix,
+                         "stages": [f.to_dict() for f in findings]})
+        else:
+            from rich.console import Console
+            from rich.markup import escape
+            from rich.table import Table
+
+            table = Table(title=f"gstalk check {root}")
+            for col in ("stage", "status", "detail", "fix"):
+                table.add_column(col, overflow="fold")
+            style = {"ok": "green", "not run": "dim", "problem": "bold red"}
+            for f in findings:
+                table.add_row(f.stage, f"[{style[f.status]}]{f.status}[/]", escape(f.detail), escape(f.fix))
+            console = Console()
+            console.print(table)
+            if fix:
+                console.print(f"re-run first: [bold]{escape(fix)}[/]")
+        if fix:
+            raise typer.Exit(4)
+
+
 # ---------------------------------------------------------------------------- doctor
 @app.command()
 def doctor(as_json: JsonOut = False, debug: Debug = False) -> None:

@@ -1,0 +1,67 @@
+"""``gstalk check``: verify a workspace against its manifest and say what to re-run.
+
+For each stage, in pipeline order: is it done; does every output it recorded still exist
+with the same SHA-256; were the stages it read still the runs it recorded (not re-run
+since). Reading only, never changing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gstalk.workspace import REQUIRES, STAGES, Workspace, sha256_file, sha256_tree
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The state of one stage: ``status`` is ``ok``, ``not run`` or ``problem``."""
+
+    stage: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def check_workspace(ws: Workspace) -> list[Finding]:
+    """One :class:`Finding` per stage of ``ws`` (extract, track, coarse, fine)."""
+    out: list[Finding] = []
+    root = ws.root
+    for stage in STAGES:
+        rec = ws.stage(stage)
+        cmd = f"gstalk {stage} {root}"
+        if rec.status == "missing":
+            out.append(Finding(stage, "not run", "has not run", cmd))
+            continue
+        if rec.status != "done":
+            resumable = stage == "fine" and ws.path("fine", "checkpoint.safetensors").exists()
+            fix = f"gstalk fine {root} --resume" if resumable else cmd
+            out.append(Finding(stage, "problem", f"is '{rec.status}' (interrupted or failed)", fix))
+            continue
+        bad = []
+        for rel, digest in rec.data.get("outputs", {}).items():
+            p = ws.path(rel)
+            if not p.exists():
+                bad.append(f"{rel} is missing")
+            elif (sha256_tree(p) if p.is_dir() else sha256_file(p)) != digest:
+                bad.append(f"{rel} changed since the stage wrote it")
+        for dep in REQUIRES[stage]:
+            seen = rec.data.get("inputs", {}).get(dep)
+            if seen is not None and seen != ws.stage(dep).run_id:
+                bad.append(f"stale: '{dep}' was re-run after it")
+        if bad:
+            out.append(Finding(stage, "problem", "; ".join(bad), cmd))
+        else:
+            n = len(rec.data.get("outputs", {}))
+            out.append(Finding(stage, "ok", f"done, {n} output(s) verified"))
+    return out
+
+
+def first_fix(findings: list[Finding]) -> str | None:
+    """The command to run first: the fix of the earliest stage with a problem, or None."""
+    for f in findings:
+        if f.status == "problem":
+            return f.fix
+    return None
