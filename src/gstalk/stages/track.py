@@ -235,7 +235,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     with atomic_dir(out_dir / "masks") as tmp, reporter.task("masks", n) as bar:
         for i in range(n):
             frame = load_frame(ws, i)
-            m = frame_masks(frame, lms[i], cfg.grabcut_size)
+            m = frame_masks(frame, lms[i], cfg.grabcut_size, cfg.grabcut_iterations)
             cv2.imwrite(str(tmp / f"{i:06d}.png"), m)
             if i % plate_every == 0:
                 plate_frames.append(frame)

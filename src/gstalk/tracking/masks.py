@@ -112,10 +112,11 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     return np.where(fg >= 128, 255, 0).astype(np.uint8)
 
 
-def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128) -> np.ndarray:
-    """All masks of one frame: [H, W, 4] uint8 {0, 255} in :data:`MASK_CHANNELS` order."""
+def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterations: int = 3) -> np.ndarray:
+    """All masks of one frame: [H, W, 4] uint8 {0, 255} in :data:`MASK_CHANNELS` order
+    (GrabCut at ``work_size`` px with ``iterations``, see :func:`person_mask`)."""
     shape = image.shape[:2]
-    person = person_mask(image, lm, work_size)
+    person = person_mask(image, lm, work_size, iterations)
     oval = _poly(shape, lm[list(FACE_OVAL), :2])
     head = (_poly(shape, head_polygon(lm)) & person) | oval
     mouth = mouth_mask(lm, shape)
