@@ -169,3 +169,15 @@ def test_render_reads_audio_from_stdin_and_writes_video_to_stdout(trained_ws, tm
         n = sum(1 for _ in c.decode(video=0))
     assert n == 30 and abs(info.video.duration_s - 1.2) < 0.05
     assert abs(info.audio.duration_s - 1.2) < 0.1  # AAC priming/padding in the fragmented stream
+
+
+def test_bench_render_times_every_step(trained_ws):
+    from gstalk.render.bench import bench_render
+
+    r = bench_render(trained_ws, frames=4, warmup=1)
+    assert r["frames"] == 4 and r["size"] == [128, 128]
+    assert set(r["ms_per_frame"]) == {"features", "conditions", "background", "deform", "raster", "composite",
+                                      "encode"}
+    assert all(v >= 0 for v in r["ms_per_frame"].values())
+    assert r["render_fps_p10"] <= r["render_fps_median"]
+    assert r["end_to_end_fps"] == pytest.approx(1000.0 / sum(r["ms_per_frame"].values()), rel=1e-3)

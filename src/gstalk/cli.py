@@ -437,6 +437,38 @@ def bench_raster(ctx: typer.Context) -> None:
     raise typer.Exit(bench_main(ctx.args))
 
 
+@bench_app.command("render")
+def bench_render_cmd(
+    workspace: WorkspaceArg = None,
+    frames: Annotated[int, typer.Option(help="Frames to time (after the warm-up).")] = 100,
+    warmup: Annotated[int, typer.Option(help="Frames rendered first and not timed.")] = 10,
+    raster: Raster = "auto",
+    as_json: JsonOut = False, debug: Debug = False,
+) -> None:
+    """Time a trained workspace's rendering step by step (audio features, articulation, deformation, rasterization,
+    compositing, H.264 encoding), driven by its own audio: ms per frame, median and 10th-percentile render FPS,
+    end-to-end FPS. Nothing is written to the workspace."""
+    with _guard(debug):
+        from gstalk.render.bench import bench_render
+
+        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster)
+        if as_json:
+            _print_json(r)
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"gstalk bench render: {r['frames']} frames at {r['size'][0]}x{r['size'][1]}, "
+                        f"{r['n_gaussians']} Gaussians, {r['threads']} threads")
+        t.add_column("step")
+        t.add_column("ms / frame", justify="right")
+        for k, v in r["ms_per_frame"].items():
+            t.add_row(k, f"{v:.2f}")
+        t.add_row("render FPS (median / p10)", f"{r['render_fps_median']:.1f} / {r['render_fps_p10']:.1f}")
+        t.add_row("end-to-end FPS", f"{r['end_to_end_fps']:.1f}")
+        Console().print(t)
+
+
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("GLOG_minloglevel", "2")
