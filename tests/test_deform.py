@@ -115,3 +115,20 @@ def test_gstalker_starts_at_zero_and_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0] and math.isfinite(losses[-1])
+
+
+def test_remove_rigid_cache_follows_in_place_changes_of_the_means():
+    from gstalk.deform.base import remove_rigid
+
+    torch.manual_seed(0)
+    means = torch.randn(50, 3)
+    omega, tau = torch.tensor([0.01, -0.02, 0.03]), torch.tensor([0.1, 0.0, -0.1])
+    rigid = torch.cross(omega.expand(50, 3), means - means.mean(0), dim=1) + tau
+    torch.testing.assert_close(remove_rigid(means, rigid), torch.zeros(50, 3), atol=1e-5, rtol=0)
+    means.mul_(2.0)  # same storage, new values: the cached basis must not be reused
+    rigid2 = torch.cross(omega.expand(50, 3), means - means.mean(0), dim=1) + tau
+    torch.testing.assert_close(remove_rigid(means, rigid2), torch.zeros(50, 3), atol=1e-5, rtol=0)
+    nonrigid = torch.zeros(50, 3)
+    nonrigid[0, 0] = 1.0
+    out = remove_rigid(means, nonrigid)
+    assert out.abs().sum() > 0.5  # a single moving point is mostly non-rigid

@@ -76,8 +76,12 @@ class SplitInputMLP(nn.Module):
         self.rest = MLP(hidden, hidden, max(layers - 1, 0), out_dim)
 
     def forward(self, per_gaussian: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        h = self.first_per(per_gaussian) + self.first_shared(shared)[None]
-        return self.rest(torch.relu(h))
+        return self.forward_hidden(self.first_per(per_gaussian), shared)
+
+    def forward_hidden(self, hidden_per: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """The same from ``first_per(per_gaussian)`` [N, hidden], which a renderer can
+        compute once for all frames (it does not depend on the condition)."""
+        return self.rest(torch.relu_(hidden_per + self.first_shared(shared)[None]))
 
 
 class DeformationModel(nn.Module):
@@ -149,7 +153,22 @@ def remove_rigid(means: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """
     if means.shape[0] < 3:
         return offsets - offsets.mean(0, keepdim=True)
-    p = (means - means.mean(0, keepdim=True)).detach()
+    a, proj = _rigid_basis(means.detach())
+    return offsets - (a @ (proj @ offsets.reshape(-1))).reshape(-1, 3)
+
+
+_RIGID_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rigid_basis(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [3N, 6], (AᵀA)⁻¹Aᵀ [6, 3N]) of :func:`remove_rigid` for these means; the last one
+    is cached (a renderer deforms the same canonical means every frame), keyed on the
+    tensor's storage, version, shape and values' sum."""
+    key = (means.data_ptr(), means._version, tuple(means.shape), means.dtype, float(means.sum()))
+    hit = _RIGID_CACHE.get(key)
+    if hit is not None:
+        return hit
+    p = means - means.mean(0, keepdim=True)
     zero = torch.zeros_like(p[:, 0])
     # ω × p = -[p]_x ω, rows of -[p]_x per point: [N, 3, 3]
     skew = torch.stack([torch.stack([zero, p[:, 2], -p[:, 1]], -1),
@@ -158,8 +177,10 @@ def remove_rigid(means: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(3, dtype=p.dtype).expand(p.shape[0], 3, 3)
     a = torch.cat([skew, eye], dim=2).reshape(-1, 6)  # [3N, 6]
     ata = a.T @ a + 1e-9 * torch.eye(6, dtype=p.dtype)
-    x = torch.linalg.solve(ata, a.T @ offsets.reshape(-1))
-    return offsets - (a @ x).reshape(-1, 3)
+    proj = torch.linalg.solve(ata, a.T)  # [6, 3N]
+    _RIGID_CACHE.clear()
+    _RIGID_CACHE[key] = (a, proj)
+    return a, proj
 
 
 def apply_deltas(params: dict[str, torch.Tensor], d: Deltas) -> dict[str, torch.Tensor]:

@@ -63,14 +63,16 @@ class GSTalkerDeformation(DeformationModel):
         self.smooth = self.audio.smooth
 
     def spatial(self, means: torch.Tensor) -> torch.Tensor:
-        return self.triplane(means)
+        # the tri-plane features through the fusion MLP's first (per-Gaussian) layer: what
+        # does not depend on the audio, so a renderer computes it once
+        return self.head.first_per(self.triplane(means))
 
     def encode_audio(self, windows: torch.Tensor) -> torch.Tensor:
         return self.audio(windows)
 
     def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
         cond = torch.cat([audio_code.reshape(-1), blink.reshape(1).to(audio_code)])
-        out = self.head(spatial, cond)
+        out = self.head.forward_hidden(spatial, cond)
         d = Deltas(means=out[:, 0:3] * self.position_scale, quats=out[:, 3:7], scales=out[:, 7:10],
                    rigid_free=self.rigid_free)
         if self.appearance:
