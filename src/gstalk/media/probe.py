@@ -73,7 +73,8 @@ def probe(path: str | Path) -> MediaInfo:
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} does not exist or is not a file.", path=path)
+        raise InputError(f"{path} does not exist or is not a file.", path=path,
+                         hint="check the path (quote names with spaces); `ls` the folder")
     if path.stat().st_size == 0:
         raise InputError(f"{path} is empty (0 bytes).", hint="check the download or copy", path=path)
     try:

@@ -149,8 +149,13 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
             cv2.imwrite(str(tmp / f"{n:06d}.png"), frame[:, :, ::-1])
             n += 1
             bar.advance()
-    if n == 0:
-        raise InputError(f"No frames could be decoded from {video}.", path=video)
+        if n == 0:
+            raise InputError(f"No frames could be decoded from {video}.", path=video)
+        if n < 0.95 * expected - 1:  # inside atomic_dir: the partial frames are discarded
+            raise InputError(f"{video} is truncated or damaged: only {n} of {expected} frames "
+                             f"({n / cfg.fps:.2f} s of {duration:.2f} s) could be decoded.",
+                             hint="use the complete file, or re-encode it: ffmpeg -i IN -c:v libx264 -c:a aac OUT.mp4",
+                             path=video)
 
     samples = read_audio(video, cfg.audio.sample_rate)
     write_wav(out_dir / "audio.wav", samples, cfg.audio.sample_rate)
