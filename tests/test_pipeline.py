@@ -54,6 +54,7 @@ def test_render_with_new_audio_has_matching_length(trained_ws, tmp_path):
     s = run_render(trained_ws, wav, out)
     info = probe(out)
     assert s["frames"] == round(1.7 * 25) == info.video.n_frames
+    assert 50 < s["peak_rss_mb"] < 20000
     assert info.audio is not None
     assert abs(info.audio.duration_s - 1.7) < 0.05
     assert abs(info.video.duration_s - info.audio.duration_s) < 1.5 / 25  # within one frame (+AAC padding)

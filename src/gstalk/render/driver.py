@@ -50,7 +50,7 @@ class HeadRenderer:
         model: the deformation model (eval mode).
         tracks: the track stage's per-frame data.
         backend: rasterizer backend.
-        cache: how many composited backgrounds to keep in memory.
+        cache: how many composited backgrounds to keep in memory (uint8, H·W·3 bytes each).
     """
 
     def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
@@ -66,16 +66,16 @@ class HeadRenderer:
 
     def background(self, frame: int) -> torch.Tensor:
         """[1, H, W, 3] float32: frame ``frame``'s torso over the background plate (cached)."""
-        bg = self._cache.get(frame)
+        bg = self._cache.get(frame)  # kept as uint8: 4x less memory than float32
         if bg is None:
             img = composite_background(load_frame(self.ws, frame), load_masks(self.ws, [frame])[0], self.plate)
-            bg = torch.from_numpy(img)[None].float() / 255.0
+            bg = torch.from_numpy(img)[None]
             self._cache[frame] = bg
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(frame)
-        return bg
+        return bg.float() / 255.0
 
     @torch.no_grad()
     def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None) -> torch.Tensor:

@@ -44,7 +44,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         backend: rasterizer backend.
 
     Returns:
-        Summary: output path, frames, duration_s, fps (rendering speed), realtime_factor.
+        Summary: output path, frames, duration_s, fps (rendering speed), realtime_factor,
+        peak_rss_mb (this process's peak resident memory so far, MiB; ffmpeg not included).
 
     Raises:
         WorkspaceError: fine missing or stale. InputError: unreadable or empty audio.
@@ -122,7 +123,10 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             out_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(tmp_out), str(out_path))  # a rename when on the same filesystem
     total = time.perf_counter() - t0
-    summary = {"output": str(out_path), "frames": len(poses), "duration_s": duration,
+    import resource
+
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    summary = {"output": str(out_path), "frames": len(poses), "duration_s": duration, "peak_rss_mb": peak_rss_mb,
                "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
                "pose": pose, "backend": backend, "finished": now_iso()}
