@@ -91,8 +91,9 @@ class DeformationModel(nn.Module):
     audio, so render can cache them), :meth:`encode_audio` ([B, K, W, C'] condition windows
     -> [B, A] codes) and :meth:`deform`. The condition windows are the audio feature windows
     themselves, or, for a model with an ``articulator``
-    (:class:`~gstalk.deform.articulation.ArticulationRegressor`), windows of the mouth
-    articulation code that :meth:`conditions` predicts from the audio.
+    (:class:`~gstalk.deform.articulation.ArticulationEnsemble`; such a model also registers
+    the scalar buffer ``code_scale``), windows of the mouth articulation code that
+    :meth:`conditions` predicts from the audio.
     """
 
     def __init__(self) -> None:

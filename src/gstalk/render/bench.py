@@ -29,8 +29,6 @@ from gstalk.audio import frame_windows, get_extractor, normalise
 from gstalk.config import AudioFeatureConfig, from_dict
 from gstalk.dataset import load_audio_features, load_fine_model, load_tracks, split_indices
 from gstalk.deform.audio import neighbour_indices
-from gstalk.deform.base import apply_deltas
-from gstalk.gaussians.splat import composite, splat
 from gstalk.media import VideoWriter
 from gstalk.render.driver import HeadRenderer, loop_poses
 from gstalk.workspace import Workspace
@@ -74,29 +72,15 @@ def bench_render(workspace: str | Path, *, frames: int = 100, warmup: int = 10, 
     ms["conditions"] = (time.perf_counter() - t) * 1000 / n
     poses = loop_poses(n, train)
 
-    per: dict[str, list[float]] = {"background": [], "deform": [], "raster": [], "composite": []}
+    per: dict[str, list[float]] = {}
     out = []
-    with torch.no_grad():
-        for i in range(n):
-            ids = neighbour_indices(i, model.smooth, n)
-            tb = time.perf_counter()
-            bg = renderer.background(poses[i])  # the pose frame's torso over the plate (read once, then cached)
-            t0 = time.perf_counter()
-            code = model.encode_audio(cond[ids])[0]
-            blink = torch.tensor([float(tracks.blink[poses[i]])])
-            deformed = apply_deltas(params, model.deform(renderer.spatial, code, blink))
-            t1 = time.perf_counter()
-            colors, alphas, _ = splat(deformed, tracks.viewmats[poses[i]:poses[i] + 1], tracks.K, renderer.width,
-                                      renderer.height, backend=backend)
-            t2 = time.perf_counter()
-            img = (composite(colors, alphas, bg).clamp(0, 1)[0].numpy() * 255.0).round().astype(np.uint8)
-            t3 = time.perf_counter()
-            if i >= warmup:
-                per["background"].append(t0 - tb)
-                per["deform"].append(t1 - t0)
-                per["raster"].append(t2 - t1)
-                per["composite"].append(t3 - t2)
-                out.append(img)
+    for i in range(n):
+        ids = neighbour_indices(i, model.smooth, n)
+        img = renderer.render(cond[ids], poses[i], timings=per if i >= warmup else None)
+        if i >= warmup:  # the conversion to uint8 belongs to the composite step
+            t = time.perf_counter()
+            out.append((img.numpy() * 255.0).round().astype(np.uint8))
+            per["composite"][-1] += time.perf_counter() - t
     for k, v in per.items():
         ms[k] = float(np.mean(v) * 1000)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ deformation MLP, one rasterization and the composite over the pose frame's backg
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from gstalk.dataset import Tracks, composite_background, load_background, load_frame, load_masks
+from gstalk.deform.audio import neighbour_indices
 from gstalk.deform.base import DeformationModel, apply_deltas
 from gstalk.gaussians.splat import composite, splat
 from gstalk.workspace import Workspace
@@ -78,16 +80,30 @@ class HeadRenderer:
         return bg.float() / 255.0
 
     @torch.no_grad()
-    def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None) -> torch.Tensor:
+    def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None,
+               timings: dict[str, list[float]] | None = None) -> torch.Tensor:
         """One frame: condition windows [1, K, W, C'] of the K frames around it (from
         :meth:`conditions`), the workspace frame whose camera, blink and background to use.
-        Returns [H, W, 3] float32 in [0, 1]."""
+        Returns [H, W, 3] float32 in [0, 1].
+
+        ``timings``: when given, the seconds of each step (``background``, ``deform``,
+        ``raster``, ``composite``) are appended to its lists (the render benchmark)."""
+        t0 = time.perf_counter()
+        bg = self.background(pose_frame)
+        t1 = time.perf_counter()
         code = self.model.encode_audio(windows)[0]
         e = torch.tensor([float(self.tracks.blink[pose_frame]) if blink is None else blink])
         deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
+        t2 = time.perf_counter()
         colors, alphas, _ = splat(deformed, self.tracks.viewmats[pose_frame:pose_frame + 1], self.tracks.K,
                                   self.width, self.height, backend=self.backend)
-        return composite(colors, alphas, self.background(pose_frame)).clamp(0, 1)[0]
+        t3 = time.perf_counter()
+        img = composite(colors, alphas, bg).clamp(0, 1)[0]
+        if timings is not None:
+            for k, dt in (("background", t1 - t0), ("deform", t2 - t1), ("raster", t3 - t2),
+                          ("composite", time.perf_counter() - t3)):
+                timings.setdefault(k, []).append(dt)
+        return img
 
     def conditions(self, audio_windows: np.ndarray) -> torch.Tensor:
         """The model's condition sequence for audio windows [N, W, C] (one per frame, in
@@ -101,9 +117,7 @@ class HeadRenderer:
         [N] workspace frames, ``blinks`` [N] in [0, 1] (default: the pose frames' own).
         Yields [H, W, 3] uint8."""
         win = self.conditions(audio_windows)
-        k = self.model.smooth
-        n = win.shape[0]
-        for i in range(n):
-            ids = (torch.arange(i - k // 2, i - k // 2 + k)).clamp(0, n - 1)
-            img = self.render(win[ids][None], poses[i], None if blinks is None else blinks[i])
+        for i in range(win.shape[0]):
+            ids = neighbour_indices(i, self.model.smooth, win.shape[0])
+            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i])
             yield (img.numpy() * 255.0).round().astype(np.uint8)

@@ -20,6 +20,7 @@ import torch
 from gstalk import __version__
 from gstalk.audio import frame_windows
 from gstalk.dataset import build_frameset, load_audio_features, load_fine_model, load_frame, load_tracks, split_indices
+from gstalk.deform.audio import neighbour_indices
 from gstalk.gaussians.splat import composite, splat
 from gstalk.images import to_uint8, write_png
 from gstalk.metrics.image import image_metrics
@@ -71,9 +72,8 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     fine = []
     with reporter.task("rendering test frames", len(test)) as bar:
         for frame in test:
-            ids = torch.arange(frame - model.smooth // 2, frame - model.smooth // 2 + model.smooth)
-            ids = ids.clamp(0, cond.shape[0] - 1)
-            fine.append(renderer.render(cond[ids][None], frame))
+            ids = neighbour_indices(frame, model.smooth, cond.shape[0])
+            fine.append(renderer.render(cond[ids], frame))
             bar.advance()
     fine_t = torch.stack(fine)
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)

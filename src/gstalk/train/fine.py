@@ -199,13 +199,13 @@ class FineTrainer:
         self.step += 1
         return {"loss": float(loss.item()), "n": float(self.params["means"].shape[0])}
 
-    def run(self, callback: Callback | None = None, checkpoint: Callable[[FineTrainer], None] | None = None,
-            fit_progress: Callable[[int], None] | None = None) -> list[dict[str, float]]:
-        """Train until ``cfg.iterations`` (a fresh articulation-conditioned run first calls
-        :meth:`fit_articulator`, reporting each member to ``fit_progress``);
+    def run(self, callback: Callback | None = None, checkpoint: Callable[[FineTrainer], None] | None = None
+            ) -> list[dict[str, float]]:
+        """Train until ``cfg.iterations`` (a fresh articulation-conditioned run whose
+        articulator is not fitted yet first calls :meth:`fit_articulator`);
         ``checkpoint(self)`` every ``cfg.checkpoint_every`` steps."""
         if self.step == 0 and self.model.articulator is not None and self.articulation_fit is None:
-            self.articulation_fit = self.fit_articulator(fit_progress)
+            self.articulation_fit = self.fit_articulator()
         while self.step < self.cfg.iterations:
             stats = self.train_step()
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
