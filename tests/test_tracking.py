@@ -10,7 +10,7 @@ from gstalk.stages.track import fill_gaps, mouth_boxes, normalise_blink
 from gstalk.testing.mannequin import head_pose
 from gstalk.tracking.avsync import correlate_lags, estimate_offset, mouth_opening
 from gstalk.tracking.canonical import FACE_OVAL, LIPS_OUTER, canonical_face
-from gstalk.tracking.masks import background_plate, frame_masks, mouth_mask
+from gstalk.tracking.masks import MaskWriter, background_plate, frame_masks, mouth_mask
 from gstalk.tracking.pose import intrinsics, jitter, project, search_focal, smooth_poses, solve_pose
 
 
@@ -126,7 +126,9 @@ def test_masks_cover_landmark_hulls(mannequin_clip):
     img, uv = render(0.7, pose, mannequin_clip.focal, mannequin_clip.size)
     lm = np.zeros((478, 3))
     lm[:468, :2] = uv
-    m = frame_masks(img, lm, work_size=128)
+    m, model = frame_masks(img, lm, work_size=128)
+    m2, _ = frame_masks(img, lm, work_size=128, model=model)  # fixed colour models: same split here
+    assert (m2 == m).mean() > 0.99
     assert m.shape == (256, 256, 4) and set(np.unique(m)) <= {0, 255}
     hull = np.zeros((256, 256), np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(np.round(uv[list(FACE_OVAL)]).astype(np.int32)), 255)
@@ -154,6 +156,60 @@ def test_background_plate_median_and_inpaint():
     plate, unseen = background_plate(np.stack(frames), np.stack(person), margin=1)
     assert 0 < unseen < 0.2
     assert np.abs(plate.astype(int) - bg.astype(int))[:6].max() == 0  # rows never covered
+
+
+def test_background_plate_equals_nanmedian():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (7, 12, 10, 3), dtype=np.uint8)
+    person = np.where(rng.random((7, 12, 10)) < 0.5, 255, 0).astype(np.uint8)
+    plate, unseen = background_plate(frames, person, margin=0)
+    data = frames.astype(np.float64)
+    data[person > 0] = np.nan
+    seen = ~(person > 0).all(0)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.nanmedian(data, axis=0)
+    assert unseen == pytest.approx(1 - seen.mean())
+    # numpy rounds half to even like the plate does
+    assert np.array_equal(plate[seen], np.round(ref[seen]).astype(np.uint8))
+
+
+def test_mouth_mask_roi_equals_full_frame_dilation():
+    import cv2
+
+    from gstalk.tracking.canonical import LIPS_INNER
+    from gstalk.tracking.masks import _poly, face_geometry
+
+    rng = np.random.default_rng(2)
+    lm = np.zeros((478, 3))
+    lm[:, :2] = rng.uniform(60, 200, (478, 2))
+    lm[list(LIPS_OUTER), :2] = rng.uniform(4, 60, (len(LIPS_OUTER), 2))  # near the border: clipped ROI
+    shape = (256, 240)
+    r = max(1, int(round(0.06 * face_geometry(lm)[2])))
+    full = _poly(shape, lm[list(LIPS_OUTER), :2]) | _poly(shape, lm[list(LIPS_INNER), :2])
+    full = cv2.dilate(full, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    assert np.array_equal(mouth_mask(lm, shape), full)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_mask_writer_writes_every_frame_and_reports_errors(mannequin_clip, tmp_path):
+    from gstalk.testing.mannequin import render
+
+    lm = np.zeros((478, 3))
+    with MaskWriter(tmp_path, 64, 1, plate_every=2, max_pending=2, refit_every=2) as w:
+        for i in range(5):
+            img, uv = render(0.3 * i, mannequin_clip.poses[i], mannequin_clip.focal, mannequin_clip.size)
+            lm[:468, :2] = uv
+            w.submit(i, img, lm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    frames, person = w.plate_inputs()
+    assert frames.shape == (3, 256, 256, 3) and person.shape == (3, 256, 256)
+    with pytest.raises(ValueError):
+        with MaskWriter(tmp_path, 64, 1, plate_every=1) as w:
+            w.submit(0, np.zeros((8, 8, 3), np.uint8), np.full((478, 3), np.nan))
 
 
 def test_blink_and_mouth_box_helpers():

@@ -197,7 +197,9 @@ def coarse(
 def fine(
     workspace: WorkspaceArg = None,
     preset: Preset = None,
-    model: Annotated[str, typer.Option(help="Deformation model: gstalker.")] = "gstalker",
+    model: Annotated[str, typer.Option(help="Deformation model: gstalker (hash tri-plane + MLP), audioplane (audio "
+                                            "factorization plane + dynamic splatting) or egstalker (hash tri-plane + "
+                                            "KAN + spatial-audio attention). See docs/methods.md.")] = "gstalker",
     iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
     av_offset: Annotated[Optional[int], typer.Option(
         "--av-offset", help="Audio/video offset in frames (positive: audio late). Default: the track stage's "
@@ -206,20 +208,23 @@ def fine(
         help="What drives the deformation: articulation (audio -> a 7-number mouth code fitted to the tracked "
              "lips, then the field; default) or audio (the audio features directly, as in the papers).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from fine/checkpoint.safetensors.")] = False,
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Change one fine setting, e.g. --set mask_lambda=0.2 --set dynamic=false "
+                                           "(repeatable; the keys are FineConfig's fields, docs/methods.md).")] = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
-    """Train the audio-driven deformation of the canonical Gaussians (hash-grid tri-plane + audio encoder with temporal
-    smoothing + MLP, GSTalker). By default the audio first predicts a mouth articulation code (a small regressor
-    fitted to the tracked lips in seconds), which then drives the field. Writes WORKSPACE/fine/model.safetensors and
-    point_cloud.ply."""
+    """Train the audio-driven deformation of the canonical Gaussians: GSTalker (hash-grid tri-plane + audio encoder
+    with temporal smoothing + MLP, the default), Audio-Plane or EGSTalker (--model). By default the audio first
+    predicts a mouth articulation code (a small regressor fitted to the tracked lips in seconds), which then drives
+    the field. Writes WORKSPACE/fine/model.safetensors and point_cloud.ply."""
     with _guard(debug):
-        from gstalk.config import override
+        from gstalk.config import override, parse_assignments
         from gstalk.stages.fine import run_fine
 
         root = _workspace(workspace)
-        cfg = override(_preset(preset, root).fine, model=model, iterations=iterations, av_offset=av_offset,
-                       conditioning=conditioning, raster=raster)
+        cfg = override(parse_assignments(_preset(preset, root).fine, settings), model=model, iterations=iterations,
+                       av_offset=av_offset, conditioning=conditioning, raster=raster)
         ws = run_fine(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("fine").summary, as_json)
 

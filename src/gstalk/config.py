@@ -8,6 +8,7 @@ the manifest, so a run can be repeated from the workspace alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,22 @@ class FineConfig:
     articulation_smooth: int = 4  # frames the articulation regressor's attention looks at
     articulation_members: int = 5  # regressors averaged (one alone varies a lot with its seed)
     av_offset: int | None = None  # frames; None = use the track stage's estimate
+    # Audio-Plane (--model audioplane)
+    plane_dim: int = 16  # D, features per plane/line/prototype (paper 16)
+    plane_res: int = 32  # H, base resolution of planes, lines and the prototype grid (paper 64)
+    plane_scales: int = 2  # s = 1..plane_scales (paper 4)
+    dynamic: bool = True  # dynamic splatting: per-Gaussian dynamism weight d held to the mouth mask
+    mask_lambda: float = 0.1  # λ_mask of L_mask (paper 0.1)
+    mask_margin: float = 0.2  # margin of L_mask (paper 0.2)
+    mask_dilate: float = 0.03  # the reference mask: mouth mask dilated by this x image size
+    # EGSTalker (--model egstalker)
+    feature_dim: int = 32  # spatial feature h = KAN(tri-plane)
+    attention_dim: int = 32  # ESAA width
+    pe_levels: int = 4  # periodic encoding levels of the audio tokens' time offsets (0 = off)
+    kan_grid: int = 5  # B-spline intervals of the KAN layers
+    kan_hidden: int = 32
+    head: str = "kan"  # egstalker's head: kan (paper) or mlp (ablation)
+    fusion: str = "attention"  # egstalker's fusion: attention (ESAA, paper) or concat (ablation)
     raster: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
@@ -145,7 +162,7 @@ PRESETS: dict[str, Preset] = {
                             densify=DensifyConfig(start=500, stop=10000, every=100,
                                                   reset_opacity_every=3000, max_gaussians=150000)),
         fine=FineConfig(iterations=30000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
-                        checkpoint_every=2000),
+                        plane_res=64, plane_scales=4, checkpoint_every=2000),
         description="512 px and the papers' iteration counts: for a GPU (hours on a CPU)",
     ),
     "test": Preset(
@@ -158,7 +175,8 @@ PRESETS: dict[str, Preset] = {
                             log_every=10),
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
                         hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
-                        articulation_members=2),
+                        articulation_members=2, plane_res=8, plane_dim=8, feature_dim=16, attention_dim=16,
+                        kan_hidden=16),
         description="tiny: for the test suite and CI smoke runs (seconds)",
     ),
 }
@@ -199,6 +217,56 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             v = from_dict(type(sub), v)
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+def parse_assignments(cfg: Any, items: list[str] | None) -> Any:
+    """``cfg`` (a config dataclass) with ``KEY=VALUE`` assignments applied (``--set``); values
+    are converted to the field's type (int, float, bool: true/false/1/0/yes/no, str, or
+    none for optional fields).
+
+    Raises:
+        UsageError: malformed item, unknown key (the message lists the keys), or a value
+            that does not convert.
+    """
+    if not items:
+        return cfg
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got '{item}'.", hint="e.g. --set mask_lambda=0.2")
+        if key not in fields or not isinstance(getattr(cfg, key), (int, float, str, bool, type(None))):
+            settable = sorted(k for k in fields if isinstance(getattr(cfg, k), (int, float, str, bool, type(None))))
+            raise UsageError(f"--set: unknown setting '{key}'.", hint=f"settable: {', '.join(settable)}")
+        changes[key] = _convert(key, raw.strip(), getattr(cfg, key), str(fields[key].type))
+    return dataclasses.replace(cfg, **changes)
+
+
+def _convert(key: str, raw: str, current: Any, type_name: str) -> Any:
+    low = raw.lower()
+    if low in ("none", "null") and "None" in type_name:
+        return None
+    try:
+        if isinstance(current, bool) or type_name == "bool":
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(current, int) or type_name.startswith("int"):
+            return int(raw)
+        if isinstance(current, float) or type_name.startswith("float"):
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+    except ValueError:
+        kind = "true/false" if isinstance(current, bool) else \
+            type(current).__name__ if current is not None else type_name
+        raise UsageError(f"--set {key}: '{raw}' is not a valid {kind}.", hint=f"current value: {current}") from None
+    return raw
 
 
 def override(cfg: Any, **changes: Any) -> Any:

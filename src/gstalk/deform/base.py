@@ -101,6 +101,20 @@ class DeformationModel(nn.Module):
         self.articulator: nn.Module | None = None
         self.window = 16
 
+    def setup_conditioning(self, audio_in_dim: int, window: int, articulation: int, members: int,
+                           smooth: int) -> int:
+        """Create the frozen audio -> articulation regressor when ``articulation`` > 0 (and
+        the ``code_scale`` buffer); returns the feature size of the condition windows the
+        model's own audio encoder reads (``articulation`` or ``audio_in_dim``)."""
+        from gstalk.deform.articulation import ArticulationEnsemble
+
+        self.window = window
+        if articulation > 0:
+            self.register_buffer("code_scale", torch.ones(()))
+            self.articulator = ArticulationEnsemble(audio_in_dim, window, 32, smooth, articulation, members)
+            return articulation
+        return audio_in_dim
+
     def spatial(self, means: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

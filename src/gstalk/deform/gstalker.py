@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from gstalk.deform.articulation import ArticulationEnsemble
 from gstalk.deform.audio import AudioEncoder
 from gstalk.deform.base import DeformationModel, Deltas, SplitInputMLP
 from gstalk.deform.encoders import TriPlaneHash
@@ -50,12 +49,9 @@ class GSTalkerDeformation(DeformationModel):
                  articulation_smooth: int = 4, appearance: bool = True, rigid_free: bool = False):
         super().__init__()
         self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
-        if articulation > 0:
-            self.register_buffer("code_scale", torch.ones(()))
-            self.articulator = ArticulationEnsemble(audio_in_dim, window, 32, articulation_smooth, articulation,
-                                                    articulation_members)
-        self.audio = AudioEncoder(articulation if articulation > 0 else audio_in_dim, window, audio_dim, smooth)
-        self.window = window
+        cond_dim = self.setup_conditioning(audio_in_dim, window, articulation, articulation_members,
+                                           articulation_smooth)
+        self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth)
         self.appearance = appearance
         self.rigid_free = rigid_free
         self.head = SplitInputMLP(self.triplane.out_dim, audio_dim + 1, hidden, layers, 14 if appearance else 10)

@@ -14,7 +14,7 @@ from gstalk.config import FineConfig
 from gstalk.deform.base import DeformationModel
 from gstalk.errors import UsageError
 
-MODELS = ("gstalker",)
+MODELS = ("gstalker", "audioplane", "egstalker")
 
 
 def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cfg: FineConfig,
@@ -25,16 +25,24 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
     Raises:
         UsageError: unknown model name.
     """
+    art = articulation if cfg.conditioning == "articulation" else 0
+    common = {"aabb": aabb.tolist(), "audio_in_dim": audio_in_dim, "window": window, "audio_dim": cfg.audio_dim,
+              "smooth": cfg.audio_smooth_window, "position_scale": cfg.position_scale, "articulation": art,
+              "articulation_members": cfg.articulation_members, "articulation_smooth": cfg.articulation_smooth,
+              "appearance": cfg.appearance, "rigid_free": cfg.rigid_free}
+    grid = {"levels": cfg.grid_levels, "features": cfg.grid_features, "log2_table": cfg.grid_log2_table,
+            "base_res": cfg.grid_base_res, "max_res": cfg.grid_max_res, "grid_init": cfg.grid_init}
     if name == "gstalker":
-        return {"name": name, "kwargs": {
-            "aabb": aabb.tolist(), "audio_in_dim": audio_in_dim, "window": window, "audio_dim": cfg.audio_dim,
-            "smooth": cfg.audio_smooth_window, "levels": cfg.grid_levels, "features": cfg.grid_features,
-            "log2_table": cfg.grid_log2_table, "base_res": cfg.grid_base_res, "max_res": cfg.grid_max_res,
-            "hidden": cfg.hidden, "layers": cfg.layers, "position_scale": cfg.position_scale,
-            "grid_init": cfg.grid_init,
-            "articulation": articulation if cfg.conditioning == "articulation" else 0,
-            "articulation_members": cfg.articulation_members, "articulation_smooth": cfg.articulation_smooth,
-            "appearance": cfg.appearance, "rigid_free": cfg.rigid_free}}
+        return {"name": name, "kwargs": {**common, **grid, "hidden": cfg.hidden, "layers": cfg.layers}}
+    if name == "audioplane":
+        return {"name": name, "kwargs": {**common, "plane_dim": cfg.plane_dim, "plane_res": cfg.plane_res,
+                                         "scales": cfg.plane_scales, "hidden": cfg.hidden, "layers": cfg.layers,
+                                         "dynamic": cfg.dynamic}}
+    if name == "egstalker":
+        return {"name": name, "kwargs": {**common, **grid, "feature_dim": cfg.feature_dim,
+                                         "attention_dim": cfg.attention_dim, "pe_levels": cfg.pe_levels,
+                                         "hidden": cfg.kan_hidden, "layers": 1, "kan_grid": cfg.kan_grid,
+                                         "head": cfg.head, "fusion": cfg.fusion}}
     raise UsageError(f"Unknown fine model '{name}'.", hint=f"use one of: {', '.join(MODELS)}")
 
 
@@ -46,4 +54,12 @@ def build_model(spec: dict[str, Any]) -> DeformationModel:
         from gstalk.deform.gstalker import GSTalkerDeformation
 
         return GSTalkerDeformation(**kw)
+    if spec["name"] == "audioplane":
+        from gstalk.deform.audioplane import AudioPlaneDeformation
+
+        return AudioPlaneDeformation(**kw)
+    if spec["name"] == "egstalker":
+        from gstalk.deform.egstalker import EGSTalkerDeformation
+
+        return EGSTalkerDeformation(**kw)
     raise UsageError(f"Unknown fine model '{spec['name']}'.", hint=f"use one of: {', '.join(MODELS)}")

@@ -29,7 +29,7 @@ from gstalk.tensorio import save_tensors
 from gstalk.tracking.avsync import estimate_offset, mouth_opening
 from gstalk.tracking.canonical import LIPS_OUTER, canonical_face
 from gstalk.tracking.detector import N_BLENDSHAPES, N_LANDMARKS, FaceDetection, MediaPipeDetector
-from gstalk.tracking.masks import background_plate, face_geometry, frame_masks
+from gstalk.tracking.masks import MaskWriter, background_plate, face_geometry
 from gstalk.tracking.pose import (
     frame_ranges,
     intrinsics,
@@ -160,7 +160,9 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     timings: dict[str, float] = {}
     reporter.log(f"[bold]track[/bold] {n} frames at {size} px")
 
-    # 1. landmarks ---------------------------------------------------------------------
+    # 1. landmarks, and the masks of each frame on a worker thread -----------------------
+    # (GrabCut needs only the frame and its landmarks; frames with no face get their masks
+    # after gap filling, below)
     t = time.perf_counter()
     lms = np.zeros((n, N_LANDMARKS, 3), np.float32)
     bss = np.zeros((n, N_BLENDSHAPES), np.float32)
@@ -168,28 +170,39 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     multi: list[int] = []
     names: tuple[str, ...] = ()
     prev_centre: np.ndarray | None = None
-    with MediaPipeDetector(video=True, num_faces=2) as det, reporter.task("landmarks", n) as bar:
-        for i in range(n):
-            faces = det.detect(load_frame(ws, i), timestamp_ms=int(round(i * 1000 / fps)))
-            if len(faces) > 1:
-                multi.append(i)
-            if faces:
-                face = pick_face(faces, prev_centre)
-                lms[i], bss[i], valid[i] = face.landmarks, face.blendshapes, True
-                prev_centre = face.landmarks[:, :2].mean(0)
-                names = names or face.names
-            bar.advance()
-    timings["landmarks_s"] = time.perf_counter() - t
-    if valid.any():
-        sizes = np.array([face_geometry(lm)[2] for lm in lms[valid]])
-        med = float(np.median(sizes))
-        if med < cfg.min_face_px:
-            raise TrackingError(f"The face is only {med:.0f} px tall at the working resolution {size} px "
-                                f"(minimum {cfg.min_face_px:.0f} px).",
-                                hint="film closer to the face, or extract at a larger --size")
-    filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss], 1), valid, cfg.max_gap)
-    lms = filled[:, :N_LANDMARKS * 3].reshape(n, N_LANDMARKS, 3).astype(np.float32)
-    bss = filled[:, N_LANDMARKS * 3:].astype(np.float32)
+    out_dir = ws.path("track")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir / "masks") as mask_dir:
+        with MaskWriter(mask_dir, cfg.grabcut_size, cfg.grabcut_iterations, max(1, n // 100)) as masks:
+            with MediaPipeDetector(video=True, num_faces=2) as det, reporter.task("landmarks + masks", n) as bar:
+                for i in range(n):
+                    frame = load_frame(ws, i)
+                    faces = det.detect(frame, timestamp_ms=int(round(i * 1000 / fps)))
+                    if len(faces) > 1:
+                        multi.append(i)
+                    if faces:
+                        face = pick_face(faces, prev_centre)
+                        lms[i], bss[i], valid[i] = face.landmarks, face.blendshapes, True
+                        prev_centre = face.landmarks[:, :2].mean(0)
+                        names = names or face.names
+                        masks.submit(i, frame, lms[i])
+                    bar.advance()
+                timings["landmarks_s"] = time.perf_counter() - t
+                if valid.any():
+                    sizes = np.array([face_geometry(lm)[2] for lm in lms[valid]])
+                    med = float(np.median(sizes))
+                    if med < cfg.min_face_px:
+                        raise TrackingError(
+                            f"The face is only {med:.0f} px tall at the working resolution {size} px "
+                            f"(minimum {cfg.min_face_px:.0f} px).",
+                            hint="film closer to the face, or extract at a larger --size")
+                filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss], 1), valid, cfg.max_gap)
+                lms = filled[:, :N_LANDMARKS * 3].reshape(n, N_LANDMARKS, 3).astype(np.float32)
+                bss = filled[:, N_LANDMARKS * 3:].astype(np.float32)
+                for i in np.flatnonzero(~valid):
+                    masks.submit(int(i), load_frame(ws, int(i)), lms[i])
+        plate_frames, plate_person = masks.plate_inputs()
+    timings["landmarks_masks_s"] = time.perf_counter() - t
     n_interp = int((~valid).sum())
     if gaps:
         reporter.warn(f"face not found in {n_interp} frame(s) ({', '.join(f'{a}-{b}' for a, b in gaps[:5])}); "
@@ -226,26 +239,13 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     reporter.log(f"  audio/video offset {av.frames:+d} frames (correlation {av.correlation:.2f}, "
                  f"{av.correlation_at_zero:.2f} at 0)")
 
-    # 4. masks and background plate ------------------------------------------------------
+    # 4. background plate ------------------------------------------------------------
     t = time.perf_counter()
-    out_dir = ws.path("track")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plate_every = max(1, n // 100)
-    plate_frames, plate_person = [], []
-    with atomic_dir(out_dir / "masks") as tmp, reporter.task("masks", n) as bar:
-        for i in range(n):
-            frame = load_frame(ws, i)
-            m = frame_masks(frame, lms[i], cfg.grabcut_size, cfg.grabcut_iterations)
-            cv2.imwrite(str(tmp / f"{i:06d}.png"), m)
-            if i % plate_every == 0:
-                plate_frames.append(frame)
-                plate_person.append(m[..., 3])
-            bar.advance()
-    plate, unseen = background_plate(np.stack(plate_frames), np.stack(plate_person))
+    plate, unseen = background_plate(plate_frames, plate_person)
     ok, buf = cv2.imencode(".png", plate[:, :, ::-1])
     with atomic_write(out_dir / "background.png") as f:
         f.write(buf.tobytes())
-    timings["masks_s"] = time.perf_counter() - t
+    timings["plate_s"] = time.perf_counter() - t
 
     # 5. save -------------------------------------------------------------------------
     blink = normalise_blink(bss, names)

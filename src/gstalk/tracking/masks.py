@@ -15,6 +15,11 @@ All masks are [H, W] uint8 in {0, 255} at the frame's resolution.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from gstalk.tracking.canonical import CHIN, FACE_OVAL, FOREHEAD, LIPS_INNER, LIPS_OUTER
@@ -55,12 +60,29 @@ def mouth_mask(lm: np.ndarray, shape: tuple[int, int], dilate_frac: float = 0.06
     import cv2
 
     _, _, h = face_geometry(lm)
-    m = _poly(shape, lm[list(LIPS_OUTER), :2]) | _poly(shape, lm[list(LIPS_INNER), :2])
     r = max(1, int(round(dilate_frac * h)))
-    return cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    lips = lm[list(LIPS_OUTER) + list(LIPS_INNER), :2]
+    # dilate only a box around the lips (the kernel is large, the frame is mostly empty)
+    x0, y0 = np.floor(lips.min(0)).astype(int) - r - 1
+    x1, y1 = np.ceil(lips.max(0)).astype(int) + r + 2
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(x1, shape[1]), min(y1, shape[0])
+    out = np.zeros(shape, np.uint8)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    off = np.array([x0, y0])
+    roi = (y1 - y0, x1 - x0)
+    m = _poly(roi, lm[list(LIPS_OUTER), :2] - off) | _poly(roi, lm[list(LIPS_INNER), :2] - off)
+    out[y0:y1, x0:x1] = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    return out
 
 
-def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterations: int = 3) -> np.ndarray:
+GrabCutModel = tuple[np.ndarray, np.ndarray]
+"""GrabCut's colour models: background and foreground GMMs, each [1, 65] float64."""
+
+
+def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterations: int = 3,
+                model: GrabCutModel | None = None) -> tuple[np.ndarray, GrabCutModel]:
     """Person vs background with GrabCut seeded from the landmarks.
 
     Seeds (at ``work_size`` px): sure foreground = the face oval and a neck block under the
@@ -71,9 +93,14 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     Args:
         image: [H, W, 3] uint8 RGB.
         lm: [478, >=2] landmarks in pixels of ``image``.
+        work_size: GrabCut runs on the image resized so its longer side is this many px.
+        iterations: GrabCut iterations.
+        model: colour models from an earlier frame of the same video: when given they are
+            kept fixed (``GC_EVAL_FREEZE_MODEL``, about 20 % faster, no k-means) instead of
+            being fitted to this frame's seeds.
 
     Returns:
-        [H, W] uint8 {0, 255}.
+        ([H, W] uint8 {0, 255} mask, the colour models used).
     """
     import cv2
 
@@ -95,9 +122,12 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     mask[_poly((sh, sw), lms[list(FACE_OVAL)]) > 0] = cv2.GC_FGD
     neck = below & (yy < chin_y + 0.35 * fh) & (np.abs(xx - c[0]) < 0.2 * fw)
     mask[neck] = cv2.GC_FGD
-    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    if model is not None:
+        bgd, fgd, mode = model[0].copy(), model[1].copy(), cv2.GC_EVAL_FREEZE_MODEL
+    else:
+        bgd, fgd, mode = np.zeros((1, 65)), np.zeros((1, 65)), cv2.GC_INIT_WITH_MASK
     try:
-        cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+        cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), mask, None, bgd, fgd, iterations, mode)
     except cv2.error:  # degenerate seeds (e.g. a face filling the frame): keep the seeds
         pass
     fg = np.where((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD), 255, 0).astype(np.uint8)
@@ -109,19 +139,21 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
             fg = np.where(labels == ci, 255, 0).astype(np.uint8)
     fg = cv2.resize(fg, (wid, hgt), interpolation=cv2.INTER_LINEAR)
     fg = cv2.GaussianBlur(fg, (0, 0), max(0.5, 0.5 / s))
-    return np.where(fg >= 128, 255, 0).astype(np.uint8)
+    return np.where(fg >= 128, 255, 0).astype(np.uint8), (bgd, fgd)
 
 
-def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterations: int = 3) -> np.ndarray:
-    """All masks of one frame: [H, W, 4] uint8 {0, 255} in :data:`MASK_CHANNELS` order
-    (GrabCut at ``work_size`` px with ``iterations``, see :func:`person_mask`)."""
+def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterations: int = 3,
+                model: GrabCutModel | None = None) -> tuple[np.ndarray, GrabCutModel]:
+    """All masks of one frame: ([H, W, 4] uint8 {0, 255} in :data:`MASK_CHANNELS` order, the
+    GrabCut colour models), GrabCut at ``work_size`` px with ``iterations`` (and fixed
+    colour ``model`` if given), see :func:`person_mask`."""
     shape = image.shape[:2]
-    person = person_mask(image, lm, work_size, iterations)
+    person, model = person_mask(image, lm, work_size, iterations, model)
     oval = _poly(shape, lm[list(FACE_OVAL), :2])
     head = (_poly(shape, head_polygon(lm)) & person) | oval
     mouth = mouth_mask(lm, shape)
     torso = person & ~head
-    return np.stack([head, mouth, torso, person | head], axis=-1)
+    return np.stack([head, mouth, torso, person | head], axis=-1), model
 
 
 def background_plate(frames: np.ndarray, person: np.ndarray, margin: int = 4) -> tuple[np.ndarray, float]:
@@ -139,18 +171,99 @@ def background_plate(frames: np.ndarray, person: np.ndarray, margin: int = 4) ->
     import cv2
 
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
-    bg = np.stack([cv2.dilate(m, k) == 0 for m in person])  # [F, H, W] True where background
-    data = frames.astype(np.float32)
-    data[~bg] = np.nan
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            plate = np.nanmedian(data, axis=0)
-    unseen = ~bg.any(0)
+    f, h, w = person.shape
+    bg = np.stack([cv2.dilate(m, k) == 0 for m in person]).reshape(f, h * w)  # True where background
+    count = bg.sum(0)  # [H*W] frames that see each pixel
+    plate = np.zeros((h * w, 3), np.uint8)
+    for c in range(3):  # per-pixel median of the background samples: sort, invalid (256) last
+        vals = np.where(bg, frames[..., c].reshape(f, h * w).astype(np.uint16), np.uint16(256)).T.copy()
+        vals.sort(axis=1)
+        lo = np.take_along_axis(vals, np.maximum(count - 1, 0)[:, None] // 2, 1)[:, 0].astype(np.float32)
+        hi = np.take_along_axis(vals, np.maximum(count, 1)[:, None] // 2, 1)[:, 0].astype(np.float32)
+        hi = np.where(count % 2 == 1, lo, hi)
+        plate[:, c] = np.clip(np.round((lo + hi) / 2), 0, 255).astype(np.uint8)
+    unseen = (count == 0).reshape(h, w)
+    plate = plate.reshape(h, w, 3)
     plate[unseen] = 0
-    plate = np.clip(np.nan_to_num(plate), 0, 255).astype(np.uint8)
     if unseen.any():
         plate = cv2.inpaint(plate, unseen.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
     return plate, float(unseen.mean())
+
+
+class MaskWriter:
+    """Computes :func:`frame_masks` and writes them as PNG on one worker thread, so the masks
+    of frame i are made while the landmark detector works on frame i+1 (MediaPipe keeps one
+    core busy, GrabCut and the PNG encoder release the GIL and use the other). GrabCut's
+    colour models are fitted on one frame in ``refit_every`` and kept fixed in between.
+
+    At most ``max_pending`` frames wait in the queue, so memory stays bounded whatever the
+    video's length. Every ``plate_every``-th frame and its person mask are kept for
+    :func:`background_plate`.
+
+    Use as a context manager; leaving it waits for the queued work and re-raises the first
+    error of the worker.
+    """
+
+    def __init__(self, folder: Path, work_size: int, iterations: int, plate_every: int, max_pending: int = 16,
+                 refit_every: int = 25):
+        self.folder, self.work_size, self.iterations = Path(folder), work_size, iterations
+        self.refit_every = refit_every
+        self._model: GrabCutModel | None = None
+        self._model_age = 0
+        self.plate_every = max(1, plate_every)
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gstalk-masks")
+        self._futures: list[Future] = []
+        self.plate: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.written = 0
+
+    def submit(self, index: int, image: np.ndarray, lm: np.ndarray) -> None:
+        """Queue frame ``index`` ([H, W, 3] uint8 RGB) with its [478, >=2] px landmarks; blocks
+        while ``max_pending`` frames are queued. Raises the worker's first error, if any."""
+        self._raise_failed()
+        self._slots.acquire()
+        try:
+            self._futures.append(self._pool.submit(self._work, index, image, np.array(lm, copy=True)))
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _work(self, index: int, image: np.ndarray, lm: np.ndarray) -> None:
+        import cv2
+
+        try:
+            if self._model_age >= self.refit_every:
+                self._model = None
+            m, model = frame_masks(image, lm, self.work_size, self.iterations, self._model)
+            if self._model is None:
+                self._model, self._model_age = model, 0
+            self._model_age += 1
+            ok, buf = cv2.imencode(".png", m)
+            (self.folder / f"{index:06d}.png").write_bytes(buf.tobytes())
+            if index % self.plate_every == 0:
+                self.plate[index] = (image, m[..., 3])
+            self.written += 1
+        finally:
+            self._slots.release()
+
+    def _raise_failed(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        self._futures = [f for f in self._futures if not f.done()]
+
+    def plate_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kept frames [F, H, W, 3] and person masks [F, H, W] in frame order."""
+        keys = sorted(self.plate)
+        return np.stack([self.plate[k][0] for k in keys]), np.stack([self.plate[k][1] for k in keys])
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            for f in self._futures:
+                f.cancel()
+        self._pool.shutdown(wait=True)
+        if exc_type is None:
+            self._raise_failed()

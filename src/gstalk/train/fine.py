@@ -3,8 +3,9 @@
 Each step draws a training frame t, encodes the condition windows of the K frames around
 t, deforms the canonical Gaussians G' = G + ΔG(μ, c_t, e_t), renders them with frame t's
 camera over its background and minimises
-(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask) + w_reg · mean|ΔG|. The canonical
-Gaussians keep training at a reduced learning rate, as in GSTalker.
+(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask) + w_reg · mean|ΔG| (+ λ_mask · L_mask
+for a model with a dynamism weight, Audio-Plane Eq. 8-9). The canonical Gaussians keep
+training at a reduced learning rate, as in GSTalker.
 
 With ``conditioning="articulation"`` (the default) a fresh run first fits the model's
 audio → articulation regressor (:func:`~gstalk.deform.articulation.fit_articulation`,
@@ -34,20 +35,22 @@ from gstalk.errors import TrainingError
 from gstalk.gaussians.splat import composite, splat
 from gstalk.train.coarse import exp_decay, gaussian_optimizers
 from gstalk.train.frames import FrameSet
-from gstalk.train.losses import masked_l1, photometric_loss
+from gstalk.train.losses import dilate_mask, mask_margin_loss, masked_l1, photometric_loss
 
 Callback = Callable[[int, dict[str, float]], None]
 MAX_BAD_STEPS = 20
 
 
 def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
-    """Adam with two groups: hash-grid tables (``lr_grid``) and everything else (``lr_net``);
-    the articulation regressor (fitted on its own, then frozen) is left out."""
+    """Adam with two groups: feature grids (hash tables, dense planes, lines and audio
+    prototypes: ``lr_grid``) and everything else (``lr_net``); the articulation regressor
+    (fitted on its own, then frozen) is left out."""
     grid, net = [], []
     for name, p in model.named_parameters():
         if name.startswith("articulator."):
             continue
-        (grid if name.endswith("table") else net).append(p)
+        is_grid = name.endswith("table") or any(k in name for k in (".planes.", ".lines.", ".prototypes."))
+        (grid if is_grid else net).append(p)
     groups = [{"params": net, "lr": lr_net, "name": "net"}]
     if grid:
         groups.append({"params": grid, "lr": lr_grid, "name": "grid", "eps": 1e-15})
@@ -153,7 +156,12 @@ class FineTrainer:
         code = m.encode_audio(self.condition_windows(i))
         deltas = m.deform(m.spatial(self.params["means"]), code[0], d.blink[i:i + 1])
         deformed = apply_deltas(dict(self.params.items()), deltas)
-        colors, alphas, meta = splat(deformed, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=self.cfg.raster)
+        dynamic = deltas.weight is not None and self.cfg.mask_lambda > 0
+        colors, alphas, meta = splat(deformed, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=self.cfg.raster,
+                                     extra=deltas.weight[:, None] if dynamic else None)
+        if dynamic:  # Audio-Plane Eq. 8: the dynamism weights splatted to a grey map g
+            meta["dynamism_map"] = colors[..., 3:4]
+            colors = colors[..., :3]
         meta["deltas"] = deltas
         return composite(colors, alphas, d.background(i)), code, meta
 
@@ -161,7 +169,9 @@ class FineTrainer:
         """Mean absolute offset over Gaussians and attributes (position in cm): keeps the
         deformation sparse, so the head is not moved as a whole (that is the camera's job)."""
         parts = [deltas.means * 100.0, deltas.quats, deltas.scales, deltas.opacities, deltas.colors]
-        return torch.stack([p.abs().mean() for p in parts if p is not None]).sum()
+        w = deltas.weight if deltas.weight is not None else None  # penalise what is applied: d·ΔG
+        return torch.stack([(p * (w if p.dim() == 1 else w[:, None]) if w is not None else p).abs().mean()
+                            for p in parts if p is not None]).sum()
 
     def train_step(self) -> dict[str, float]:
         c, d = self.cfg, self.data
@@ -174,6 +184,9 @@ class FineTrainer:
             loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
         if c.deform_reg > 0:
             loss = loss + c.deform_reg * self.deformation_penalty(meta["deltas"])
+        if "dynamism_map" in meta:  # Audio-Plane Eq. 9 against the dilated mouth mask
+            ref = dilate_mask(d.mouth_mask(i), int(round(c.mask_dilate * d.height)))
+            loss = loss + c.mask_lambda * mask_margin_loss(meta["dynamism_map"], ref, c.mask_margin)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
