@@ -135,9 +135,9 @@ def test_still_pose_holds_the_most_frontal_training_pose(trained_ws, tmp_path, m
     seen = {}
     original = driver.HeadRenderer.frames
 
-    def spy(self, windows, poses, blinks=None):
-        seen["poses"], seen["blinks"] = list(poses), blinks
-        return original(self, windows, poses, blinks)
+    def spy(self, windows, poses, blinks=None, viewmats=None):
+        seen["poses"], seen["blinks"], seen["viewmats"] = list(poses), blinks, viewmats
+        return original(self, windows, poses, blinks, viewmats)
 
     monkeypatch.setattr(driver.HeadRenderer, "frames", spy)
     out = tmp_path / "still.mp4"
@@ -146,6 +146,16 @@ def test_still_pose_holds_the_most_frontal_training_pose(trained_ws, tmp_path, m
     assert seen["poses"] == [f] * 25  # one camera throughout
     loop = driver.loop_poses(25, train)
     assert seen["blinks"] == [pytest.approx(float(tracks.blink[i])) for i in loop]  # blinks follow the training clip
+    assert seen["viewmats"] is None
+
+    # --pose FILE: the head follows the file (back and forth), the rest as `still`
+    poses = tracks.viewmats[:10].numpy()
+    np.save(tmp_path / "poses.npy", poses)
+    s = run_render(trained_ws, wav, tmp_path / "file.mp4", pose=str(tmp_path / "poses.npy"))
+    assert s["frames"] == 25 == probe(tmp_path / "file.mp4").video.n_frames
+    assert seen["poses"] == [f] * 25
+    order = list(range(10)) + list(range(8, -1, -1)) + list(range(1, 7))
+    np.testing.assert_array_equal(seen["viewmats"], poses[order])
 
 
 def test_render_reads_audio_from_stdin_and_writes_video_to_stdout(trained_ws, tmp_path):

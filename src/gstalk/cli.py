@@ -239,9 +239,10 @@ def render(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write (.mp4; - writes a "
                                                    "fragmented MP4 to standard output); default "
                                                    "WORKSPACE/renders/AUDIO_STEM.mp4.")] = None,
-    pose: Annotated[str, typer.Option(help="Head poses: loop (the training poses, back and forth) or still (the most "
+    pose: Annotated[str, typer.Option(help="Head poses: loop (the training poses, back and forth), still (the most "
                                            "frontal training pose, held; blinks still follow the training "
-                                           "sequence).")] = "loop",
+                                           "sequence), or FILE: a .npy/.json of 4x4 world-to-camera matrices or "
+                                           "another workspace, played back and forth.")] = "loop",
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:

@@ -81,7 +81,7 @@ class HeadRenderer:
 
     @torch.no_grad()
     def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None,
-               timings: dict[str, list[float]] | None = None) -> torch.Tensor:
+               timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None) -> torch.Tensor:
         """One frame: condition windows [1, K, W, C'] of the K frames around it (from
         :meth:`conditions`), the workspace frame whose camera, blink and background to use.
         Returns [H, W, 3] float32 in [0, 1].
@@ -95,8 +95,8 @@ class HeadRenderer:
         e = torch.tensor([float(self.tracks.blink[pose_frame]) if blink is None else blink])
         deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
         t2 = time.perf_counter()
-        colors, alphas, _ = splat(deformed, self.tracks.viewmats[pose_frame:pose_frame + 1], self.tracks.K,
-                                  self.width, self.height, backend=self.backend)
+        vm = self.tracks.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
+        colors, alphas, _ = splat(deformed, vm, self.tracks.K, self.width, self.height, backend=self.backend)
         t3 = time.perf_counter()
         img = composite(colors, alphas, bg).clamp(0, 1)[0]
         if timings is not None:
@@ -111,13 +111,15 @@ class HeadRenderer:
         with torch.no_grad():
             return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)))
 
-    def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None
-               ) -> Iterator[np.ndarray]:
+    def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None,
+               viewmats: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
-        [N] workspace frames, ``blinks`` [N] in [0, 1] (default: the pose frames' own).
+        [N] workspace frames (background, torso and, unless ``viewmats`` [N, 4, 4] is given,
+        the head's camera), ``blinks`` [N] in [0, 1] (default: the pose frames' own).
         Yields [H, W, 3] uint8."""
         win = self.conditions(audio_windows)
         for i in range(win.shape[0]):
             ids = neighbour_indices(i, self.model.smooth, win.shape[0])
-            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i])
+            vm = None if viewmats is None else torch.from_numpy(np.ascontiguousarray(viewmats[i], dtype=np.float32))
+            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i], viewmat=vm)
             yield (img.numpy() * 255.0).round().astype(np.uint8)

@@ -40,7 +40,9 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         audio: speech file (any format ffmpeg reads), ``"-"`` to read it from standard input,
             or None for the test split.
         output: the .mp4 to write; default ``ws/renders/<audio stem or 'test'>.mp4``.
-        pose: head pose strategy (``loop`` or ``still``).
+        pose: head pose strategy: ``loop``, ``still``, or a pose file / workspace (see
+            :func:`gstalk.render.poses.read_pose_file`), played back and forth, with the
+            background, torso and blinks of ``still``.
         backend: rasterizer backend.
 
     Returns:
@@ -49,14 +51,16 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
 
     Raises:
         WorkspaceError: fine missing or stale. InputError: unreadable or empty audio.
+        UsageError: a pose file that is missing or invalid.
     """
     t0 = time.perf_counter()
     ws = Workspace.open(workspace)
     ws.require("render")
+    pose_track = None
     if pose not in POSE_STRATEGIES:
-        from gstalk.errors import UsageError
+        from gstalk.render.poses import read_pose_file
 
-        raise UsageError(f"Unknown pose strategy '{pose}'.", hint=f"use one of: {', '.join(POSE_STRATEGIES)}")
+        pose_track = read_pose_file(pose)
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
     train, test = split_indices(ws)
@@ -103,16 +107,20 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         out_path = Path(output) if output is not None else renders / f"{name}.mp4"
         if len(poses) == 0:
             raise InputError(f"The audio is too short for one frame at {fps:g} fps.")
-        blinks = None
-        if pose == "still":  # hold the most frontal training pose; blink as the training sequence does
+        blinks, viewmats = None, None
+        if pose != "loop":  # hold the most frontal training pose; blink as the training sequence does
             blinks = [float(tracks.blink[f]) for f in poses]
             poses = [frontal_frame(tracks, train)] * len(poses)
+        if pose_track is not None:  # the head follows the file's poses, back and forth
+            from gstalk.render.poses import ping_pong
+
+            viewmats = pose_track[ping_pong(len(poses), len(pose_track))]
         renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
         t = time.perf_counter()
         tmp_out = Path(tmp) / "out.mp4" if str(out_path) != "-" else None
         with VideoWriter(tmp_out if tmp_out else "-", renderer.width, renderer.height, fps, audio_path=mux) as writer, \
                 reporter.task("render", len(poses)) as bar:
-            for k, frame in enumerate(renderer.frames(windows, poses, blinks)):
+            for k, frame in enumerate(renderer.frames(windows, poses, blinks, viewmats)):
                 writer.write(frame)
                 bar.advance()
                 if k % 10 == 0:
@@ -129,7 +137,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
     summary = {"output": str(out_path), "frames": len(poses), "duration_s": duration, "peak_rss_mb": peak_rss_mb,
                "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
-               "pose": pose, "backend": backend, "finished": now_iso()}
+               "pose": pose if pose_track is None else str(pose), "backend": backend, "finished": now_iso()}
     _record(ws, name, summary)
     return summary
 
