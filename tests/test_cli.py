@@ -128,3 +128,39 @@ def test_cli_reference_is_current():
     doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     assert doc.read_text() == render_cli_markdown(), \
         "docs/cli.md is stale: run `python -m gstalk.clidoc > docs/cli.md`"
+
+
+def test_eval_compare_table_and_usage_errors(ws_copy, tmp_path):
+    import shutil
+
+    r = runner.invoke(app, ["eval", str(ws_copy), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    single = json.loads(r.stdout)
+    other = tmp_path / "other"
+    shutil.copytree(ws_copy, other)
+    r = runner.invoke(app, ["eval", "--compare", str(ws_copy), str(other), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    # one coarse baseline (both copies share the coarse run) and a row per workspace
+    assert [row["model"] for row in rows] == ["coarse (static)", "gstalker", "gstalker"]
+    assert rows[1]["psnr"] == pytest.approx(single["psnr"]) == pytest.approx(rows[2]["psnr"])
+    assert rows[0]["psnr"] == pytest.approx(single["baselines"]["coarse"]["psnr"])
+    r = runner.invoke(app, ["eval", "--compare", str(ws_copy), str(other)])
+    assert r.exit_code == 0 and "mouth_psnr" in r.stdout
+    r = runner.invoke(app, ["eval", str(ws_copy), str(other)])
+    assert r.exit_code == 2 and "--compare" in r.output
+
+
+def test_set_changes_fine_settings_and_refuses_unknown_keys():
+    from gstalk.config import FineConfig, parse_assignments
+    from gstalk.errors import UsageError
+
+    c = parse_assignments(FineConfig(), ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=1",
+                                         "av_offset=none", "head=mlp"])
+    assert (c.dynamic, c.mask_lambda, c.audio_smooth_window, c.av_offset, c.head) == (False, 0.5, 1, None, "mlp")
+    for bad, msg in (("nope=1", "unknown setting"), ("dynamic=maybe", "not a valid"), ("iterations=1.5", "not a valid"),
+                     ("mask_lambda=nan", "not a valid"), ("iterations", "KEY=VALUE")):
+        with pytest.raises(UsageError, match=msg):
+            parse_assignments(FineConfig(), [bad])
+    r = runner.invoke(app, ["fine", "/nonexistent_ws", "--set", "nope=1"])
+    assert r.exit_code == 2 and "unknown setting" in r.output

@@ -219,9 +219,10 @@ def fine(
     predicts a mouth articulation code (a small regressor fitted to the tracked lips in seconds), which then drives
     the field. Writes WORKSPACE/fine/model.safetensors and point_cloud.ply."""
     with _guard(debug):
-        from gstalk.config import override, parse_assignments
+        from gstalk.config import FineConfig, override, parse_assignments
         from gstalk.stages.fine import run_fine
 
+        parse_assignments(FineConfig(), settings)  # refuse a bad --set before touching the workspace
         root = _workspace(workspace)
         cfg = override(parse_assignments(_preset(preset, root).fine, settings), model=model, iterations=iterations,
                        av_offset=av_offset, conditioning=conditioning, raster=raster)
@@ -269,26 +270,67 @@ def render(
 # ---------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_(
-    workspace: WorkspaceArg = None,
+    workspaces: Annotated[Optional[list[Path]], typer.Argument(
+        help="Workspace folder (default: the current folder, or the one workspace inside it); several with "
+             "--compare.", show_default=False)] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Print one table across the given workspaces (models, "
+                                                            "presets, ablations), evaluating those with no "
+                                                            "up-to-date eval first.")] = False,
     fail_under: Annotated[Optional[list[str]], typer.Option(
         "--fail-under", help="Quality gate for CI, METRIC=VALUE (e.g. psnr=30 or mouth_psnr=25; repeatable): exit "
                              "with code 10 when the model scores below it. Metrics: the keys of metrics.json.")] = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
-    """Evaluate on the held-out test frames: PSNR/SSIM of the full frame, face box and mouth box, against the mean-
-    frame and the static coarse baselines. Writes WORKSPACE/eval/metrics.json, report.md, samples.png."""
+    """Evaluate on the held-out test frames: PSNR/SSIM of the full frame, face box and mouth box, LMD and blendshape
+    error, against the mean-frame and the static coarse baselines. Writes WORKSPACE/eval/metrics.json, report.md,
+    samples.png. With --compare, one table across workspaces."""
     with _guard(debug):
+        from gstalk.errors import UsageError
         from gstalk.stages.evaluate import check_thresholds, parse_thresholds, run_eval
 
         gates = parse_thresholds(fail_under or [])
-        root = _workspace(workspace)
+        if compare:
+            from gstalk.stages.compare import compare as compare_workspaces
+
+            if not workspaces:
+                raise UsageError("--compare needs the workspaces to compare.", hint="gstalk eval --compare ws1/ ws2/")
+            result = compare_workspaces([_workspace(w) for w in workspaces], backend=raster,
+                                        reporter=_reporter(quiet))
+            if as_json:
+                _print_json(result)
+            else:
+                _compare_table(result)
+            return
+        if workspaces and len(workspaces) > 1:
+            raise UsageError(f"eval takes one workspace, got {len(workspaces)}.",
+                             hint="add --compare to compare several")
+        root = _workspace(workspaces[0] if workspaces else None)
         m = run_eval(str(root), backend=raster, reporter=_reporter(quiet))
         if as_json:
             _print_json(m)
         else:
             _metrics_table(m)
         check_thresholds(m, gates)
+
+
+def _compare_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gstalk.stages.compare import _fmt
+
+    t = Table(title="gstalk eval --compare: test split")
+    for c in ("model", *result["columns"], "Gaussians", "fine s", "render FPS"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for r in result["rows"]:
+        t.add_row(r["name"], *[_fmt(k, r.get(k)) for k in result["columns"]],
+                  str(r["n_gaussians"] or "–"), f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
+                  f"{r['render_fps']:.1f}" if r["render_fps"] else "–")
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(t)
 
 
 def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:
