@@ -261,15 +261,31 @@ class Workspace:
 
     def load(self) -> dict[str, Any]:
         m = read_json(self.manifest_path)
-        if not isinstance(m, dict) or not isinstance(m.get("schema_version"), int):
-            raise WorkspaceError(f"{self.manifest_path} has no integer schema_version.",
-                                 hint="the manifest is damaged; re-run `gstalk extract`", path=self.manifest_path)
+        damaged = "the manifest is damaged; re-run `gstalk extract`"
+        version = m.get("schema_version") if isinstance(m, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise WorkspaceError(f"{self.manifest_path} has no valid schema_version (a positive integer).",
+                                 hint=damaged, path=self.manifest_path)
         if m["schema_version"] > SCHEMA_VERSION:
             raise WorkspaceError(
                 f"Workspace {self.root} has schema version {m['schema_version']}, newer than this gstalk "
                 f"{__version__} understands ({SCHEMA_VERSION}).",
                 hint="upgrade gstalk (pip install -U gstalk)", path=self.manifest_path)
         m.setdefault("stages", {})
+        stages = m["stages"]
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise WorkspaceError(f"{self.manifest_path}: 'stages' is not a mapping of stage records.",
+                                 hint=damaged, path=self.manifest_path)
+        for name, rec in stages.items():
+            kinds = {"status": str, "run_id": str, "config": dict, "summary": dict, "inputs": dict, "outputs": dict}
+            bad = [k for k, t in kinds.items() if k in rec and not isinstance(rec[k], t)]
+            if bad:
+                raise WorkspaceError(f"{self.manifest_path}: stage '{name}' has a malformed '{bad[0]}'.",
+                                     hint=damaged, path=self.manifest_path)
+        if not isinstance(m.get("preset", ""), str) or isinstance(m.get("seed", 0), bool) \
+                or not isinstance(m.get("seed", 0), int):
+            raise WorkspaceError(f"{self.manifest_path}: 'preset' or 'seed' has the wrong type.",
+                                 hint=damaged, path=self.manifest_path)
         self._manifest = m
         return m
 
