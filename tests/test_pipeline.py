@@ -192,3 +192,46 @@ def test_bench_render_times_every_step(trained_ws):
     assert all(v >= 0 for v in r["ms_per_frame"].values())
     assert r["render_fps_p10"] <= r["render_fps_median"]
     assert r["end_to_end_fps"] == pytest.approx(1000.0 / sum(r["ms_per_frame"].values()), rel=1e-3)
+
+
+def test_render_background_colour_and_alpha_frames(trained_ws, tmp_path):
+    import cv2
+    import soundfile as sf
+
+    from gstalk.dataset import load_masks
+    from gstalk.errors import UsageError
+    from gstalk.stages.render import run_render
+    from gstalk.workspace import Workspace
+
+    sr = 16000
+    wav = tmp_path / "tone.wav"
+    sf.write(wav, 0.3 * np.sin(2 * np.pi * 200 * np.arange(sr // 5) / sr), sr)  # 0.2 s: 5 frames
+    out = tmp_path / "green.mp4"
+    s = run_render(trained_ws, wav, out, pose="still", background="#00ff00")
+    assert s["frames"] == 5 == probe(out).video.n_frames
+    s = run_render(trained_ws, wav, tmp_path / "rgba", pose="still", alpha=True)
+    pngs = sorted((tmp_path / "rgba").glob("*.png"))
+    assert len(pngs) == 5 and (tmp_path / "rgba" / "audio.wav").exists()
+    img = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert img.shape[2] == 4
+    # RGBA = the black-backdrop render, un-premultiplied; the torso is opaque
+    import torch
+
+    from gstalk.dataset import load_audio_features, load_fine_model, load_tracks
+    from gstalk.render.driver import HeadRenderer
+
+    ws = Workspace.open(trained_ws)
+    params, model, _ = load_fine_model(ws)
+    tracks = load_tracks(ws)
+    rgba_r = HeadRenderer(ws, params, model, tracks, alpha=True)
+    black = np.zeros((rgba_r.height, rgba_r.width, 3), np.uint8)
+    rgb_r = HeadRenderer(ws, params, model, tracks, backdrop=black)
+    af = load_audio_features(ws)
+    cond = rgb_r.conditions(np.zeros((model.smooth, af.window, af.steps.shape[1]), np.float32))[None]
+    rgba = rgba_r.render(cond, 3)
+    rgb = rgb_r.render(cond, 3)
+    torch.testing.assert_close(rgba[..., :3] * rgba[..., 3:], rgb, atol=2e-3, rtol=0)
+    torso = load_masks(ws, [3])[0][..., 2] > 0
+    assert (rgba[..., 3][torch.from_numpy(torso)] > 0.99).float().mean() > 0.99
+    with pytest.raises(UsageError, match="neither a colour nor an image"):
+        run_render(trained_ws, wav, tmp_path / "x.mp4", background="no-such-thing")

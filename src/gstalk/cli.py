@@ -244,6 +244,12 @@ def render(
                                            "frontal training pose, held; blinks still follow the training "
                                            "sequence), or FILE: a .npy/.json of 4x4 world-to-camera matrices or "
                                            "another workspace, played back and forth.")] = "loop",
+    background: Annotated[str, typer.Option(help="Behind the head and torso: plate (the video's own background), a "
+                                                 "colour (black, white, green, blue, grey or #rrggbb) or an image "
+                                                 "file.")] = "plate",
+    alpha: Annotated[bool, typer.Option("--alpha", help="Write RGBA PNG frames (head and torso on a transparent "
+                                                        "background) and the audio into a folder (-o FOLDER) for "
+                                                        "video editors, instead of an mp4.")] = False,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
@@ -253,7 +259,8 @@ def render(
         from gstalk.stages.render import run_render
 
         root = _workspace(workspace)
-        s = run_render(root, audio, output, pose=pose, backend=raster, reporter=_reporter(quiet))
+        s = run_render(root, audio, output, pose=pose, background=background, alpha=alpha, backend=raster,
+                       reporter=_reporter(quiet))
         if str(output) == "-":  # stdout carries the video: the summary goes to stderr
             if not quiet:
                 _reporter(False).log(json.dumps(s) if as_json else f"{s['frames']} frames, {s['fps']:.1f} frames/s")

@@ -53,13 +53,18 @@ class HeadRenderer:
         tracks: the track stage's per-frame data.
         backend: rasterizer backend.
         cache: how many composited backgrounds to keep in memory (uint8, H·W·3 bytes each).
+        backdrop: [H, W, 3] uint8 RGB shown behind the head and torso instead of the
+            background plate (``render --background``).
+        alpha: render RGBA: the head over the torso over nothing; frames are [H, W, 4] with
+            straight (not premultiplied) alpha (``render --alpha``).
     """
 
     def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
-                 backend: str = "auto", cache: int = 512):
+                 backend: str = "auto", cache: int = 512, backdrop: np.ndarray | None = None, alpha: bool = False):
         self.ws, self.params, self.model, self.tracks = ws, params, model, tracks
         self.backend = backend
-        self.plate = load_background(ws)
+        self.alpha = alpha
+        self.plate = load_background(ws) if backdrop is None else backdrop
         self.height, self.width = self.plate.shape[:2]
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_size = cache
@@ -67,10 +72,18 @@ class HeadRenderer:
             self.spatial = model.spatial(params["means"])
 
     def background(self, frame: int) -> torch.Tensor:
-        """[1, H, W, 3] float32: frame ``frame``'s torso over the background plate (cached)."""
+        """[1, H, W, 3] float32: frame ``frame``'s torso over the background plate (or the
+        backdrop); with ``alpha``, [1, H, W, 4]: the premultiplied torso and its alpha
+        (cached)."""
         bg = self._cache.get(frame)  # kept as uint8: 4x less memory than float32
         if bg is None:
-            img = composite_background(load_frame(self.ws, frame), load_masks(self.ws, [frame])[0], self.plate)
+            masks = load_masks(self.ws, [frame])[0]
+            if self.alpha:  # the torso, premultiplied, with its alpha
+                torso = masks[..., 2:3].astype(np.float32) / 255.0
+                rgb = (load_frame(self.ws, frame) * torso).round().astype(np.uint8)
+                img = np.concatenate([rgb, masks[..., 2:3]], axis=-1)
+            else:
+                img = composite_background(load_frame(self.ws, frame), masks, self.plate)
             bg = torch.from_numpy(img)[None]
             self._cache[frame] = bg
             if len(self._cache) > self._cache_size:
@@ -84,7 +97,7 @@ class HeadRenderer:
                timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None) -> torch.Tensor:
         """One frame: condition windows [1, K, W, C'] of the K frames around it (from
         :meth:`conditions`), the workspace frame whose camera, blink and background to use.
-        Returns [H, W, 3] float32 in [0, 1].
+        Returns [H, W, 3] float32 in [0, 1] ([H, W, 4] RGBA, straight alpha, with ``alpha``).
 
         ``timings``: when given, the seconds of each step (``background``, ``deform``,
         ``raster``, ``composite``) are appended to its lists (the render benchmark)."""
@@ -98,7 +111,12 @@ class HeadRenderer:
         vm = self.tracks.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
         colors, alphas, _ = splat(deformed, vm, self.tracks.K, self.width, self.height, backend=self.backend)
         t3 = time.perf_counter()
-        img = composite(colors, alphas, bg).clamp(0, 1)[0]
+        if self.alpha:
+            rgb = composite(colors, alphas, bg[..., :3])  # premultiplied head over premultiplied torso
+            a = alphas + (1.0 - alphas) * bg[..., 3:4]
+            img = torch.cat([rgb / a.clamp_min(1e-6), a], dim=-1).clamp(0, 1)[0]
+        else:
+            img = composite(colors, alphas, bg).clamp(0, 1)[0]
         if timings is not None:
             for k, dt in (("background", t1 - t0), ("deform", t2 - t1), ("raster", t3 - t2),
                           ("composite", time.perf_counter() - t3)):
@@ -116,7 +134,7 @@ class HeadRenderer:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
         [N] workspace frames (background, torso and, unless ``viewmats`` [N, 4, 4] is given,
         the head's camera), ``blinks`` [N] in [0, 1] (default: the pose frames' own).
-        Yields [H, W, 3] uint8."""
+        Yields [H, W, 3] uint8 ([H, W, 4] with ``alpha``)."""
         win = self.conditions(audio_windows)
         for i in range(win.shape[0]):
             ids = neighbour_indices(i, self.model.smooth, win.shape[0])

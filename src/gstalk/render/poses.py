@@ -103,3 +103,4 @@ def ping_pong(n_out: int, m: int) -> list[int]:
         return [0] * n_out
     period = 2 * (m - 1)
     return [k % period if k % period < m else period - k % period for k in range(n_out)]
+

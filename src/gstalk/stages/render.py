@@ -21,10 +21,11 @@ from typing import Any
 
 from gstalk.audio import frame_windows, get_extractor, n_video_frames, normalise
 from gstalk.config import AudioFeatureConfig, from_dict
-from gstalk.dataset import load_audio_features, load_fine_model, load_tracks, split_indices
-from gstalk.errors import InputError
+from gstalk.dataset import load_audio_features, load_background, load_fine_model, load_tracks, split_indices
+from gstalk.errors import InputError, UsageError
 from gstalk.media import VideoWriter, read_audio, write_wav
 from gstalk.progress import SILENT, Reporter
+from gstalk.render.backdrop import PngSequenceWriter, parse_backdrop
 from gstalk.render.driver import HeadRenderer, frontal_frame, loop_poses
 from gstalk.workspace import Workspace, now_iso
 
@@ -32,7 +33,8 @@ POSE_STRATEGIES = ("loop", "still")
 
 
 def run_render(workspace: str | Path, audio: str | Path | None = None, output: str | Path | None = None, *,
-               pose: str = "loop", backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+               pose: str = "loop", background: str = "plate", alpha: bool = False, backend: str = "auto",
+               reporter: Reporter = SILENT) -> dict[str, Any]:
     """Render a video.
 
     Args:
@@ -43,6 +45,10 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         pose: head pose strategy: ``loop``, ``still``, or a pose file / workspace (see
             :func:`gstalk.render.poses.read_pose_file`), played back and forth, with the
             background, torso and blinks of ``still``.
+        background: ``plate`` (the video's background plate), a colour or an image (see
+            :func:`gstalk.render.backdrop.parse_backdrop`).
+        alpha: write RGBA PNG frames (head and torso, transparent elsewhere) and the audio
+            into a folder (``output``, default ``ws/renders/<name>_rgba/``) instead of an mp4.
         backend: rasterizer backend.
 
     Returns:
@@ -63,6 +69,10 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         pose_track = read_pose_file(pose)
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
+    plate = load_background(ws)
+    backdrop = parse_backdrop(background, plate.shape[1], plate.shape[0])  # refuse a bad one before any work
+    if alpha and output is not None and str(output) == "-":
+        raise UsageError("--alpha writes a folder of PNG frames, not a stream.", hint="give -o FOLDER")
     train, test = split_indices(ws)
     params, model, meta = load_fine_model(ws)
     tracks = load_tracks(ws)
@@ -104,7 +114,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             windows = frame_windows(steps, n_out, fps, extractor.steps_per_second, af.window, 0)
             poses = loop_poses(n_out, train)
             mux = Path(audio)
-        out_path = Path(output) if output is not None else renders / f"{name}.mp4"
+        default_name = f"{name}_rgba" if alpha else f"{name}.mp4"
+        out_path = Path(output) if output is not None else renders / default_name
         if len(poses) == 0:
             raise InputError(f"The audio is too short for one frame at {fps:g} fps.")
         blinks, viewmats = None, None
@@ -115,11 +126,12 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             from gstalk.render.poses import ping_pong
 
             viewmats = pose_track[ping_pong(len(poses), len(pose_track))]
-        renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+        renderer = HeadRenderer(ws, params, model, tracks, backend=backend, backdrop=backdrop, alpha=alpha)
         t = time.perf_counter()
-        tmp_out = Path(tmp) / "out.mp4" if str(out_path) != "-" else None
-        with VideoWriter(tmp_out if tmp_out else "-", renderer.width, renderer.height, fps, audio_path=mux) as writer, \
-                reporter.task("render", len(poses)) as bar:
+        tmp_out = (Path(tmp) / ("out" if alpha else "out.mp4")) if str(out_path) != "-" else None
+        writer_cm = PngSequenceWriter(tmp_out, audio_path=mux) if alpha and tmp_out is not None else \
+            VideoWriter(tmp_out if tmp_out else "-", renderer.width, renderer.height, fps, audio_path=mux)
+        with writer_cm as writer, reporter.task("render", len(poses)) as bar:
             for k, frame in enumerate(renderer.frames(windows, poses, blinks, viewmats)):
                 writer.write(frame)
                 bar.advance()
@@ -129,6 +141,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         render_s = time.perf_counter() - t
         if tmp_out is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
+            if alpha and out_path.exists():
+                shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
             shutil.move(str(tmp_out), str(out_path))  # a rename when on the same filesystem
     total = time.perf_counter() - t0
     import resource
@@ -137,7 +151,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
     summary = {"output": str(out_path), "frames": len(poses), "duration_s": duration, "peak_rss_mb": peak_rss_mb,
                "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
-               "pose": pose if pose_track is None else str(pose), "backend": backend, "finished": now_iso()}
+               "pose": pose if pose_track is None else str(pose), "background": background, "alpha": alpha,
+               "backend": backend, "finished": now_iso()}
     _record(ws, name, summary)
     return summary
 
