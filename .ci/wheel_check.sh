@@ -12,7 +12,7 @@ wheel=$(ls "$work"/dist/gstalk-*.whl)
 python - "$wheel" <<'PY'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = ["gstalk/assets/face_landmarker.task", "gstalk/assets/NOTICE", "gstalk/raster/csrc/raster_cpu.cpp",
+need = ["gstalk/assets/face_landmarker.task", "gstalk/assets/NOTICE", "gstalk/assets/lipsync_ridge.json", "gstalk/raster/csrc/raster_cpu.cpp",
         "gstalk/deform/csrc/hashgrid_cpu.cpp", "gstalk/py.typed"]
 missing = [n for n in need if n not in names]
 if missing:

@@ -235,3 +235,29 @@ def test_render_background_colour_and_alpha_frames(trained_ws, tmp_path):
     assert (rgba[..., 3][torch.from_numpy(torso)] > 0.99).float().mean() > 0.99
     with pytest.raises(UsageError, match="neither a colour nor an image"):
         run_render(trained_ws, wav, tmp_path / "x.mp4", background="no-such-thing")
+
+
+def test_cross_driven_eval_writes_report(ws_copy, tmp_path):
+    import json
+
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+
+    sr = 16000
+    t = np.arange(2 * sr) / sr
+    wav = tmp_path / "other speaker.wav"
+    sf.write(wav, 0.3 * np.sin(2 * np.pi * 300 * t) * (np.sin(2 * np.pi * 2 * t) > 0), sr)
+    r = CliRunner().invoke(app, ["eval", str(ws_copy), "--audio", str(wav), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["frames"] == 50 and m["kind"] == "cross-driven"
+    for k in ("sync_corr", "sync_lag", "sync_corr_best"):
+        assert k in m and k in m["mismatched"] and k in m["real_video"]
+    d = ws_copy / "eval" / "cross_other speaker"
+    saved = json.loads((d / "metrics.json").read_text())
+    assert saved["sync_corr"] == pytest.approx(m["sync_corr"])
+    assert "| lip-sync proxy |" in (d / "report.md").read_text()
+    r = CliRunner().invoke(app, ["eval", str(ws_copy), "--audio", str(tmp_path / "missing.wav")])
+    assert r.exit_code != 0 and "missing.wav" in r.output

@@ -43,3 +43,24 @@ def test_track_on_real_clip(obama_ws):
     assert len(meta["blendshape_names"]) == 52 and "jawOpen" in meta["blendshape_names"]
     blink = t["blink"].numpy()
     assert blink.max() == 1.0 and np.median(blink) < 0.5  # eyes are open most of the time
+
+
+def test_lipsync_proxy_scores_real_audio_high_and_shuffled_audio_low(obama_ws):
+    """obama.mp4 is not in the proxy's fit (GRID + aoc_hdtf): its own audio scores about 0.4
+    at its A/V offset (~+5 frames), the same audio in shuffled 1 s blocks about 0."""
+    import soundfile as sf
+
+    from gstalk.dataset import load_tracks
+    from gstalk.metrics.lipsync import LipSyncProxy
+    from gstalk.tracking.avsync import mouth_opening
+
+    proxy = LipSyncProxy.load()
+    assert "obama" not in " ".join(proxy.info["clips"])
+    samples, sr = sf.read(str(obama_ws.path("extract", "audio.wav")), dtype="float32")
+    opening = mouth_opening(load_tracks(obama_ws).landmarks.numpy())
+    real = proxy.score(opening, samples, sr, 25.0)
+    assert real["corr_best"] > 0.3 and 4 <= real["best_lag"] <= 8
+    blocks = np.array_split(np.arange(len(samples)), 20)
+    order = np.random.default_rng(0).permutation(20)
+    shuffled = proxy.score(opening, np.concatenate([samples[blocks[i]] for i in order]), sr, 25.0)
+    assert abs(shuffled["corr"]) < 0.15 and shuffled["corr_best"] < real["corr_best"] - 0.2

@@ -280,6 +280,10 @@ def eval_(
     workspaces: Annotated[Optional[list[Path]], typer.Argument(
         help="Workspace folder (default: the current folder, or the one workspace inside it); several with "
              "--compare.", show_default=False)] = None,
+    audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Cross-driven: render this speech (another "
+                                                  "speaker's) and score lip sync with gstalk's proxy against "
+                                                  "mismatched audio and the real video. Writes "
+                                                  "WORKSPACE/eval/cross_STEM/.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Print one table across the given workspaces (models, "
                                                             "presets, ablations), evaluating those with no "
                                                             "up-to-date eval first.")] = False,
@@ -313,6 +317,19 @@ def eval_(
             raise UsageError(f"eval takes one workspace, got {len(workspaces)}.",
                              hint="add --compare to compare several")
         root = _workspace(workspaces[0] if workspaces else None)
+        if audio is not None:
+            from gstalk.stages.crosseval import run_cross_eval
+
+            c = run_cross_eval(root, audio, backend=raster, reporter=_reporter(quiet))
+            if as_json:
+                _print_json(c)
+            elif not quiet:
+                _reporter(False).log(
+                    f"lip sync (proxy, corr at best lag): {c['sync_corr_best']:.2f} at {c['sync_lag']:+d} frames; "
+                    f"mismatched audio {c['mismatched']['sync_corr_best']:.2f}; real video "
+                    f"{c['real_video']['sync_corr_best']:.2f}; mouth motion {c['mouth_motion']:.2f}")
+                print(root / "eval" / f"cross_{audio.stem}" / "report.md")
+            return
         m = run_eval(str(root), backend=raster, reporter=_reporter(quiet))
         if as_json:
             _print_json(m)

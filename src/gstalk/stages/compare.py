@@ -18,7 +18,7 @@ from gstalk.config import get_preset
 from gstalk.progress import SILENT, Reporter
 from gstalk.workspace import Workspace
 
-COLUMNS = ("psnr", "ssim", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd", "aue")
+COLUMNS = ("psnr", "ssim", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd", "aue", "mouth_motion")
 
 
 def changed_settings(ws: Workspace) -> dict[str, Any]:
@@ -97,5 +97,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
 
 def _fmt(key: str, v: Any) -> str:
     if v is None:
+        return "–"
+    if isinstance(v, float) and v != v:
         return "–"
     return f"{v:.4f}" if "ssim" in key or key == "aue" else f"{v:.2f}"

@@ -30,6 +30,7 @@ from gstalk.tensorio import load_tensors
 from gstalk.workspace import Workspace, atomic_write, now_iso, write_json
 
 METRICS_SCHEMA = 1
+MIN_SYNC_FRAMES = 100  # shorter series give spurious lip-sync correlations (a static model scored 0.7 on 45)
 KEYS = ("psnr", "ssim", "face_psnr", "face_ssim", "mouth_psnr", "mouth_ssim")
 
 
@@ -98,6 +99,31 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     with reporter.task("landmarks of the renders", 2 * len(test)) as bar:
         results["model"].update(lip_metrics(fine_t, tracks, list(test), bar.advance))
         results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance))
+    # mouth motion and the lip-sync proxy: the renders' mouth opening against the real video's
+    # and against the opening the audio predicts
+    from gstalk.tracking.avsync import mouth_opening
+
+    real_open = mouth_opening(tracks.landmarks[sel].numpy())
+    for v in (results["model"], results["baselines"]["coarse"]):
+        o = fill_nan(v["_opening"])
+        v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
+    if len(test) >= MIN_SYNC_FRAMES:
+        from gstalk.metrics.lipsync import LipSyncProxy
+
+        samples = _workspace_audio(ws)
+        predicted = LipSyncProxy.load().predict(samples, int(ex["audio"]["sample_rate"]), int(ex["n_frames"]),
+                                                float(ex["fps"]))[list(test)]
+        for v in (results["model"], results["baselines"]["coarse"]):
+            v.update(sync_scores(v["_opening"], predicted))
+        real = sync_scores(real_open, predicted)
+        results["model"]["real_video"] = real
+        results["model"]["sync_fraction"] = results["model"]["sync_corr"] / real["sync_corr_best"] \
+            if real["sync_corr_best"] > 0.05 else float("nan")
+    else:
+        results["model"]["sync_note"] = (f"the test split ({len(test)} frames) is shorter than {MIN_SYNC_FRAMES} "
+                                         "frames: too short for a correlation; see `gstalk eval --audio`")
+    for v in (results["model"], results["baselines"]["coarse"]):
+        v.pop("_opening")
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
@@ -115,6 +141,14 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     return out
 
 
+def _workspace_audio(ws: Workspace) -> np.ndarray:
+    """The extracted audio (``extract/audio.wav``) as [S] float32 mono."""
+    import soundfile as sf
+
+    samples, _ = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+    return samples.mean(1) if samples.ndim > 1 else samples
+
+
 def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
                 progress: Any = None) -> dict[str, Any]:
     """LMD and blendshape error of rendered frames against the tracked ground truth.
@@ -126,9 +160,11 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
     Returns:
         {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
         (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
-        "lip_frames": frames measured}.
+        "lip_frames": frames measured, "_opening": [F] mouth opening of each render (NaN
+        where no face was found; not JSON, popped by the caller)}.
     """
     from gstalk.metrics.landmarks import MOUTH_IDS, blendshape_error, lmd
+    from gstalk.tracking.avsync import mouth_opening
     from gstalk.tracking.detector import MediaPipeDetector
 
     lms, bss, keep = [], [], []
@@ -141,16 +177,40 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
                 keep.append(k)
             if progress is not None:
                 progress()
+    opening = np.full(len(renders), np.nan)
     if not keep:
         nan = float("nan")
-        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0}
+        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening}
+    opening[keep] = mouth_opening(np.stack(lms))
     sel = [frames[k] for k in keep]
     ids = list(MOUTH_IDS)
     d = lmd(np.stack(lms)[:, ids], tracks.landmarks[sel][:, ids].numpy())
     size = renders.shape[2]
     aue = blendshape_error(np.stack(bss), tracks.blendshapes[sel].numpy(), tracks.blendshape_names)
     return {"lmd": float(d.mean()), "lmd_512": float(d.mean() * 512.0 / size), "aue": aue.pop("mean"),
-            "aue_parts": aue, "lip_frames": len(keep)}
+            "aue_parts": aue, "lip_frames": len(keep), "_opening": opening}
+
+
+def fill_nan(x: np.ndarray) -> np.ndarray:
+    """Linear interpolation over NaN entries of a [N] series (all-NaN -> zeros)."""
+    x = np.asarray(x, np.float64).copy()
+    ok = np.isfinite(x)
+    if not ok.any():
+        return np.zeros_like(x)
+    x[~ok] = np.interp(np.flatnonzero(~ok), np.flatnonzero(ok), x[ok])
+    return x
+
+
+def sync_scores(opening: np.ndarray, predicted: np.ndarray, max_lag: int = 10) -> dict[str, float]:
+    """The lip-sync proxy's numbers for a mouth-opening series [N] (NaN = not measured)
+    against the opening the audio predicts [N]: {"sync_corr" (lag 0), "sync_lag" (best lag,
+    frames, > 0: audio late), "sync_corr_best"}. See :mod:`gstalk.metrics.lipsync`."""
+    from gstalk.metrics.lipsync import zscore
+    from gstalk.tracking.avsync import correlate_lags
+
+    curve = correlate_lags(zscore(fill_nan(opening)), predicted, min(max_lag, max(len(opening) // 4, 0)))
+    best = max(curve, key=lambda k: curve[k])
+    return {"sync_corr": curve[0], "sync_lag": int(best), "sync_corr_best": curve[best]}
 
 
 def _samples(path: Any, gt: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, count: int = 4) -> None:
@@ -176,6 +236,24 @@ def report_markdown(m: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {name} | {v['lmd']:.2f} | {v['lmd_512']:.2f} | {v['aue']:.4f} | {v['lip_frames']} |"
               for name, v in lip]
+    motion = [(n, v["mouth_motion"]) for n, v in [("fine model", m), ("coarse", m["baselines"].get("coarse", {}))]
+              if "mouth_motion" in v]
+    if motion:
+        lines += ["", "Mouth motion (std of the mouth opening read on the renders / on the real frames): "
+                  + ", ".join(f"{n} {x:.2f}" for n, x in motion) + "."]
+    if "sync_note" in m:
+        lines += ["", f"Lip-sync proxy: {m['sync_note']}."]
+    if "sync_corr" in m:
+        real = m.get("real_video", {})
+        lines += ["", "| lip-sync proxy | corr at lag 0 | best lag (frames) | corr at best lag |", "|---|---|---|---|"]
+        for name, v in [("fine model", m), ("baseline: coarse", m["baselines"].get("coarse", {})),
+                        ("real video (tracked)", real)]:
+            if "sync_corr" in v:
+                lines.append(f"| {name} | {v['sync_corr']:.2f} | {v['sync_lag']:+d} | {v['sync_corr_best']:.2f} |")
+        lines += ["", f"Lip-sync as a fraction of the real video's (best-lag correlations): "
+                  f"{m.get('sync_fraction', float('nan')):.2f}. The proxy correlates the mouth opening read on the "
+                  "frames with the opening a ridge regression predicts from the audio (gstalk.metrics.lipsync); "
+                  "the best lag of the real video is its A/V offset."]
     lines += ["", "PSNR in dB; boxes from the ground truth's landmarks (mouth: 1.6 x mouth width; face: landmark box).",
               "LMD: mean distance of the 40 lip landmarks (mean-centred per frame) that MediaPipe reads on the render "
               "vs on the ground truth; blendshape MAE over jawOpen, mouthClose, mouthFunnel, mouthPucker, "
