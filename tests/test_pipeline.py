@@ -261,3 +261,48 @@ def test_cross_driven_eval_writes_report(ws_copy, tmp_path):
     assert "| lip-sync proxy |" in (d / "report.md").read_text()
     r = CliRunner().invoke(app, ["eval", str(ws_copy), "--audio", str(tmp_path / "missing.wav")])
     assert r.exit_code != 0 and "missing.wav" in r.output
+
+
+def test_render_size_reprojects_and_auto_blinks(ws_copy, tmp_path):
+    import soundfile as sf
+
+    from gstalk.errors import UsageError
+    from gstalk.render.driver import auto_blinks
+    from gstalk.stages.render import run_render
+
+    b = np.array(auto_blinks(25 * 60, 25.0, seed=3))
+    starts = np.flatnonzero((b[1:] > 0) & (b[:-1] == 0))
+    assert 10 <= len(starts) <= 30 and b.max() == 1.0 and (b > 0).mean() < 0.1  # 10-30 blinks a minute
+    assert auto_blinks(100, 25.0, seed=3) == auto_blinks(100, 25.0, seed=3)
+
+    sr = 16000
+    wav = tmp_path / "tone.wav"
+    sf.write(wav, 0.3 * np.sin(2 * np.pi * 200 * np.arange(sr // 5) / sr), sr)
+    out = tmp_path / "big.mp4"
+    s = run_render(ws_copy, wav, out, size=256, blink="auto")
+    info = probe(out).video
+    assert (info.width, info.height) == (256, 256) and info.n_frames == 5 and s["size"] == 256
+    with pytest.raises(UsageError, match="even number"):
+        run_render(ws_copy, wav, tmp_path / "x.mp4", size=255)
+    with pytest.raises(UsageError, match="--blink"):
+        run_render(ws_copy, wav, tmp_path / "x.mp4", blink="sometimes")
+
+
+def test_head_renderer_size_scales_the_projection(trained_ws):
+    import torch
+
+    from gstalk.dataset import load_audio_features, load_fine_model, load_tracks
+    from gstalk.render.driver import HeadRenderer
+    from gstalk.workspace import Workspace
+
+    ws = Workspace.open(trained_ws)
+    params, model, _ = load_fine_model(ws)
+    tracks = load_tracks(ws)
+    af = load_audio_features(ws)
+    r1 = HeadRenderer(ws, params, model, tracks)
+    r2 = HeadRenderer(ws, params, model, tracks, size=2 * r1.width)
+    cond = r1.conditions(np.zeros((model.smooth, af.window, af.steps.shape[1]), np.float32))[None]
+    a, b = r1.render(cond, 3), r2.render(cond, 3)
+    assert b.shape == (2 * a.shape[0], 2 * a.shape[1], 3)
+    down = torch.nn.functional.avg_pool2d(b.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
+    assert (down - a).abs().mean() < 0.02  # the same picture, twice the pixels

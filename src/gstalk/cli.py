@@ -250,6 +250,11 @@ def render(
     alpha: Annotated[bool, typer.Option("--alpha", help="Write RGBA PNG frames (head and torso on a transparent "
                                                         "background) and the audio into a folder (-o FOLDER) for "
                                                         "video editors, instead of an mp4.")] = False,
+    size: Annotated[Optional[int], typer.Option(help="Output width/height in pixels (even; default: the trained "
+                                                     "size). The Gaussians are re-projected; detail beyond the "
+                                                     "training resolution is not invented.")] = None,
+    blink: Annotated[str, typer.Option(help="Eye blinks: video (those of the training frames the pose comes from) or "
+                                            "auto (natural blinks every 2-6 s).")] = "video",
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
@@ -259,8 +264,8 @@ def render(
         from gstalk.stages.render import run_render
 
         root = _workspace(workspace)
-        s = run_render(root, audio, output, pose=pose, background=background, alpha=alpha, backend=raster,
-                       reporter=_reporter(quiet))
+        s = run_render(root, audio, output, pose=pose, background=background, alpha=alpha, size=size, blink=blink,
+                       backend=raster, reporter=_reporter(quiet))
         if str(output) == "-":  # stdout carries the video: the summary goes to stderr
             if not quiet:
                 _reporter(False).log(json.dumps(s) if as_json else f"{s['frames']} frames, {s['fps']:.1f} frames/s")

@@ -32,6 +32,24 @@ def loop_poses(n_out: int, frames: range | list[int]) -> list[int]:
     return [cycle[i % len(cycle)] for i in range(n_out)]
 
 
+def auto_blinks(n: int, fps: float, seed: int = 0, every_s: tuple[float, float] = (2.0, 6.0)) -> list[float]:
+    """Eye blink values [n] in [0, 1] for ``render --blink auto``: a blink every 2-6 s
+    (uniform; people blink about 15-20 times a minute when talking), each 200 ms long with
+    the profile 0.3, 0.8, 1, 0.6, 0.2 at 25 fps (resampled for other rates)."""
+    rng = np.random.default_rng(seed)
+    profile = np.array([0.3, 0.8, 1.0, 0.6, 0.2])
+    length = max(2, round(0.2 * fps))
+    shape = np.interp(np.linspace(0, len(profile) - 1, length), np.arange(len(profile)), profile)
+    out = np.zeros(n)
+    t = rng.uniform(0.5, every_s[1]) * fps
+    while t < n:
+        i = int(t)
+        seg = out[i:i + length]
+        out[i:i + length] = np.maximum(seg, shape[:len(seg)])
+        t += rng.uniform(*every_s) * fps
+    return [float(x) for x in out]
+
+
 def frontal_frame(tracks: Tracks, frames: range | list[int]) -> int:
     """``--pose still``: the workspace frame among ``frames`` whose head faces the camera
     most directly (smallest max(|yaw|, |pitch|) of
@@ -57,15 +75,27 @@ class HeadRenderer:
             background plate (``render --background``).
         alpha: render RGBA: the head over the torso over nothing; frames are [H, W, 4] with
             straight (not premultiplied) alpha (``render --alpha``).
+        size: output width/height in pixels (square frames) when not the trained size: the
+            Gaussians are re-projected with K scaled by size / trained size (sharp at any
+            size, but detail beyond the training resolution is not there), the background and
+            torso are resized (bilinear up, area down).
     """
 
     def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
-                 backend: str = "auto", cache: int = 512, backdrop: np.ndarray | None = None, alpha: bool = False):
+                 backend: str = "auto", cache: int = 512, backdrop: np.ndarray | None = None, alpha: bool = False,
+                 size: int | None = None):
         self.ws, self.params, self.model, self.tracks = ws, params, model, tracks
         self.backend = backend
         self.alpha = alpha
-        self.plate = load_background(ws) if backdrop is None else backdrop
-        self.height, self.width = self.plate.shape[:2]
+        plate = load_background(ws)
+        native_h, native_w = plate.shape[:2]
+        self.scale = 1.0 if size is None else size / native_w
+        self.width, self.height = round(native_w * self.scale), round(native_h * self.scale)
+        self.K = tracks.K.clone()
+        self.K[:2] *= self.scale  # principal point at the image centre stays there
+        if backdrop is not None and backdrop.shape[:2] != (native_h, native_w):
+            raise ValueError(f"backdrop must be [{native_h}, {native_w}, 3], got {list(backdrop.shape)}")
+        self.plate = plate if backdrop is None else backdrop
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_size = cache
         with torch.no_grad():
@@ -84,7 +114,12 @@ class HeadRenderer:
                 img = np.concatenate([rgb, masks[..., 2:3]], axis=-1)
             else:
                 img = composite_background(load_frame(self.ws, frame), masks, self.plate)
-            bg = torch.from_numpy(img)[None]
+            if self.scale != 1.0:
+                import cv2
+
+                img = cv2.resize(img, (self.width, self.height),
+                                 interpolation=cv2.INTER_LINEAR if self.scale > 1 else cv2.INTER_AREA)
+            bg = torch.from_numpy(np.ascontiguousarray(img))[None]
             self._cache[frame] = bg
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -109,7 +144,7 @@ class HeadRenderer:
         deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
         t2 = time.perf_counter()
         vm = self.tracks.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
-        colors, alphas, _ = splat(deformed, vm, self.tracks.K, self.width, self.height, backend=self.backend)
+        colors, alphas, _ = splat(deformed, vm, self.K, self.width, self.height, backend=self.backend)
         t3 = time.perf_counter()
         if self.alpha:
             rgb = composite(colors, alphas, bg[..., :3])  # premultiplied head over premultiplied torso

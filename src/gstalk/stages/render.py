@@ -26,15 +26,15 @@ from gstalk.errors import InputError, UsageError
 from gstalk.media import VideoWriter, read_audio, write_wav
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.backdrop import PngSequenceWriter, parse_backdrop
-from gstalk.render.driver import HeadRenderer, frontal_frame, loop_poses
+from gstalk.render.driver import HeadRenderer, auto_blinks, frontal_frame, loop_poses
 from gstalk.workspace import Workspace, now_iso
 
 POSE_STRATEGIES = ("loop", "still")
 
 
 def run_render(workspace: str | Path, audio: str | Path | None = None, output: str | Path | None = None, *,
-               pose: str = "loop", background: str = "plate", alpha: bool = False, backend: str = "auto",
-               reporter: Reporter = SILENT) -> dict[str, Any]:
+               pose: str = "loop", background: str = "plate", alpha: bool = False, size: int | None = None,
+               blink: str = "video", backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
     """Render a video.
 
     Args:
@@ -49,6 +49,10 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             :func:`gstalk.render.backdrop.parse_backdrop`).
         alpha: write RGBA PNG frames (head and torso, transparent elsewhere) and the audio
             into a folder (``output``, default ``ws/renders/<name>_rgba/``) instead of an mp4.
+        size: output width/height in pixels (even; default the trained size): the Gaussians are
+            re-projected, the background resized (see :class:`HeadRenderer`).
+        blink: ``video`` (the eye blinks of the pose frames of the training video) or ``auto``
+            (natural blinks generated at random: :func:`gstalk.render.driver.auto_blinks`).
         backend: rasterizer backend.
 
     Returns:
@@ -69,6 +73,11 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         pose_track = read_pose_file(pose)
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
+    if size is not None and (size % 2 or not 32 <= size <= 4096):
+        raise UsageError(f"--size {size} must be an even number of pixels between 32 and 4096.",
+                         hint="H.264 (yuv420p) needs even sizes, e.g. --size 512")
+    if blink not in ("video", "auto"):
+        raise UsageError(f"Unknown --blink '{blink}'.", hint="use video or auto")
     plate = load_background(ws)
     backdrop = parse_backdrop(background, plate.shape[1], plate.shape[0])  # refuse a bad one before any work
     if alpha and output is not None and str(output) == "-":
@@ -122,11 +131,13 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         if pose != "loop":  # hold the most frontal training pose; blink as the training sequence does
             blinks = [float(tracks.blink[f]) for f in poses]
             poses = [frontal_frame(tracks, train)] * len(poses)
+        if blink == "auto":
+            blinks = auto_blinks(len(poses), fps, seed=ws.seed)
         if pose_track is not None:  # the head follows the file's poses, back and forth
             from gstalk.render.poses import ping_pong
 
             viewmats = pose_track[ping_pong(len(poses), len(pose_track))]
-        renderer = HeadRenderer(ws, params, model, tracks, backend=backend, backdrop=backdrop, alpha=alpha)
+        renderer = HeadRenderer(ws, params, model, tracks, backend=backend, backdrop=backdrop, alpha=alpha, size=size)
         t = time.perf_counter()
         tmp_out = (Path(tmp) / ("out" if alpha else "out.mp4")) if str(out_path) != "-" else None
         writer_cm = PngSequenceWriter(tmp_out, audio_path=mux) if alpha and tmp_out is not None else \
@@ -152,6 +163,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
                "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
                "pose": pose if pose_track is None else str(pose), "background": background, "alpha": alpha,
+               "size": renderer.width, "blink": blink,
                "backend": backend, "finished": now_iso()}
     _record(ws, name, summary)
     return summary
