@@ -39,7 +39,8 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
                                          "scales": cfg.plane_scales, "hidden": cfg.hidden, "layers": cfg.layers,
                                          "dynamic": cfg.dynamic}}
     if name == "egstalker":
-        return {"name": name, "kwargs": {**common, **grid, "feature_dim": cfg.feature_dim,
+        smooth = cfg.attention_window if cfg.fusion == "attention" else cfg.audio_smooth_window
+        return {"name": name, "kwargs": {**common, **grid, "smooth": smooth, "feature_dim": cfg.feature_dim,
                                          "attention_dim": cfg.attention_dim, "pe_levels": cfg.pe_levels,
                                          "hidden": cfg.kan_hidden, "layers": 1, "kan_grid": cfg.kan_grid,
                                          "head": cfg.head, "fusion": cfg.fusion}}
