@@ -155,9 +155,9 @@ def test_set_changes_fine_settings_and_refuses_unknown_keys():
     from gstalk.config import FineConfig, parse_assignments
     from gstalk.errors import UsageError
 
-    c = parse_assignments(FineConfig(), ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=1",
-                                         "av_offset=none", "head=mlp"])
-    assert (c.dynamic, c.mask_lambda, c.audio_smooth_window, c.av_offset, c.head) == (False, 0.5, 1, None, "mlp")
+    c = parse_assignments(FineConfig(av_offset=3), ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=5",
+                                                    "av_offset=none", "head=mlp"])
+    assert (c.dynamic, c.mask_lambda, c.audio_smooth_window, c.av_offset, c.head) == (False, 0.5, 5, None, "mlp")
     for bad, msg in (("nope=1", "unknown setting"), ("dynamic=maybe", "not a valid"), ("iterations=1.5", "not a valid"),
                      ("mask_lambda=nan", "not a valid"), ("iterations", "KEY=VALUE")):
         with pytest.raises(UsageError, match=msg):

@@ -55,12 +55,12 @@ def test_shipped_proxy_finds_a_known_offset_in_a_beeping_clip(k):
     # the sound (lips lead the voice), so a beep-driven mouth in sync reads as lag +1; the
     # lag found must move frame for frame with the shift
     base = proxy.score(env, audio, SR, FPS)
-    assert base["best_lag"] in (0, 1) and base["corr_best"] > 0.5
+    assert base["sync_lag"] in (0, 1) and base["sync_corr_best"] > 0.5
     mouth = np.roll(env, -k)  # the audio is k frames late: mouth[i] goes with audio[i + k]
     s = proxy.score(mouth, audio, SR, FPS)
-    assert s["best_lag"] - base["best_lag"] == k and s["corr_best"] > 0.5
+    assert s["sync_lag"] - base["sync_lag"] == k and s["sync_corr_best"] > 0.5
     mismatched = proxy.score(beeps(250, 2)[1], audio, SR, FPS)
-    assert mismatched["corr"] < 0.3 and mismatched["corr_best"] < s["corr_best"]
+    assert mismatched["sync_corr"] < 0.3 and mismatched["sync_corr_best"] < s["sync_corr_best"]
 
 
 def test_fit_proxy_on_synthetic_clips_generalises_to_a_held_out_clip(tmp_path):

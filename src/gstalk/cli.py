@@ -347,13 +347,13 @@ def _compare_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gstalk.stages.compare import _fmt
+    from gstalk.stages.compare import fmt_metric
 
     t = Table(title="gstalk eval --compare: test split")
     for c in ("model", *result["columns"], "Gaussians", "fine s", "render FPS"):
         t.add_column(c, justify="left" if c == "model" else "right")
     for r in result["rows"]:
-        t.add_row(r["name"], *[_fmt(k, r.get(k)) for k in result["columns"]],
+        t.add_row(r["name"], *[fmt_metric(k, r.get(k)) for k in result["columns"]],
                   str(r["n_gaussians"] or "–"), f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
                   f"{r['render_fps']:.1f}" if r["render_fps"] else "–")
     console = Console()

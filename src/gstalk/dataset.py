@@ -124,6 +124,47 @@ def load_audio_features(ws: Workspace) -> AudioFeatures:
                          extractor=str(meta["extractor"]))
 
 
+def load_audio(ws: Workspace) -> tuple[np.ndarray, int]:
+    """The extracted audio ``extract/audio.wav``: ([S] float32 mono in [-1, 1], sample rate Hz)."""
+    import soundfile as sf
+
+    samples, sr = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+    return (samples.mean(1) if samples.ndim > 1 else samples), int(sr)
+
+
+def read_speech(ws: Workspace, path: str | Path) -> tuple[np.ndarray, int]:
+    """Any audio file ffmpeg reads, mono and resampled to the rate of the workspace's audio
+    features: ([S] float32, Hz).
+
+    Raises:
+        InputError: unreadable, or no samples.
+    """
+    from gstalk.config import AudioFeatureConfig, from_dict
+    from gstalk.errors import InputError
+    from gstalk.media import read_audio
+
+    acfg = from_dict(AudioFeatureConfig, ws.stage("extract").config.get("audio", {}))
+    samples = read_audio(path, acfg.sample_rate)
+    if samples.size == 0:
+        raise InputError(f"{path} contains no audio samples.", path=path)
+    return samples, acfg.sample_rate
+
+
+def speech_windows(ws: Workspace, af: AudioFeatures, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Feature windows of new speech for the model, one per output video frame (A/V offset 0):
+    [N, W, C] float32 with N = round(duration · fps), normalised with the training clip's
+    statistics ``af``. ``samples`` [S] at ``sample_rate`` Hz (from :func:`read_speech`)."""
+    from gstalk.audio import frame_windows, get_extractor, n_video_frames, normalise
+    from gstalk.config import AudioFeatureConfig, from_dict
+
+    ex = ws.stage("extract")
+    fps = float(ex.summary["fps"])
+    extractor = get_extractor(af.extractor, from_dict(AudioFeatureConfig, ex.config.get("audio", {})))
+    steps = normalise(extractor(samples, sample_rate), af.mean, af.std)
+    n = n_video_frames(samples.size, sample_rate, fps)
+    return frame_windows(steps, n, fps, extractor.steps_per_second, af.window, 0)
+
+
 def split_indices(ws: Workspace) -> tuple[range, range]:
     """(train frames, test frames) as ranges, from the extract summary."""
     s = ws.stage("extract").summary["split"]

@@ -65,6 +65,26 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / s if s > 1e-12 else np.zeros_like(x, dtype=np.float64)
 
 
+def fill_nan(x: np.ndarray) -> np.ndarray:
+    """Linear interpolation over the NaN entries of a [N] series (all NaN -> zeros)."""
+    x = np.asarray(x, np.float64).copy()
+    ok = np.isfinite(x)
+    if not ok.any():
+        return np.zeros_like(x)
+    x[~ok] = np.interp(np.flatnonzero(~ok), np.flatnonzero(ok), x[ok])
+    return x
+
+
+def sync_scores(opening: np.ndarray, predicted: np.ndarray, max_lag: int = 10) -> dict[str, float]:
+    """Lip-sync score of a mouth-opening series [N] (any units; NaN = not measured, filled
+    linearly) against the opening the audio predicts [N]: {"sync_corr": Pearson correlation
+    at lag 0, "sync_lag": the best lag in frames (> 0: the audio is late; searched within
+    ±min(max_lag, N // 4)), "sync_corr_best": the correlation there}."""
+    curve = correlate_lags(zscore(fill_nan(opening)), predicted, min(max_lag, max(len(opening) // 4, 0)))
+    best = max(curve, key=lambda k: curve[k])
+    return {"sync_corr": curve[0], "sync_lag": int(best), "sync_corr_best": curve[best]}
+
+
 @dataclass
 class LipSyncProxy:
     """Ridge coefficients: predicted z-scored opening = features · ``weights`` + ``bias``.
@@ -103,13 +123,9 @@ class LipSyncProxy:
         """Lip-sync score of a clip: its per-frame mouth opening [N] against the audio.
 
         Returns:
-            {"corr": Pearson correlation at lag 0, "best_lag": frames (> 0: audio late),
-            "corr_best": the correlation there, "frames": N}.
+            :func:`sync_scores` of ``opening`` against :meth:`predict`.
         """
-        pred = self.predict(samples, sample_rate, len(opening), fps)
-        curve = correlate_lags(zscore(np.asarray(opening, np.float64)), pred, max_lag)
-        best = max(curve, key=lambda k: curve[k])
-        return {"corr": curve[0], "best_lag": int(best), "corr_best": curve[best], "frames": int(len(opening))}
+        return sync_scores(opening, self.predict(samples, sample_rate, len(opening), fps), max_lag)
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
@@ -161,18 +177,17 @@ def fit_proxy(clips: list[Clip], alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 
 def clip_from_workspace(ws_path: str | Path, frames: range | None = None) -> Clip:
     """A fitting clip from a workspace whose track stage is done: the extracted audio and the
     tracked mouth opening (``frames``: a sub-range, e.g. the training split)."""
-    import soundfile as sf
-
-    from gstalk.dataset import load_tracks
+    from gstalk.dataset import load_audio, load_tracks
+    from gstalk.errors import WorkspaceError
     from gstalk.tracking.avsync import mouth_opening
     from gstalk.workspace import Workspace
 
     ws = Workspace.open(ws_path)
-    ws.require("coarse")  # extract and track done
+    if ws.stage("track").status != "done":
+        raise WorkspaceError(f"Stage 'track' is not done in {ws.root}; fitting needs its mouth landmarks.",
+                             hint=f"run `gstalk track {ws.root}` first")
     fps = float(ws.stage("extract").summary["fps"])
-    samples, sr = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
-    if samples.ndim > 1:
-        samples = samples.mean(1)
+    samples, sr = load_audio(ws)
     lms = load_tracks(ws).landmarks.numpy()
     feats = audio_context_features(samples, sr, len(lms), fps)
     opening = mouth_opening(lms)

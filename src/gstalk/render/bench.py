@@ -27,7 +27,7 @@ import torch
 
 from gstalk.audio import frame_windows, get_extractor, normalise
 from gstalk.config import AudioFeatureConfig, from_dict
-from gstalk.dataset import load_audio_features, load_fine_model, load_tracks, split_indices
+from gstalk.dataset import load_audio, load_audio_features, load_fine_model, load_tracks, split_indices
 from gstalk.deform.audio import neighbour_indices
 from gstalk.media import VideoWriter
 from gstalk.render.driver import HeadRenderer, loop_poses
@@ -45,8 +45,6 @@ def bench_render(workspace: str | Path, *, frames: int = 100, warmup: int = 10, 
     Raises:
         WorkspaceError: the fine stage is missing or stale.
     """
-    import soundfile as sf
-
     ws = Workspace.open(workspace)
     ws.require("render")
     ex = ws.stage("extract")
@@ -56,7 +54,7 @@ def bench_render(workspace: str | Path, *, frames: int = 100, warmup: int = 10, 
     af = load_audio_features(ws)
     train, _ = split_indices(ws)
     acfg = from_dict(AudioFeatureConfig, ex.config.get("audio", {}))
-    samples, sr = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+    samples, sr = load_audio(ws)
     n = min(frames + warmup, int(ex.summary["n_frames"]))
     samples = samples[: int(round(n / fps * sr))]
 

@@ -87,7 +87,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
     head = "| model | " + " | ".join(cols) + " | Gaussians | fine s | render FPS |"
     lines = [head, "|---|" + "---|" * (len(cols) + 3)]
     for r in result["rows"]:
-        cells = [_fmt(k, r.get(k)) for k in cols]
+        cells = [fmt_metric(k, r.get(k)) for k in cols]
         cells += [str(r["n_gaussians"]) if r["n_gaussians"] else "–",
                   f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
                   f"{r['render_fps']:.1f}" if r["render_fps"] else "–"]
@@ -95,7 +95,8 @@ def compare_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(key: str, v: Any) -> str:
+def fmt_metric(key: str, v: Any) -> str:
+    """A metric for a table: 4 decimals for SSIM and AUE, 2 otherwise, "–" when missing/NaN."""
     if v is None:
         return "–"
     if isinstance(v, float) and v != v:

@@ -18,11 +18,16 @@ from typing import Any
 import numpy as np
 
 from gstalk import __version__
-from gstalk.audio import frame_windows, get_extractor, n_video_frames, normalise
-from gstalk.config import AudioFeatureConfig, from_dict
-from gstalk.dataset import load_audio_features, load_fine_model, load_tracks, split_indices
+from gstalk.dataset import (
+    load_audio,
+    load_audio_features,
+    load_fine_model,
+    load_tracks,
+    read_speech,
+    speech_windows,
+    split_indices,
+)
 from gstalk.errors import InputError
-from gstalk.media import read_audio
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer, loop_poses
 from gstalk.workspace import Workspace, atomic_write, now_iso, write_json
@@ -42,8 +47,7 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     Raises:
         WorkspaceError: fine missing or stale. InputError: unreadable or empty audio.
     """
-    from gstalk.metrics.lipsync import LipSyncProxy
-    from gstalk.stages.evaluate import _workspace_audio, sync_scores
+    from gstalk.metrics.lipsync import LipSyncProxy, sync_scores
     from gstalk.tracking.avsync import mouth_opening
     from gstalk.tracking.detector import MediaPipeDetector
 
@@ -56,17 +60,12 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     params, model, meta = load_fine_model(ws)
     tracks = load_tracks(ws)
     af = load_audio_features(ws)
-    acfg = from_dict(AudioFeatureConfig, ex.config.get("audio", {}))
-    samples = read_audio(audio, acfg.sample_rate)
-    if samples.size == 0:
-        raise InputError(f"{audio} contains no audio samples.", path=audio)
-    samples = samples[:int(MAX_SECONDS * acfg.sample_rate)]
-    extractor = get_extractor(af.extractor, acfg)
-    steps = normalise(extractor(samples, acfg.sample_rate), af.mean, af.std)
-    n = n_video_frames(samples.size, acfg.sample_rate, fps)
+    samples, rate = read_speech(ws, audio)
+    samples = samples[:int(MAX_SECONDS * rate)]
+    windows = speech_windows(ws, af, samples, rate)
+    n = len(windows)
     if n < 25:
         raise InputError(f"{audio} is shorter than 1 s: too short to measure lip sync.", path=audio)
-    windows = frame_windows(steps, n, fps, extractor.steps_per_second, af.window, 0)
     poses = loop_poses(n, train)
     renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
     opening = np.full(n, np.nan)
@@ -81,12 +80,13 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
                 names = names or faces[0].names
             bar.advance()
     proxy = LipSyncProxy.load()
-    predicted = proxy.predict(samples, acfg.sample_rate, n, fps)
+    predicted = proxy.predict(samples, rate, n, fps)
     scores = sync_scores(opening, predicted)
-    mismatched = sync_scores(opening, proxy.predict(samples[::-1].copy(), acfg.sample_rate, n, fps)[::-1].copy())
-    own = _workspace_audio(ws)
+    # the speech reversed in time: the same spectrum and loudness statistics, a different timeline
+    mismatched = sync_scores(opening, proxy.predict(samples[::-1].copy(), rate, n, fps))
+    own, own_rate = load_audio(ws)
     real_open = mouth_opening(tracks.landmarks.numpy())
-    real = sync_scores(real_open, proxy.predict(own, int(ex.summary["audio"]["sample_rate"]), len(real_open), fps))
+    real = sync_scores(real_open, proxy.predict(own, own_rate, len(real_open), fps))
     keys = ("jawOpen", "mouthClose", "mouthFunnel", "mouthPucker")
     b = np.stack(bss) if bss else np.zeros((0, len(names)))
     blend = {k: {"mean": float(b[:, names.index(k)].mean()), "std": float(b[:, names.index(k)].std())}

@@ -19,7 +19,15 @@ import torch
 
 from gstalk import __version__
 from gstalk.audio import frame_windows
-from gstalk.dataset import build_frameset, load_audio_features, load_fine_model, load_frame, load_tracks, split_indices
+from gstalk.dataset import (
+    build_frameset,
+    load_audio,
+    load_audio_features,
+    load_fine_model,
+    load_frame,
+    load_tracks,
+    split_indices,
+)
 from gstalk.deform.audio import neighbour_indices
 from gstalk.gaussians.splat import composite, splat
 from gstalk.images import to_uint8, write_png
@@ -101,6 +109,7 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
         results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance))
     # mouth motion and the lip-sync proxy: the renders' mouth opening against the real video's
     # and against the opening the audio predicts
+    from gstalk.metrics.lipsync import fill_nan
     from gstalk.tracking.avsync import mouth_opening
 
     real_open = mouth_opening(tracks.landmarks[sel].numpy())
@@ -108,11 +117,10 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
         o = fill_nan(v["_opening"])
         v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
     if len(test) >= MIN_SYNC_FRAMES:
-        from gstalk.metrics.lipsync import LipSyncProxy
+        from gstalk.metrics.lipsync import LipSyncProxy, sync_scores
 
-        samples = _workspace_audio(ws)
-        predicted = LipSyncProxy.load().predict(samples, int(ex["audio"]["sample_rate"]), int(ex["n_frames"]),
-                                                float(ex["fps"]))[list(test)]
+        samples, rate = load_audio(ws)
+        predicted = LipSyncProxy.load().predict(samples, rate, int(ex["n_frames"]), float(ex["fps"]))[list(test)]
         for v in (results["model"], results["baselines"]["coarse"]):
             v.update(sync_scores(v["_opening"], predicted))
         real = sync_scores(real_open, predicted)
@@ -139,14 +147,6 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     with atomic_write(d / "report.md", "w") as f:
         f.write(report_markdown(out))
     return out
-
-
-def _workspace_audio(ws: Workspace) -> np.ndarray:
-    """The extracted audio (``extract/audio.wav``) as [S] float32 mono."""
-    import soundfile as sf
-
-    samples, _ = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
-    return samples.mean(1) if samples.ndim > 1 else samples
 
 
 def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
@@ -189,28 +189,6 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
     aue = blendshape_error(np.stack(bss), tracks.blendshapes[sel].numpy(), tracks.blendshape_names)
     return {"lmd": float(d.mean()), "lmd_512": float(d.mean() * 512.0 / size), "aue": aue.pop("mean"),
             "aue_parts": aue, "lip_frames": len(keep), "_opening": opening}
-
-
-def fill_nan(x: np.ndarray) -> np.ndarray:
-    """Linear interpolation over NaN entries of a [N] series (all-NaN -> zeros)."""
-    x = np.asarray(x, np.float64).copy()
-    ok = np.isfinite(x)
-    if not ok.any():
-        return np.zeros_like(x)
-    x[~ok] = np.interp(np.flatnonzero(~ok), np.flatnonzero(ok), x[ok])
-    return x
-
-
-def sync_scores(opening: np.ndarray, predicted: np.ndarray, max_lag: int = 10) -> dict[str, float]:
-    """The lip-sync proxy's numbers for a mouth-opening series [N] (NaN = not measured)
-    against the opening the audio predicts [N]: {"sync_corr" (lag 0), "sync_lag" (best lag,
-    frames, > 0: audio late), "sync_corr_best"}. See :mod:`gstalk.metrics.lipsync`."""
-    from gstalk.metrics.lipsync import zscore
-    from gstalk.tracking.avsync import correlate_lags
-
-    curve = correlate_lags(zscore(fill_nan(opening)), predicted, min(max_lag, max(len(opening) // 4, 0)))
-    best = max(curve, key=lambda k: curve[k])
-    return {"sync_corr": curve[0], "sync_lag": int(best), "sync_corr_best": curve[best]}
 
 
 def _samples(path: Any, gt: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, count: int = 4) -> None:

@@ -19,11 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gstalk.audio import frame_windows, get_extractor, n_video_frames, normalise
-from gstalk.config import AudioFeatureConfig, from_dict
-from gstalk.dataset import load_audio_features, load_background, load_fine_model, load_tracks, split_indices
+from gstalk.audio import frame_windows
+from gstalk.dataset import (
+    load_audio,
+    load_audio_features,
+    load_fine_model,
+    load_tracks,
+    read_speech,
+    speech_windows,
+    split_indices,
+)
 from gstalk.errors import InputError, UsageError
-from gstalk.media import VideoWriter, read_audio, write_wav
+from gstalk.media import VideoWriter, write_wav
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.backdrop import PngSequenceWriter, parse_backdrop
 from gstalk.render.driver import HeadRenderer, auto_blinks, frontal_frame, loop_poses
@@ -78,8 +85,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
                          hint="H.264 (yuv420p) needs even sizes, e.g. --size 512")
     if blink not in ("video", "auto"):
         raise UsageError(f"Unknown --blink '{blink}'.", hint="use video or auto")
-    plate = load_background(ws)
-    backdrop = parse_backdrop(background, plate.shape[1], plate.shape[0])  # refuse a bad one before any work
+    size0 = int(ex.summary["size"])  # square frames
+    backdrop = parse_backdrop(background, size0, size0)  # refuse a bad one before any work
     if alpha and output is not None and str(output) == "-":
         raise UsageError("--alpha writes a folder of PNG frames, not a stream.", hint="give -o FOLDER")
     train, test = split_indices(ws)
@@ -95,9 +102,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             windows = frame_windows(af.steps, n_all, fps, af.steps_per_second, af.window, offset)[list(test)]
             poses = list(test)
             sr = int(ex.summary["audio"]["sample_rate"])
-            import soundfile as sf
-
-            samples, _ = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+            samples, _ = load_audio(ws)
             seg = samples[int(round(test.start / fps * sr)):int(round(test.stop / fps * sr))]
             mux = Path(tmp) / "audio.wav"
             write_wav(mux, seg, sr)
@@ -112,16 +117,10 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
                 with open(audio, "wb") as f:
                     shutil.copyfileobj(sys.stdin.buffer, f)
                 name = "stdin"
-            acfg = from_dict(AudioFeatureConfig, ex.config.get("audio", {}))
-            samples = read_audio(audio, acfg.sample_rate)
-            if samples.size == 0:
-                raise InputError(f"{audio} contains no audio samples.", path=audio)
-            duration = samples.size / acfg.sample_rate
-            extractor = get_extractor(af.extractor, acfg)
-            steps = normalise(extractor(samples, acfg.sample_rate), af.mean, af.std)
-            n_out = n_video_frames(samples.size, acfg.sample_rate, fps)
-            windows = frame_windows(steps, n_out, fps, extractor.steps_per_second, af.window, 0)
-            poses = loop_poses(n_out, train)
+            samples, rate = read_speech(ws, audio)
+            duration = samples.size / rate
+            windows = speech_windows(ws, af, samples, rate)
+            poses = loop_poses(len(windows), train)
             mux = Path(audio)
         default_name = f"{name}_rgba" if alpha else f"{name}.mp4"
         out_path = Path(output) if output is not None else renders / default_name

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from gstalk.config import TrackConfig, to_dict
-from gstalk.dataset import load_frame
+from gstalk.dataset import load_audio, load_frame
 from gstalk.errors import TrackingError
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
@@ -232,9 +232,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
                       "landmarks are unreliable there; trim those frames for a better model")
 
     # 3. A/V offset ----------------------------------------------------------------------
-    import soundfile as sf
-
-    samples, sr = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+    samples, sr = load_audio(ws)
     av = estimate_offset(lms, samples, sr, fps, cfg.av_max_lag)
     reporter.log(f"  audio/video offset {av.frames:+d} frames (correlation {av.correlation:.2f}, "
                  f"{av.correlation_at_zero:.2f} at 0)")

@@ -169,9 +169,10 @@ class FineTrainer:
         """Mean absolute offset over Gaussians and attributes (position in cm): keeps the
         deformation sparse, so the head is not moved as a whole (that is the camera's job)."""
         parts = [deltas.means * 100.0, deltas.quats, deltas.scales, deltas.opacities, deltas.colors]
-        w = deltas.weight if deltas.weight is not None else None  # penalise what is applied: d·ΔG
-        return torch.stack([(p * (w if p.dim() == 1 else w[:, None]) if w is not None else p).abs().mean()
-                            for p in parts if p is not None]).sum()
+        parts = [p if p.dim() == 2 else p[:, None] for p in parts if p is not None]
+        if deltas.weight is not None:  # penalise what is applied: d·ΔG
+            parts = [p * deltas.weight[:, None] for p in parts]
+        return torch.stack([p.abs().mean() for p in parts]).sum()
 
     def train_step(self) -> dict[str, float]:
         c, d = self.cfg, self.data
