@@ -65,6 +65,14 @@ def _fail(exc: BaseException, debug: bool) -> None:
         hint = f" [dim]Fix: {escape(exc.hint)}[/dim]" if exc.hint else ""
         err.print(f"[bold red]error:[/bold red] {escape(exc.message)}{hint}", soft_wrap=True)
         raise typer.Exit(exc.exit_code)
+    if isinstance(exc, OSError) and not isinstance(exc, GstalkError):
+        from gstalk.errors import resource_error
+
+        res = resource_error(exc)  # disk full / not writable, raised outside the workspace's own writes
+        if res is not None:
+            if debug:
+                err.print_exception()
+            _fail(res, False)
     if isinstance(exc, KeyboardInterrupt):
         err.print("[yellow]interrupted[/yellow]: the workspace keeps its last complete state; re-run to continue.")
         raise typer.Exit(130)
@@ -295,17 +303,35 @@ def eval_(
     fail_under: Annotated[Optional[list[str]], typer.Option(
         "--fail-under", help="Quality gate for CI, METRIC=VALUE (e.g. psnr=30 or mouth_psnr=25; repeatable): exit "
                              "with code 10 when the model scores below it. Metrics: the keys of metrics.json.")] = None,
+    lpips: Annotated[Optional[Path], typer.Option(
+        "--lpips", help="Also compute LPIPS (AlexNet or VGG16) with these weights: a local .safetensors file you "
+                        "make from the official LPIPS weights (docs/methods.md shows how; gstalk downloads nothing "
+                        "and never unpickles). Self-driven only.", show_default=False)] = None,
+    syncnet: Annotated[Optional[Path], typer.Option(
+        "--syncnet", help="Also compute LSE-C/LSE-D with these SyncNet weights: a local .safetensors file converted "
+                          "from syncnet_python's syncnet_v2.model (docs/methods.md). Self- and cross-driven.",
+        show_default=False)] = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Evaluate on the held-out test frames: PSNR/SSIM of the full frame, face box and mouth box, LMD and blendshape
-    error, against the mean-frame and the static coarse baselines. Writes WORKSPACE/eval/metrics.json, report.md,
-    samples.png. With --compare, one table across workspaces."""
+    error, mouth motion and the lip-sync proxy, against the mean-frame and the static coarse baselines; LPIPS and
+    LSE-C/LSE-D when you pass weight files (--lpips, --syncnet), else the report says they were skipped. Writes
+    WORKSPACE/eval/metrics.json, report.md, samples.png (ground truth | coarse | fine | error), psnr.png (PSNR per
+    test frame) and mouth.png (mouth opening of render and ground truth vs the opening the audio predicts). With
+    --audio, cross-driven; with --compare, one table across workspaces."""
     with _guard(debug):
         from gstalk.errors import UsageError
         from gstalk.stages.evaluate import check_thresholds, parse_thresholds, run_eval
 
         gates = parse_thresholds(fail_under or [])
+        if compare and (lpips is not None or syncnet is not None):
+            raise UsageError("--lpips/--syncnet do not combine with --compare.",
+                             hint="evaluate each workspace with `gstalk eval WS --lpips PATH --syncnet PATH` first; "
+                                  "--compare then reads their metrics.json")
+        if audio is not None and lpips is not None:
+            raise UsageError("--lpips needs ground truth, and a cross-driven eval (--audio) has none.",
+                             hint="drop --lpips, or run `gstalk eval WS --lpips PATH` without --audio")
         if compare:
             from gstalk.stages.compare import compare as compare_workspaces
 
@@ -325,17 +351,19 @@ def eval_(
         if audio is not None:
             from gstalk.stages.crosseval import run_cross_eval
 
-            c = run_cross_eval(root, audio, backend=raster, reporter=_reporter(quiet))
+            c = run_cross_eval(root, audio, backend=raster, reporter=_reporter(quiet), syncnet=syncnet)
             if as_json:
                 _print_json(c)
             elif not quiet:
                 _reporter(False).log(
                     f"lip sync (proxy, corr at best lag): {c['sync_corr_best']:.2f} at {c['sync_lag']:+d} frames; "
                     f"mismatched audio {c['mismatched']['sync_corr_best']:.2f}; real video "
-                    f"{c['real_video']['sync_corr_best']:.2f}; mouth motion {c['mouth_motion']:.2f}")
+                    f"{c['real_video']['sync_corr_best']:.2f}; mouth motion {c['mouth_motion']:.2f}"
+                    + (f"; LSE-C {c['lse_c']:.2f}, LSE-D {c['lse_d']:.2f} (real video {c['real_video']['lse_c']:.2f}, "
+                       f"{c['real_video']['lse_d']:.2f})" if "lse_c" in c and "lse_c" in c["real_video"] else ""))
                 print(root / "eval" / f"cross_{audio.stem}" / "report.md")
             return
-        m = run_eval(str(root), backend=raster, reporter=_reporter(quiet))
+        m = run_eval(str(root), backend=raster, reporter=_reporter(quiet), lpips=lpips, syncnet=syncnet)
         if as_json:
             _print_json(m)
         else:
@@ -370,18 +398,21 @@ def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:
 
     t = Table(title=f"gstalk eval: {m['n_frames']} test frames")
     t.add_column("")
-    cols = (*KEYS, "lmd", "aue")
+    cols = (*KEYS, "lmd", "aue", *[k for k in ("lpips", "lse_c", "lse_d") if k in m])
     for k in cols:
         t.add_column(k, justify="right")
 
     def cell(v: dict[str, Any], k: str) -> str:
         if k not in v:
             return "–"
-        return f"{v[k]:.4f}" if "ssim" in k or k == "aue" else f"{v[k]:.2f}"
+        return f"{v[k]:.4f}" if "ssim" in k or k in ("aue", "lpips") else f"{v[k]:.2f}"
 
     for name, v in [("fine model", m)] + [(f"baseline: {k}", b) for k, b in m["baselines"].items()]:
         t.add_row(name, *[cell(v, k) for k in cols])
-    Console(stderr=stderr).print(t)
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(stderr=stderr, width=200)
+    console.print(t)
 
 
 # ---------------------------------------------------------------------------- run

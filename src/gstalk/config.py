@@ -136,6 +136,21 @@ class FineConfig:
     kan_hidden: int = 32
     head: str = "kan"  # egstalker's head: kan (paper) or mlp (ablation)
     fusion: str = "attention"  # egstalker's fusion: attention (ESAA, paper) or concat (ablation)
+    # Densification continued in the fine stage (3DGS clone/split/prune of the canonical
+    # Gaussians, driven by the deformed renders' screen-space gradients); 0 = off (cpu-quick:
+    # not shown to pay on a 20 s clip; the paper preset densifies up to 15k iterations)
+    densify_until: int = 0
+    densify_from: int = 200
+    densify_every: int = 100
+    densify_max: int = 40000  # Gaussians at most
+    # Optional perceptual loss: LPIPS from a local safetensors file (see docs/methods.md)
+    lpips_weights: str | None = None
+    lpips_lambda: float = 0.05
+    # Torso (GSTalker's pose-conditioned torso field; false = paste the pose frame's torso)
+    torso: bool = True
+    torso_stride: int = 3  # px between torso Gaussian seeds at the trained size
+    torso_hidden: int = 64
+    lr_torso: float = 1e-3  # the torso field's MLP (its Gaussians use the coarse stage's rates)
     raster: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
@@ -168,7 +183,8 @@ PRESETS: dict[str, Preset] = {
                             densify=DensifyConfig(start=500, stop=10000, every=100,
                                                   reset_opacity_every=3000, max_gaussians=150000)),
         fine=FineConfig(iterations=30000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
-                        plane_res=64, plane_scales=4, audio_smooth_window=8, checkpoint_every=2000),
+                        plane_res=64, plane_scales=4, audio_smooth_window=8, checkpoint_every=2000,
+                        densify_from=1000, densify_until=15000, densify_max=100000),
         description="512 px and the papers' iteration counts: for a GPU (hours on a CPU)",
     ),
     "test": Preset(
@@ -182,7 +198,7 @@ PRESETS: dict[str, Preset] = {
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
                         hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
                         articulation_members=2, plane_res=8, plane_dim=8, feature_dim=16, attention_dim=16,
-                        kan_hidden=16),
+                        kan_hidden=16, torso_stride=2, densify_from=20, densify_until=31, densify_every=10),
         description="tiny: for the test suite and CI smoke runs (seconds)",
     ),
 }

@@ -85,6 +85,30 @@ class QualityError(GstalkError):
     exit_code = 10
 
 
+DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (quota exceeded)
+NOT_WRITABLE_ERRNOS = frozenset({1, 13, 30})  # EPERM, EACCES, EROFS
+
+
+def resource_error(exc: OSError, path: str | Path | None = None) -> ResourceError | None:
+    """The :class:`ResourceError` for an OS error that means "disk full" or "not writable",
+    or None for any other OS error (a bug, or an input problem reported elsewhere).
+
+    Args:
+        exc: the OS error (``errno`` decides).
+        path: the file being written; default ``exc.filename``, else unnamed.
+    """
+    where = path if path is not None else exc.filename
+    if exc.errno in DISK_FULL_ERRNOS:
+        return ResourceError(f"No space left on the device while writing {where or 'the output'}.",
+                             hint="free some disk space (or choose another --workspace) and re-run the same "
+                                  "command; finished stages are kept", path=where)
+    if exc.errno in NOT_WRITABLE_ERRNOS:
+        return ResourceError(f"Cannot write {where or 'the output'}: {exc.strerror}.",
+                             hint="choose a writable workspace folder (--workspace) or fix its permissions",
+                             path=where)
+    return None
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "other gstalk error",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import fcntl
 import hashlib
 import json
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gstalk import __version__
-from gstalk.errors import LockError, ResourceError, WorkspaceError
+from gstalk.errors import GstalkError, LockError, WorkspaceError, resource_error
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,12 +79,11 @@ def sha256_tree(path: str | Path) -> str:
 
 
 def _raise_os_error(exc: OSError, path: Path) -> None:
-    if exc.errno == errno.ENOSPC:
-        raise ResourceError(f"No space left on the device while writing {path}.",
-                            hint="free some disk space and re-run the same command", path=path) from exc
-    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        raise ResourceError(f"Cannot write {path}: {exc.strerror}.",
-                            hint="choose a writable workspace folder (--workspace)", path=path) from exc
+    """Re-raise a disk-full / not-writable OS error as :class:`ResourceError` naming ``path``;
+    any other OS error unchanged."""
+    err = resource_error(exc, path)
+    if err is not None:
+        raise err from exc
     raise exc
 
 
@@ -260,8 +258,13 @@ class Workspace:
         return ws
 
     def load(self) -> dict[str, Any]:
-        m = read_json(self.manifest_path)
         damaged = "the manifest is damaged; re-run `gstalk extract`"
+        try:
+            m = read_json(self.manifest_path)
+        except WorkspaceError as exc:  # deleting the manifest, read_json's generic fix, would orphan the folder
+            raise WorkspaceError(exc.message, hint="restore manifest.json from a backup, or start the workspace "
+                                 f"again: `gstalk extract VIDEO -w {self.root}` then the later stages",
+                                 path=self.manifest_path) from None
         version = m.get("schema_version") if isinstance(m, dict) else None
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise WorkspaceError(f"{self.manifest_path} has no valid schema_version (a positive integer).",
@@ -369,14 +372,21 @@ class Workspace:
         self.save()
 
     def fail(self, stage: str, error: str) -> None:
-        """Mark ``stage`` failed with a one-line reason (the previous outputs stay as they were)."""
+        """Mark ``stage`` failed with a one-line reason (the previous outputs stay as they were).
+
+        Best effort, never raises: it runs while another error propagates (often a full
+        disk, which would also stop this write), and that error is the one to report. If the
+        manifest cannot be written, it keeps saying ``running``, which ``gstalk check``
+        reports as interrupted, with the same fix.
+        """
         rec = self.manifest["stages"].get(stage)
         if rec is None:
             return
         rec["status"] = "failed"
         rec["error"] = error
         rec["finished"] = now_iso()
-        self.save()
+        with contextlib.suppress(OSError, GstalkError):
+            self.save()
 
     # ----------------------------------------------------------------------- lock
     @contextlib.contextmanager

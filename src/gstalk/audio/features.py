@@ -9,6 +9,7 @@ span 0.32 s, the same span as the peers' DeepSpeech windows. Extractors sit behi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,7 @@ class MFCCExtractor:
 
     cfg: AudioFeatureConfig
     name: str = "mfcc"
+    block_s: float = 10.0  # seconds of audio per block (memory), any value gives the same features
 
     @property
     def dim(self) -> int:
@@ -51,17 +53,45 @@ class MFCCExtractor:
         return 1.0 / self.cfg.winstep
 
     def __call__(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        """[T, numcep] float32 features of [S] samples at ``sample_rate`` Hz, one step per ``winstep``.
+
+        Computed in blocks of ``block_s`` seconds, so memory grows with the output (T x numcep),
+        not with the FFT frames of the whole signal (an hour of audio needed ~3.5 GB in one go);
+        the result equals the one-shot computation (the dither, pre-emphasis and zero padding
+        are carried across blocks).
+        """
         from python_speech_features import mfcc
 
         if samples.size == 0:
             return np.zeros((0, self.dim), np.float32)
-        # Tiny dither keeps log() finite on digital silence.
-        rng = np.random.default_rng(0)
-        x = samples.astype(np.float64) + rng.normal(0.0, 1e-5, samples.shape)
-        feats = mfcc(x, samplerate=sample_rate, winlen=self.cfg.winlen, winstep=self.cfg.winstep,
-                     numcep=self.cfg.numcep, nfilt=self.cfg.nfilt, nfft=self.cfg.nfft, appendEnergy=True,
-                     winfunc=np.hanning)
-        return feats.astype(np.float32)
+        flen = int(math.floor(self.cfg.winlen * sample_rate + 0.5))  # python_speech_features rounds half up
+        step = int(math.floor(self.cfg.winstep * sample_rate + 0.5))
+        n = int(samples.size)
+        total = 1 if n <= flen else 1 + int(math.ceil((n - flen) / step))
+        block = max(1, int(self.block_s / self.cfg.winstep))  # feature steps per block
+        rng = np.random.default_rng(0)  # tiny dither keeps log() finite on digital silence
+        out = np.empty((total, self.dim), np.float32)
+        buf, start = np.zeros(0), 0  # dithered samples [start, start + len(buf)) carried over
+        for f0 in range(0, total, block):
+            m = min(block, total - f0)
+            a = f0 * step
+            b = min(n, a + (m - 1) * step + flen)
+            done = start + buf.size
+            if b > done:
+                new = samples[done:b].astype(np.float64) + rng.normal(0.0, 1e-5, b - done)
+                buf = np.concatenate([buf, new])
+            x = buf[a - start:b - start]
+            y = x.copy()  # pre-emphasis 0.97, continued from the previous block's last sample
+            y[1:] -= 0.97 * x[:-1]
+            if a > 0:
+                y[0] -= 0.97 * buf[a - start - 1]
+            feats = mfcc(y, samplerate=sample_rate, winlen=self.cfg.winlen, winstep=self.cfg.winstep,
+                         numcep=self.cfg.numcep, nfilt=self.cfg.nfilt, nfft=self.cfg.nfft, appendEnergy=True,
+                         winfunc=np.hanning, preemph=0.0)
+            out[f0:f0 + m] = feats[:m]
+            keep = (f0 + m) * step - 1  # the next block starts at (f0 + m) * step and needs one sample before
+            buf, start = buf[max(0, keep - start):], max(start, keep)
+        return out
 
 
 def get_extractor(name: str, cfg: AudioFeatureConfig) -> AudioFeatureExtractor:

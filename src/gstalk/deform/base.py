@@ -99,6 +99,7 @@ class DeformationModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.articulator: nn.Module | None = None
+        self.torso: nn.Module | None = None  # a TorsoField (gstalk.deform.torso) when trained with one
         self.window = 16
 
     def setup_conditioning(self, audio_in_dim: int, window: int, articulation: int, members: int,

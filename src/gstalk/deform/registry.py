@@ -48,7 +48,18 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
 
 
 def build_model(spec: dict[str, Any]) -> DeformationModel:
-    """Instantiate the model described by :func:`model_spec`."""
+    """Instantiate the model described by :func:`model_spec` (with its
+    :class:`~gstalk.deform.torso.TorsoField` when ``spec["torso"]`` is set: zeros until
+    its state is loaded or :func:`~gstalk.deform.torso.init_torso` fills it)."""
+    model = _build(spec)
+    if spec.get("torso"):
+        from gstalk.deform.torso import TorsoField
+
+        model.torso = TorsoField(**spec["torso"])
+    return model
+
+
+def _build(spec: dict[str, Any]) -> DeformationModel:
     kw = dict(spec["kwargs"])
     kw["aabb"] = torch.tensor(kw["aabb"], dtype=torch.float32)
     if spec["name"] == "gstalker":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,7 +88,8 @@ def read_video_frames(
         stream = stream.filter("scale", ow, oh, flags="area")
         w, h = ow, oh
     out = _global(stream.output("pipe:", format="rawvideo", pix_fmt="rgb24"))
-    proc = subprocess.Popen(out.compile(cmd=ffmpeg_exe()), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    errf = tempfile.TemporaryFile()  # a file, not a pipe: many decode errors cannot block ffmpeg
+    proc = subprocess.Popen(out.compile(cmd=ffmpeg_exe()), stdout=subprocess.PIPE, stderr=errf)
     nbytes = w * h * 3
     killed = False
     try:
@@ -100,7 +103,10 @@ def read_video_frames(
         if proc.poll() is None:  # the consumer stopped early
             killed = True
             proc.kill()
-        _, err = proc.communicate()
+        proc.communicate()
+        errf.seek(0)
+        err = errf.read()
+        errf.close()
     if proc.returncode != 0 and not killed:
         raise InputError(f"ffmpeg could not decode {path}: {_stderr_line(err)}.",
                          hint="check that the file plays; re-encode it with ffmpeg if it is damaged", path=path)
@@ -127,14 +133,61 @@ def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
     from gstalk.media.probe import probe
 
-    if probe(path).audio is None:
+    info = probe(path)
+    if info.audio is None:
         raise InputError(f"{path} has no audio track.", hint="give a file with speech audio", path=path)
     out = _global(ffmpeg.input(_file_url(path)).audio.output("pipe:", format="f32le", ac=2, ar=sample_rate))
-    proc = subprocess.run(out.compile(cmd=ffmpeg_exe()), capture_output=True)
+    # Stream the stereo pairs and mix each block to mono at once: memory stays at the mono
+    # result (4 bytes per sample) whatever the length; an hour at 16 kHz is 230 MB.
+    buf = MonoBuffer(int((info.audio.duration_s or info.duration_s) * sample_rate) + sample_rate)
+    with tempfile.TemporaryFile() as errf:  # a file, not a pipe: many decode errors cannot block ffmpeg
+        proc = subprocess.Popen(out.compile(cmd=ffmpeg_exe()), stdout=subprocess.PIPE, stderr=errf)
+        assert proc.stdout is not None
+        try:
+            rest = b""
+            while block := proc.stdout.read(1 << 20):
+                block = rest + block
+                cut = len(block) // 8 * 8
+                buf.append(np.frombuffer(block[:cut], np.float32).reshape(-1, 2).mean(1, dtype=np.float32))
+                rest = block[cut:]
+        finally:
+            if proc.poll() is None and sys.exc_info()[0] is not None:
+                proc.kill()
+            proc.stdout.close()
+            proc.wait()
+        errf.seek(0)
+        err = errf.read()
     if proc.returncode != 0:
-        raise InputError(f"ffmpeg could not decode the audio of {path}: {_stderr_line(proc.stderr)}.", path=path)
-    stereo = np.frombuffer(proc.stdout, np.float32)
-    return stereo[: stereo.size // 2 * 2].reshape(-1, 2).mean(1).astype(np.float32)
+        raise InputError(f"ffmpeg could not decode the audio of {path}: {_stderr_line(err)}.", path=path)
+    return buf.array()
+
+
+class MonoBuffer:
+    """A growing float32 array: ``append`` blocks, ``array()`` returns the filled part.
+
+    Args:
+        capacity: samples to reserve (e.g. from the probed duration); doubled when exceeded.
+    """
+
+    def __init__(self, capacity: int):
+        self._data = np.empty(max(1, capacity), np.float32)
+        self._n = 0
+
+    def append(self, block: np.ndarray) -> None:
+        """Append a [k] float32 block."""
+        need = self._n + block.size
+        if need > self._data.size:
+            grown = np.empty(max(need, 2 * self._data.size), np.float32)
+            grown[:self._n] = self._data[:self._n]
+            self._data = grown
+        self._data[self._n:need] = block
+        self._n = need
+
+    def array(self) -> np.ndarray:
+        """[n] float32: the samples appended so far (a view when the reserve was right-sized)."""
+        if self._n < 0.9 * self._data.size:  # do not keep a large unused reserve alive
+            return self._data[:self._n].copy()
+        return self._data[:self._n]
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:

@@ -4,8 +4,9 @@ Steps, each timed separately on the same frames after a warm-up:
 
 - ``features``: MFCC of the audio and the per-frame windows (once for the clip, per frame);
 - ``conditions``: the audio -> articulation regressor over the clip (once, per frame);
-- ``background``: the pose frame's torso over the background plate (a disk read the first
-  time a pose frame is used, then cached);
+- ``background``: the torso over the background plate: the torso field splatted for the
+  pose (or, without one, the pose frame's torso read from disk), timed in line here;
+  ``gstalk render`` makes it on a worker thread a few frames ahead, overlapping the rest;
 - ``deform``: audio code + deformation MLP + applying the offsets (per frame);
 - ``raster``: projection, sorting and alpha compositing of the Gaussians (per frame);
 - ``composite``: the head over its background, to uint8 (per frame);

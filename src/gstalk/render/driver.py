@@ -2,15 +2,21 @@
 
 The spatial encoding of the canonical Gaussians does not depend on the audio, so
 :class:`HeadRenderer` computes it once; each frame then costs the audio encoder, the
-deformation MLP, one rasterization and the composite over the pose frame's background
-(its torso over the background plate).
+deformation MLP, one rasterization and the composite over the pose frame's background:
+the torso over the background plate, where the torso is the torso field
+(:mod:`gstalk.deform.torso`) rendered for the frame's head pose or, in a workspace trained
+without one, the pose frame's own torso. Backgrounds are made on a worker thread a few
+frames ahead (:func:`prefetch`), so a long render streams in constant memory.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +26,60 @@ from gstalk.deform.audio import neighbour_indices
 from gstalk.deform.base import DeformationModel, apply_deltas
 from gstalk.gaussians.splat import composite, splat
 from gstalk.workspace import Workspace
+
+
+def _clock(timings: dict | None) -> float:
+    """perf_counter() for the step timings, after the GPU's queued work when a CUDA backend
+    runs (kernels are asynchronous: without it a step's time lands on the next one)."""
+    if timings is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 8) -> Iterator[R]:
+    """``map(fn, items)`` computed ``depth`` items ahead on a worker thread.
+
+    The queue between the thread and the consumer holds at most ``depth`` results, so memory
+    stays bounded whatever the length of ``items``; the work overlaps the consumer's when
+    ``fn`` releases the GIL (PNG decoding, numpy). An exception in ``fn`` is re-raised in the
+    consumer; a consumer that stops early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((fn(item), None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((None, exc))
+            return
+        q.put((done, None))
+
+    t = threading.Thread(target=work, name="gstalk-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            value, exc = q.get()
+            if exc is not None:
+                raise exc
+            if value is done:
+                return
+            yield value
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.01)
 
 
 def loop_poses(n_out: int, frames: range | list[int]) -> list[int]:
@@ -70,7 +130,9 @@ class HeadRenderer:
         model: the deformation model (eval mode).
         tracks: the track stage's per-frame data.
         backend: rasterizer backend.
-        cache: how many composited backgrounds to keep in memory (uint8, H·W·3 bytes each).
+        cache: how many composited backgrounds :meth:`background` keeps in memory (uint8,
+            H·W·3 bytes each); :meth:`frames` streams them instead (a bounded prefetch queue),
+            so its memory does not grow with the length of the audio.
         backdrop: [H, W, 3] uint8 RGB shown behind the head and torso instead of the
             background plate (``render --background``).
         alpha: render RGBA: the head over the torso over nothing; frames are [H, W, 4] with
@@ -82,7 +144,7 @@ class HeadRenderer:
     """
 
     def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
-                 backend: str = "auto", cache: int = 512, backdrop: np.ndarray | None = None, alpha: bool = False,
+                 backend: str = "auto", cache: int = 64, backdrop: np.ndarray | None = None, alpha: bool = False,
                  size: int | None = None):
         self.ws, self.params, self.model, self.tracks = ws, params, model, tracks
         self.backend = backend
@@ -96,30 +158,59 @@ class HeadRenderer:
         if backdrop is not None and backdrop.shape[:2] != (native_h, native_w):
             raise ValueError(f"backdrop must be [{native_h}, {native_w}, 3], got {list(backdrop.shape)}")
         self.plate = plate if backdrop is None else backdrop
+        self.torso = model.torso  # GSTalker's torso field, or None: paste the pose frame's torso
+        if self.torso is not None:
+            import cv2
+
+            interp = cv2.INTER_LINEAR if self.scale > 1 else cv2.INTER_AREA
+            p = self.plate if self.scale == 1.0 else cv2.resize(self.plate, (self.width, self.height),
+                                                                interpolation=interp)
+            self._plate_f = torch.from_numpy(np.ascontiguousarray(p))[None].float() / 255.0
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_size = cache
         with torch.no_grad():
             self.spatial = model.spatial(params["means"])
 
+    def load_background(self, frame: int, viewmat: torch.Tensor | None = None) -> torch.Tensor:
+        """[1, H, W, 3] uint8 (``alpha``: [1, H, W, 4], the premultiplied torso and its alpha):
+        the torso over the background plate or the backdrop. With a torso field, the torso is
+        rendered for the head pose ``viewmat`` [1, 4, 4] W2C (default: frame ``frame``'s);
+        without one it is frame ``frame``'s torso, read from disk."""
+        if self.torso is not None:
+            return self.render_torso(self.tracks.viewmats[frame:frame + 1] if viewmat is None else viewmat)
+        masks = load_masks(self.ws, [frame])[0]
+        if self.alpha:  # the torso, premultiplied, with its alpha
+            torso = masks[..., 2:3].astype(np.float32) / 255.0
+            rgb = (load_frame(self.ws, frame) * torso).round().astype(np.uint8)
+            img = np.concatenate([rgb, masks[..., 2:3]], axis=-1)
+        else:
+            img = composite_background(load_frame(self.ws, frame), masks, self.plate)
+        if self.scale != 1.0:
+            import cv2
+
+            img = cv2.resize(img, (self.width, self.height),
+                             interpolation=cv2.INTER_LINEAR if self.scale > 1 else cv2.INTER_AREA)
+        return torch.from_numpy(np.ascontiguousarray(img))[None]
+
+    @torch.no_grad()
+    def render_torso(self, viewmat: torch.Tensor) -> torch.Tensor:
+        """The torso field rendered for head pose W2C ``viewmat`` [1, 4, 4] over the plate or
+        backdrop: [1, H, W, 3] uint8 (``alpha``: [1, H, W, 4], premultiplied RGB and alpha)."""
+        from gstalk.deform.torso import render_torso
+
+        assert self.torso is not None
+        colors, alphas = render_torso(self.torso, viewmat.reshape(1, 4, 4), self.K, self.width, self.height,
+                                      backend=self.backend)
+        img = torch.cat([colors, alphas], -1) if self.alpha else composite(colors, alphas, self._plate_f)
+        return (img.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
     def background(self, frame: int) -> torch.Tensor:
         """[1, H, W, 3] float32: frame ``frame``'s torso over the background plate (or the
         backdrop); with ``alpha``, [1, H, W, 4]: the premultiplied torso and its alpha
-        (cached)."""
+        (an LRU cache of ``cache`` frames)."""
         bg = self._cache.get(frame)  # kept as uint8: 4x less memory than float32
         if bg is None:
-            masks = load_masks(self.ws, [frame])[0]
-            if self.alpha:  # the torso, premultiplied, with its alpha
-                torso = masks[..., 2:3].astype(np.float32) / 255.0
-                rgb = (load_frame(self.ws, frame) * torso).round().astype(np.uint8)
-                img = np.concatenate([rgb, masks[..., 2:3]], axis=-1)
-            else:
-                img = composite_background(load_frame(self.ws, frame), masks, self.plate)
-            if self.scale != 1.0:
-                import cv2
-
-                img = cv2.resize(img, (self.width, self.height),
-                                 interpolation=cv2.INTER_LINEAR if self.scale > 1 else cv2.INTER_AREA)
-            bg = torch.from_numpy(np.ascontiguousarray(img))[None]
+            bg = self.load_background(frame)
             self._cache[frame] = bg
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -129,23 +220,26 @@ class HeadRenderer:
 
     @torch.no_grad()
     def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None,
-               timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None) -> torch.Tensor:
+               timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None,
+               bg: torch.Tensor | None = None) -> torch.Tensor:
         """One frame: condition windows [1, K, W, C'] of the K frames around it (from
         :meth:`conditions`), the workspace frame whose camera, blink and background to use.
         Returns [H, W, 3] float32 in [0, 1] ([H, W, 4] RGBA, straight alpha, with ``alpha``).
 
         ``timings``: when given, the seconds of each step (``background``, ``deform``,
-        ``raster``, ``composite``) are appended to its lists (the render benchmark)."""
+        ``raster``, ``composite``) are appended to its lists (the render benchmark).
+        ``bg``: the pose frame's background as :meth:`load_background` gives it (uint8), when
+        the caller has it already; otherwise it comes from :meth:`background`'s cache."""
         t0 = time.perf_counter()
-        bg = self.background(pose_frame)
-        t1 = time.perf_counter()
+        bg = self.background(pose_frame) if bg is None else bg.float() / 255.0
+        t1 = _clock(timings)
         code = self.model.encode_audio(windows)[0]
         e = torch.tensor([float(self.tracks.blink[pose_frame]) if blink is None else blink])
         deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
-        t2 = time.perf_counter()
+        t2 = _clock(timings)
         vm = self.tracks.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
         colors, alphas, _ = splat(deformed, vm, self.K, self.width, self.height, backend=self.backend)
-        t3 = time.perf_counter()
+        t3 = _clock(timings)
         if self.alpha:
             rgb = composite(colors, alphas, bg[..., :3])  # premultiplied head over premultiplied torso
             a = alphas + (1.0 - alphas) * bg[..., 3:4]
@@ -154,7 +248,7 @@ class HeadRenderer:
             img = composite(colors, alphas, bg).clamp(0, 1)[0]
         if timings is not None:
             for k, dt in (("background", t1 - t0), ("deform", t2 - t1), ("raster", t3 - t2),
-                          ("composite", time.perf_counter() - t3)):
+                          ("composite", _clock(timings) - t3)):
                 timings.setdefault(k, []).append(dt)
         return img
 
@@ -165,14 +259,21 @@ class HeadRenderer:
             return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)))
 
     def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None,
-               viewmats: np.ndarray | None = None) -> Iterator[np.ndarray]:
+               viewmats: np.ndarray | None = None, prefetch_depth: int = 8) -> Iterator[np.ndarray]:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
         [N] workspace frames (background, torso and, unless ``viewmats`` [N, 4, 4] is given,
         the head's camera), ``blinks`` [N] in [0, 1] (default: the pose frames' own).
-        Yields [H, W, 3] uint8 ([H, W, 4] with ``alpha``)."""
+        Yields [H, W, 3] uint8 ([H, W, 4] with ``alpha``).
+
+        Streaming: the backgrounds are read ``prefetch`` frames ahead on a worker thread
+        (:func:`prefetch`) and not kept, so memory is the same for 10 s or an hour of frames
+        (the condition sequence, [N, W, C'] float32, ~0.5 kB a frame, is the one exception)."""
         win = self.conditions(audio_windows)
-        for i in range(win.shape[0]):
+        vms = [None if viewmats is None else torch.from_numpy(np.ascontiguousarray(viewmats[i], dtype=np.float32))
+               for i in range(len(poses))]
+        backgrounds = prefetch(lambda i: self.load_background(poses[i], vms[i]), range(len(poses)),
+                               depth=prefetch_depth)
+        for i, bg in zip(range(win.shape[0]), backgrounds):
             ids = neighbour_indices(i, self.model.smooth, win.shape[0])
-            vm = None if viewmats is None else torch.from_numpy(np.ascontiguousarray(viewmats[i], dtype=np.float32))
-            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i], viewmat=vm)
+            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i], viewmat=vms[i], bg=bg)
             yield (img.numpy() * 255.0).round().astype(np.uint8)

@@ -19,6 +19,7 @@ from gstalk.progress import SILENT, Reporter
 from gstalk.workspace import Workspace
 
 COLUMNS = ("psnr", "ssim", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd", "aue", "mouth_motion")
+OPTIONAL = ("lpips", "lse_c", "lse_d")  # columns shown when a workspace was evaluated with --lpips / --syncnet
 
 
 def changed_settings(ws: Workspace) -> dict[str, Any]:
@@ -48,9 +49,10 @@ def compare(paths: list[Path], *, backend: str = "auto", reporter: Reporter = SI
     """Rows for :data:`COLUMNS` across workspaces.
 
     Returns:
-        {"rows": [{"name", "workspace", "model", "settings", <COLUMNS>, "n_gaussians",
+        {"rows": [{"name", "workspace", "model", "settings", <COLUMNS>, <OPTIONAL>, "n_gaussians",
         "fine_seconds", "render_fps"}, …], "columns": [...]}; baseline rows have model
-        ``"coarse (static)"``.
+        ``"coarse (static)"``; "columns" adds the :data:`OPTIONAL` ones (LPIPS, LSE-C, LSE-D)
+        that some workspace has.
 
     Raises:
         WorkspaceError: a path is not a workspace, or its fine stage is not done.
@@ -67,7 +69,7 @@ def compare(paths: list[Path], *, backend: str = "auto", reporter: Reporter = SI
         if settings:
             label += " (" + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")"
         row = {"name": label, "workspace": str(p), "model": m.get("model_name"), "settings": settings,
-               **{k: m.get(k) for k in COLUMNS},
+               **{k: m.get(k) for k in COLUMNS + OPTIONAL},
                "n_gaussians": fine.summary.get("n_gaussians"),
                "fine_seconds": (m.get("training_seconds") or {}).get("fine"), "render_fps": m.get("render_fps")}
         coarse_id = str(ws.stage("coarse").run_id)
@@ -75,10 +77,11 @@ def compare(paths: list[Path], *, backend: str = "auto", reporter: Reporter = SI
         if base is not None and coarse_id not in seen_coarse:
             seen_coarse.add(coarse_id)
             rows.append({"name": f"coarse (static) of {Path(p).name}", "workspace": str(p),
-                         "model": "coarse (static)", "settings": {}, **{k: base.get(k) for k in COLUMNS},
+                         "model": "coarse (static)", "settings": {}, **{k: base.get(k) for k in COLUMNS + OPTIONAL},
                          "n_gaussians": None, "fine_seconds": None, "render_fps": None})
         rows.append(row)
-    return {"columns": list(COLUMNS), "rows": rows}
+    extra = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
+    return {"columns": list(COLUMNS) + extra, "rows": rows}
 
 
 def compare_markdown(result: dict[str, Any]) -> str:
@@ -96,9 +99,9 @@ def compare_markdown(result: dict[str, Any]) -> str:
 
 
 def fmt_metric(key: str, v: Any) -> str:
-    """A metric for a table: 4 decimals for SSIM and AUE, 2 otherwise, "–" when missing/NaN."""
+    """A metric for a table: 4 decimals for SSIM, AUE and LPIPS, 2 otherwise, "–" when missing/NaN."""
     if v is None:
         return "–"
     if isinstance(v, float) and v != v:
         return "–"
-    return f"{v:.4f}" if "ssim" in key or key == "aue" else f"{v:.2f}"
+    return f"{v:.4f}" if "ssim" in key or key in ("aue", "lpips") else f"{v:.2f}"

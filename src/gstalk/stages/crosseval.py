@@ -6,7 +6,9 @@ the lip-sync proxy (:mod:`gstalk.metrics.lipsync`) correlates that mouth opening
 opening the speech predicts. Two references make the number readable: the same renders
 against the speech reversed in time (mismatched audio with the same spectrum: should be
 ≈ 0), and the training video's own frames against its own audio (what real footage
-scores). Writes ``ws/eval/cross_<stem>/metrics.json`` and ``report.md``.
+scores). With SyncNet weights (``syncnet=PATH``) the same three pairs get LSE-C / LSE-D.
+Writes ``ws/eval/cross_<stem>/metrics.json``, ``report.md`` and ``mouth.png`` (the renders'
+mouth opening against the opening the speech predicts).
 """
 
 from __future__ import annotations
@@ -22,38 +24,52 @@ from gstalk.dataset import (
     load_audio,
     load_audio_features,
     load_fine_model,
+    load_frame,
     load_tracks,
     read_speech,
     speech_windows,
     split_indices,
 )
 from gstalk.errors import InputError
+from gstalk.metrics.plots import mouth_plot
+from gstalk.metrics.syncnet import CROP_SIZE, crop_face, face_crops, smooth_boxes
+from gstalk.metrics.syncnet import FPS as SYNCNET_FPS
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer, loop_poses
+from gstalk.stages.evaluate import json_floats, lse_lines, skipped_lines
 from gstalk.workspace import Workspace, atomic_write, now_iso, write_json
 
 MAX_SECONDS = 60.0  # longer speech is cut: the proxy's estimate is stable well before
+MOUTH_PLOT = "mouth.png"
 
 
 def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "auto",
-                   reporter: Reporter = SILENT) -> dict[str, Any]:
+                   reporter: Reporter = SILENT, syncnet: str | Path | None = None) -> dict[str, Any]:
     """Evaluate lip sync with speech the model never heard (see the module docstring).
+
+    Args:
+        syncnet: a safetensors file of SyncNet weights: adds ``lse_c``, ``lse_d``,
+            ``syncnet_offset``, ``syncnet_windows`` to the renders, ``mismatched`` and
+            ``real_video`` (the real video: its first 60 s).
 
     Returns:
         {"audio", "frames", "duration_s", "sync_corr", "sync_lag", "sync_corr_best",
         "mismatched": {...}, "real_video": {...}, "sync_fraction", "mouth_motion",
-        "blendshapes": {name: {"mean", "std"}}, "lip_frames", ...}.
+        "blendshapes": {name: {"mean", "std"}}, "lip_frames", "per_frame", "plots", ...}.
 
     Raises:
-        WorkspaceError: fine missing or stale. InputError: unreadable or empty audio.
+        WorkspaceError: fine missing or stale. InputError: unreadable or empty audio, or a
+        bad SyncNet weights file (checked before rendering).
     """
     from gstalk.metrics.lipsync import LipSyncProxy, sync_scores
+    from gstalk.stages.evaluate import load_weight_files
     from gstalk.tracking.avsync import mouth_opening
     from gstalk.tracking.detector import MediaPipeDetector
 
     t0 = time.perf_counter()
     ws = Workspace.open(workspace)
     ws.require("eval")
+    nets = load_weight_files(None, syncnet)
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
     train, _ = split_indices(ws)
@@ -71,8 +87,14 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     opening = np.full(n, np.nan)
     bss: list[np.ndarray] = []
     names: tuple[str, ...] = ()
+    use_syncnet = "syncnet" in nets and abs(fps - SYNCNET_FPS) <= 0.01
+    if use_syncnet:
+        boxes = smooth_boxes(tracks.face_box[poses].numpy())
+        crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
     with MediaPipeDetector(video=True, num_faces=1) as det, reporter.task("render + landmarks", n) as bar:
         for i, frame in enumerate(renderer.frames(windows, poses)):
+            if use_syncnet:
+                crops[i] = crop_face(frame, *boxes[i])
             faces = det.detect(np.ascontiguousarray(frame), timestamp_ms=int(round(i * 1000 / fps)))
             if faces:
                 opening[i] = mouth_opening(faces[0].landmarks[None])[0]
@@ -93,22 +115,46 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
              for k in keys if k in names and len(b)}
     real_blend = {k: {"mean": float(tracks.blendshapes[:, i].mean()), "std": float(tracks.blendshapes[:, i].std())}
                   for i, k in enumerate(tracks.blendshape_names) if k in keys}
+    lse: dict[str, dict[str, Any]] = {"renders": {}, "mismatched": {}, "real": {}}
+    if "syncnet" in nets and not use_syncnet:
+        note = {"syncnet_note": f"SyncNet expects {SYNCNET_FPS:g} frames/s; this video has {fps:g}"}
+        lse = {k: dict(note) for k in lse}
+    elif use_syncnet:
+        net = nets["syncnet"]
+        with reporter.task("SyncNet (LSE-C/LSE-D)", 3) as bar:
+            emb = net.embed_video(crops)
+            lse["renders"] = net.score(crops, samples, rate, video_embeddings=emb)
+            bar.advance()
+            lse["mismatched"] = net.score(crops, samples[::-1].copy(), rate, video_embeddings=emb)
+            bar.advance()
+            m = min(len(real_open), int(MAX_SECONDS * fps))
+            real_crops = face_crops((load_frame(ws, i) for i in range(m)), tracks.face_box[:m].numpy())
+            lse["real"] = net.score(real_crops, own[:int(m / fps * own_rate)], own_rate)
+            bar.advance()
     measured = np.isfinite(opening)
     out = {
         "schema_version": 1, "gstalk_version": __version__, "created": now_iso(), "workspace": str(ws.root),
         "kind": "cross-driven", "audio": str(audio), "frames": n, "duration_s": n / fps,
-        "model_name": meta["spec"]["name"], **scores,
-        "mismatched": {**mismatched, "how": "the same renders against the speech reversed in time"},
-        "real_video": {**real, "how": "the training video's frames against its own audio"},
+        "model_name": meta["spec"]["name"], **scores, **lse["renders"],
+        "mismatched": {**mismatched, **lse["mismatched"],
+                       "how": "the same renders against the speech reversed in time"},
+        "real_video": {**real, **lse["real"], "how": "the training video's frames against its own audio"},
         # the renders are driven in sync (lag 0); the real video at its own A/V offset (best lag)
         "sync_fraction": scores["sync_corr"] / real["sync_corr_best"] if real["sync_corr_best"] > 0.05
         else float("nan"),
         "mouth_motion": float(np.nanstd(opening) / max(real_open.std(), 1e-9)) if measured.any() else float("nan"),
         "blendshapes": blend, "real_blendshapes": real_blend, "lip_frames": int(measured.sum()),
+        "weights": {"syncnet": {"path": str(Path(nets["syncnet"].path).resolve())}} if "syncnet" in nets else {},
+        "skipped": [] if "syncnet" in nets else ["syncnet"],
+        "plots": {"mouth": MOUTH_PLOT},
+        "per_frame": {"mouth_opening": json_floats(opening), "predicted_opening": json_floats(predicted)},
         "seconds": time.perf_counter() - t0,
     }
     d = ws.path("eval", f"cross_{Path(str(audio)).stem}")
     d.mkdir(parents=True, exist_ok=True)
+    mouth_plot(d / MOUTH_PLOT, np.arange(n), {"render (MediaPipe)": opening,
+                                              "predicted from the speech (lip-sync proxy)": predicted},
+               title=f"Mouth opening, cross-driven by {Path(str(audio)).name}")
     write_json(d / "metrics.json", out)
     with atomic_write(d / "report.md", "w") as f:
         f.write(cross_report(out))
@@ -131,4 +177,10 @@ def cross_report(m: dict[str, Any]) -> str:
     for k, v in m["blendshapes"].items():
         r = m["real_blendshapes"].get(k, {"mean": float("nan"), "std": float("nan")})
         lines.append(f"| {k} | {v['mean']:.3f} | {v['std']:.3f} | {r['mean']:.3f} | {r['std']:.3f} |")
+    lines += lse_lines(rows)
+    lines += skipped_lines(m)
+    if "mouth" in m.get("plots", {}):
+        lines += ["", f"![mouth opening of the renders and the opening the speech predicts]({m['plots']['mouth']})",
+                  "", "Mouth opening: MediaPipe's inner-lip gap / face height on the renders, and the opening the "
+                  "lip-sync proxy predicts from the speech, each z-scored (gaps: no face found)."]
     return "\n".join(lines) + "\n"

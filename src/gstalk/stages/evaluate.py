@@ -5,13 +5,20 @@ and poses, and compares it with the ground truth: PSNR and SSIM of the full fram
 box and the mouth box, next to two baselines computed the same way: the mean training
 frame, and the coarse (static, audio-free) Gaussians composited like the model.
 
-Writes ``ws/eval/metrics.json`` (versioned), ``ws/eval/report.md`` and
-``ws/eval/samples.png`` (ground truth | coarse | fine | error of a few test frames).
+With the user's weight files it adds LPIPS (``lpips=PATH``, :mod:`gstalk.metrics.lpips`)
+and SyncNet's LSE-C / LSE-D (``syncnet=PATH``, :mod:`gstalk.metrics.syncnet`); without them
+the report says they were skipped.
+
+Writes ``ws/eval/metrics.json`` (versioned), ``ws/eval/report.md``, ``ws/eval/samples.png``
+(ground truth | coarse | fine | error of a few test frames), ``ws/eval/psnr.png`` (PSNR per
+test frame) and ``ws/eval/mouth.png`` (mouth opening per frame: render, ground truth and the
+opening the audio predicts).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +38,7 @@ from gstalk.dataset import (
 from gstalk.deform.audio import neighbour_indices
 from gstalk.gaussians.splat import composite, splat
 from gstalk.images import to_uint8, write_png
-from gstalk.metrics.image import image_metrics
+from gstalk.metrics.image import crop, image_metrics, psnr
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer
 from gstalk.tensorio import load_tensors
@@ -40,6 +47,8 @@ from gstalk.workspace import Workspace, atomic_write, now_iso, write_json
 METRICS_SCHEMA = 1
 MIN_SYNC_FRAMES = 100  # shorter series give spurious lip-sync correlations (a static model scored 0.7 on 45)
 KEYS = ("psnr", "ssim", "face_psnr", "face_ssim", "mouth_psnr", "mouth_ssim")
+SKIPPED = {"lpips": "LPIPS", "syncnet": "LSE-C/LSE-D"}
+PLOTS = {"psnr": "psnr.png", "mouth": "mouth.png"}
 
 
 def mean_frame(ws: Workspace, frames: range) -> torch.Tensor:
@@ -52,15 +61,22 @@ def mean_frame(ws: Workspace, frames: range) -> torch.Tensor:
     return torch.from_numpy((acc / len(frames) / 255.0).astype(np.float32))
 
 
-def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILENT,
+             lpips: str | Path | None = None, syncnet: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a workspace whose fine stage is done; returns the metrics dict.
 
+    Args:
+        lpips: a safetensors file of LPIPS weights (adds ``lpips``/``face_lpips``).
+        syncnet: a safetensors file of SyncNet weights (adds ``lse_c``/``lse_d``).
+
     Raises:
-        WorkspaceError: a stage is missing or stale.
+        WorkspaceError: a stage is missing or stale. InputError: a weights file is missing,
+        not safetensors, or lacks/mis-shapes a key (checked before anything is rendered).
     """
     t0 = time.perf_counter()
     ws = Workspace.open(workspace)
     ws.require("eval")
+    nets = load_weight_files(lpips, syncnet)
     train, test = split_indices(ws)
     reporter.log(f"[bold]eval[/bold] {len(test)} test frames (frames {test.start}-{test.stop - 1})")
     data = build_frameset(ws, test)
@@ -87,13 +103,14 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     fine_t = torch.stack(fine)
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)
 
-    # baselines
+    # baselines; the coarse head over the same background as the model's (its torso field's
+    # render when it has one, else the frame's own torso), so the two differ by the head only
     coarse_params, _ = load_tensors(ws.path("coarse", "gaussians.safetensors"))
     coarse = []
     with torch.no_grad():
         for i in range(len(data)):
             c, a, _ = splat(coarse_params, data.viewmats[i:i + 1], data.K, data.width, data.height, backend=backend)
-            coarse.append(composite(c, a, data.background(i)).clamp(0, 1)[0])
+            coarse.append(composite(c, a, renderer.background(int(data.frame_ids[i]))).clamp(0, 1)[0])
     coarse_t = torch.stack(coarse)
     mean_t = mean_frame(ws, train)[None].expand_as(gt)
 
@@ -104,23 +121,41 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
             "coarse": image_metrics(coarse_t, gt, mouth_boxes, face_boxes),
         },
     }
+    if "lpips" in nets:
+        with reporter.task("LPIPS", 3) as bar:
+            for v, pred in ((results["model"], fine_t), (results["baselines"]["mean_frame"], mean_t),
+                            (results["baselines"]["coarse"], coarse_t)):
+                v.update(lpips_metrics(nets["lpips"], pred, gt, face_boxes))
+                bar.advance()
+    fps = float(ex["fps"])
+    samples, rate = load_audio(ws)
+    real_lse: dict[str, Any] = {}
+    if "syncnet" in nets:
+        segment = samples[int(round(test.start / fps * rate)):int(round(test.stop / fps * rate))]
+        with reporter.task("SyncNet (LSE-C/LSE-D)", 3) as bar:
+            for v, frames in ((results["model"], fine_t), (results["baselines"]["coarse"], coarse_t),
+                              (real_lse, gt)):
+                v.update(lse_metrics(nets["syncnet"], frames, face_boxes, segment, rate, fps))
+                bar.advance()
     with reporter.task("landmarks of the renders", 2 * len(test)) as bar:
         results["model"].update(lip_metrics(fine_t, tracks, list(test), bar.advance))
         results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance))
     # mouth motion and the lip-sync proxy: the renders' mouth opening against the real video's
     # and against the opening the audio predicts
-    from gstalk.metrics.lipsync import fill_nan
+    from gstalk.metrics.lipsync import LipSyncProxy, fill_nan, sync_scores
     from gstalk.tracking.avsync import mouth_opening
 
     real_open = mouth_opening(tracks.landmarks[sel].numpy())
     for v in (results["model"], results["baselines"]["coarse"]):
         o = fill_nan(v["_opening"])
         v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
+    predicted = LipSyncProxy.load().predict(samples, rate, int(ex["n_frames"]), fps)[list(test)]
+    per_frame = {
+        "frame": list(test), "psnr": psnr(fine_t, gt).tolist(), "coarse_psnr": psnr(coarse_t, gt).tolist(),
+        "mean_frame_psnr": psnr(mean_t, gt).tolist(), "mouth_opening": results["model"]["_opening"].tolist(),
+        "real_mouth_opening": real_open.tolist(), "predicted_opening": predicted.tolist(),
+    }
     if len(test) >= MIN_SYNC_FRAMES:
-        from gstalk.metrics.lipsync import LipSyncProxy, sync_scores
-
-        samples, rate = load_audio(ws)
-        predicted = LipSyncProxy.load().predict(samples, rate, int(ex["n_frames"]), float(ex["fps"]))[list(test)]
         for v in (results["model"], results["baselines"]["coarse"]):
             v.update(sync_scores(v["_opening"], predicted))
         real = sync_scores(real_open, predicted)
@@ -130,6 +165,8 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     else:
         results["model"]["sync_note"] = (f"the test split ({len(test)} frames) is shorter than {MIN_SYNC_FRAMES} "
                                          "frames: too short for a correlation; see `gstalk eval --audio`")
+    if "syncnet" in nets:
+        results["model"].setdefault("real_video", {}).update(real_lse)
     for v in (results["model"], results["baselines"]["coarse"]):
         v.pop("_opening")
     out = {
@@ -138,15 +175,95 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
         **results["model"], "baselines": results["baselines"],
         "model_name": meta["spec"]["name"], "render_fps": render_fps,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
+        "weights": {k: {"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
+                    for k, n in nets.items()},
+        "skipped": [k for k in SKIPPED if k not in nets],
+        "plots": dict(PLOTS), "per_frame": {k: json_floats(v) for k, v in per_frame.items()},
         "seconds": time.perf_counter() - t0,
     }
     d = ws.path("eval")
     d.mkdir(parents=True, exist_ok=True)
-    write_json(d / "metrics.json", out)
+    write_plots(d, per_frame)
     _samples(d / "samples.png", gt, coarse_t, fine_t)
+    out["seconds"] = time.perf_counter() - t0
+    write_json(d / "metrics.json", out)
     with atomic_write(d / "report.md", "w") as f:
         f.write(report_markdown(out))
     return out
+
+
+def load_weight_files(lpips: str | Path | None, syncnet: str | Path | None) -> dict[str, Any]:
+    """The user's weight files, read and validated: {"lpips": LPIPS, "syncnet": SyncNet} (only
+    those given), on the GPU when there is one.
+
+    Raises:
+        InputError: see :meth:`gstalk.metrics.lpips.LPIPS.load` and
+        :meth:`gstalk.metrics.syncnet.SyncNet.load`.
+    """
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    nets: dict[str, Any] = {}
+    if lpips is not None:
+        from gstalk.metrics.lpips import LPIPS
+
+        nets["lpips"] = LPIPS.load(lpips).to(dev)
+    if syncnet is not None:
+        from gstalk.metrics.syncnet import SyncNet
+
+        nets["syncnet"] = SyncNet.load(syncnet).to(dev)
+    return nets
+
+
+def lpips_metrics(metric: Any, pred: torch.Tensor, gt: torch.Tensor, face_boxes: torch.Tensor) -> dict[str, float]:
+    """Mean LPIPS of frames [F, H, W, 3] in [0, 1] against the ground truth: {"lpips": full
+    frame, "face_lpips": the face boxes [F, 4] px, resampled to a common side of at least 64 px}."""
+    side = max(64, int(round(float((face_boxes[:, 2] - face_boxes[:, 0]).clamp_min(1).mean()))))
+    return {"lpips": float(metric.images(pred, gt).mean()),
+            "face_lpips": float(metric.images(crop(pred, face_boxes, side), crop(gt, face_boxes, side)).mean())}
+
+
+def lse_metrics(net: Any, frames: torch.Tensor, face_boxes: torch.Tensor, samples: np.ndarray, rate: int,
+                fps: float) -> dict[str, Any]:
+    """SyncNet's LSE-C / LSE-D of frames [F, H, W, 3] in [0, 1] (face boxes [F, 4] px) against
+    the audio [S] that starts with the first frame; a ``syncnet_note`` instead of numbers when
+    the video is not at SyncNet's 25 frames/s or shorter than 6 frames."""
+    from gstalk.metrics.syncnet import FPS, face_crops
+
+    if abs(fps - FPS) > 0.01:
+        return {"syncnet_note": f"SyncNet expects {FPS:g} frames/s; this video has {fps:g}"}
+    crops = face_crops((to_uint8(f) for f in frames), face_boxes.numpy())
+    s = net.score(crops, samples, rate)
+    if s["syncnet_windows"] < 1:
+        return {"syncnet_note": f"{len(frames)} frames are too few for SyncNet (it needs at least 6)"}
+    return s
+
+
+def json_floats(values: Any) -> list[Any]:
+    """A list of numbers for JSON: floats rounded to 6 significant digits, NaN/inf -> null
+    (ints kept)."""
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out.append(int(v))
+        else:
+            f = float(v)
+            out.append(float(f"{f:.6g}") if np.isfinite(f) else None)
+    return out
+
+
+def write_plots(d: Path, per_frame: dict[str, Any]) -> None:
+    """``psnr.png`` (PSNR per test frame: fine model, coarse and mean-frame baselines) and
+    ``mouth.png`` (mouth opening read on the renders and on the ground truth, and the opening
+    the lip-sync proxy predicts from the audio, each z-scored) in the folder ``d``."""
+    from gstalk.metrics.plots import mouth_plot, psnr_plot
+
+    frames = per_frame["frame"]
+    psnr_plot(d / PLOTS["psnr"], frames, {"fine model": per_frame["psnr"], "baseline: coarse": per_frame["coarse_psnr"],
+                                          "baseline: mean frame": per_frame["mean_frame_psnr"]})
+    mouth_plot(d / PLOTS["mouth"], frames,
+               {"render (MediaPipe)": per_frame["mouth_opening"],
+                "ground truth (tracked)": per_frame["real_mouth_opening"],
+                "predicted from the audio (lip-sync proxy)": per_frame["predicted_opening"]},
+               title="Mouth opening on the test split")
 
 
 def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
@@ -209,6 +326,13 @@ def report_markdown(m: dict[str, Any]) -> str:
     rows = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
     for name, v in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
+    if "lpips" in m:
+        lines += ["", f"| LPIPS ({m.get('weights', {}).get('lpips', {}).get('net', 'alex')}; lower is better) "
+                  "| full frame | face box |", "|---|---|---|"]
+        lines += [f"| {name} | {v['lpips']:.4f} | {v['face_lpips']:.4f} |" for name, v in rows if "lpips" in v]
+    lines += lse_lines([("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+                       + [("real video (ground truth)", m.get("real_video", {}))])
+    lines += skipped_lines(m)
     lip = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
     lines += ["", "| | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
               "|---|---|---|---|---|"]
@@ -238,7 +362,43 @@ def report_markdown(m: dict[str, Any]) -> str:
               "mouthLowerDown/UpperUp L/R.",
               f"Render speed during eval: {m['render_fps']:.1f} frames/s.", "",
               "![ground truth | coarse | fine | error x4](samples.png)", ""]
+    plots = m.get("plots", {})
+    if "psnr" in plots:
+        lines += [f"![PSNR per test frame: fine model and baselines]({plots['psnr']})", ""]
+    if "mouth" in plots:
+        lines += [f"![mouth opening per frame: render, ground truth, predicted from the audio]({plots['mouth']})",
+                  "", "Mouth opening: MediaPipe's inner-lip gap / face height on the renders and on the ground "
+                  "truth, and the opening the lip-sync proxy predicts from the audio, each z-scored over the "
+                  "split (frames where MediaPipe found no face are gaps).", ""]
     return "\n".join(lines)
+
+
+def lse_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown lines of the SyncNet table (rows whose dict has ``lse_d`` or a
+    ``syncnet_note``); [] when no row has either."""
+    rows = [(n, v) for n, v in rows if "lse_d" in v or "syncnet_note" in v]
+    if not rows:
+        return []
+    lines = ["", "| SyncNet | LSE-C (higher is better) | LSE-D (lower is better) | offset (frames) | windows |",
+             "|---|---|---|---|---|"]
+    for name, v in rows:
+        if "lse_d" in v:
+            lines.append(f"| {name} | {v['lse_c']:.3f} | {v['lse_d']:.3f} | {v['syncnet_offset']:+d} | "
+                         f"{v['syncnet_windows']} |")
+        else:
+            lines.append(f"| {name} | – | – | – | {v['syncnet_note']} |")
+    return lines + ["", "LSE-C/LSE-D as the peers compute them (syncnet_python, offsets ±15 frames, 224 px face "
+                    "crops); offset in the reference's sign (−k: the audio is k frames late)."]
+
+
+def skipped_lines(m: dict[str, Any]) -> list[str]:
+    """The report's note on the metrics that need weights the user did not pass ([] when none
+    was skipped)."""
+    skipped = [k for k in m.get("skipped", []) if k in SKIPPED]
+    if not skipped:
+        return []
+    return ["", f"{'/'.join(SKIPPED[k] for k in skipped)}: skipped "
+                f"(pass {' / '.join(f'--{k} PATH' for k in skipped)}; see docs/methods.md for making the files)."]
 
 
 GATE_KEYS = (*KEYS, "render_fps")

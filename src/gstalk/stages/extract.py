@@ -26,7 +26,9 @@ from gstalk.tensorio import save_tensors
 from gstalk.workspace import Workspace, atomic_dir, clean_temp, sha256_file, write_json
 
 MIN_DURATION_S = 2.0  # shorter clips cannot be split into train and test frames
-DETECT_MAX_SIDE = 640  # px, frames are scaled to at most this for the one-off face detection
+DETECT_MAX_SIDE = 640  # px, frames (or tiles) are scaled to at most this for the one-off face detection
+TILE_MAX_SIDE = 1280  # px, frames are decoded at most this large for the detection (tiles: small faces)
+MAX_UPSCALE = 2.0  # the crop may be enlarged at most this much to --size (else: face too small)
 
 
 def default_workspace(video: Path) -> Path:
@@ -40,40 +42,151 @@ def split(n_frames: int, test_fraction: float) -> tuple[int, int]:
     return n_frames - n_test, n_test
 
 
+def min_face_px(size: int, crop_scale: float) -> float:
+    """Smallest face (landmark box, source pixels) that ``size`` px working frames accept:
+    the crop (``crop_scale`` x the face) may be upscaled at most ``MAX_UPSCALE`` times."""
+    return size / (crop_scale * MAX_UPSCALE)
+
+
+def tile_windows(width: int, height: int, grid: int = 3) -> list[tuple[int, int, int, int]]:
+    """Overlapping windows of half the frame, ``grid`` x ``grid`` of them, covering it:
+    [(x, y, w, h)] in pixels. Used to find faces too small for the whole-frame detector."""
+    tw, th = max(1, width // 2), max(1, height // 2)
+    xs = np.linspace(0, width - tw, grid).round().astype(int)
+    ys = np.linspace(0, height - th, grid).round().astype(int)
+    return [(int(x), int(y), tw, th) for y in ys for x in xs]
+
+
+def choose_face(boxes: list[tuple[float, float, float, float]], width: int, height: int) -> int:
+    """Index of the face to crop around among several in one frame: the largest; among
+    faces within 10% of the largest, the one nearest the frame centre, then the leftmost.
+    The track stage follows the largest face too (``pick_face``).
+
+    Args:
+        boxes: (x0, y0, x1, y1) per face, pixels.
+        width, height: frame size in pixels.
+    """
+    sizes = [max(b[2] - b[0], b[3] - b[1]) for b in boxes]
+    big = max(sizes)
+    cands = [i for i, s in enumerate(sizes) if s >= 0.9 * big]
+
+    def key(i: int) -> tuple[float, float]:
+        x0, y0, x1, y1 = boxes[i]
+        return (round(float(np.hypot((x0 + x1) / 2 - width / 2, (y0 + y1) / 2 - height / 2)), 1), x0)
+
+    return min(cands, key=key)
+
+
+def merge_overlaps(boxes: list[tuple[float, float, float, float]], iou: float = 0.3
+                   ) -> list[tuple[float, float, float, float]]:
+    """Drop boxes (x0, y0, x1, y1) overlapping a larger kept one by more than ``iou``
+    (intersection over union): one face seen by two overlapping tiles counts once."""
+    kept: list[tuple[float, float, float, float]] = []
+    for b in sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1])):
+        ok = True
+        for k in kept:
+            ix = max(0.0, min(b[2], k[2]) - max(b[0], k[0]))
+            iy = max(0.0, min(b[3], k[3]) - max(b[1], k[1]))
+            inter = ix * iy
+            union = (b[2] - b[0]) * (b[3] - b[1]) + (k[2] - k[0]) * (k[3] - k[1]) - inter
+            if union > 0 and inter / union > iou:
+                ok = False
+                break
+        if ok:
+            kept.append(b)
+    return kept
+
+
+def _detect(det: Any, frame: np.ndarray, tiles: bool) -> list[tuple[float, float, float, float]]:
+    """Face boxes (x0, y0, x1, y1) in ``frame`` pixels: on the whole frame scaled to at most
+    ``DETECT_MAX_SIDE`` px, or (``tiles``) on each :func:`tile_windows` window scaled likewise
+    (2x closer, for small faces; overlapping windows may report one face twice)."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    windows = tile_windows(w, h) if tiles else [(0, 0, w, h)]
+    out = []
+    for x, y, tw, th in windows:
+        s = DETECT_MAX_SIDE / max(tw, th)
+        img = frame[y:y + th, x:x + tw]
+        img = cv2.resize(img, (max(2, int(round(tw * s))), max(2, int(round(th * s)))),
+                         interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        for f in det.detect(np.ascontiguousarray(img)):
+            x0, y0, x1, y1 = f.bbox
+            out.append((x + x0 / s, y + y0 / s, x + x1 / s, y + y1 / s))
+    return out
+
+
 def find_crop(video: Path, src_size: tuple[int, int], duration_s: float, cfg: ExtractConfig,
-              samples: int = 5) -> tuple[tuple[int, int, int, int], dict[str, Any]]:
+              samples: int = 5, src_fps: float = 25.0) -> tuple[tuple[int, int, int, int], dict[str, Any]]:
     """Detect the face in a few frames and choose a square crop around head and shoulders.
 
-    The side is ``crop_scale`` x the median face size (landmark box), clamped to the frame;
-    the centre is the median face centre moved down by ``crop_shift`` x side, then the
-    square is shifted to lie inside the frame.
+    The frames are decoded at most ``TILE_MAX_SIDE`` px wide; faces are looked for in the
+    whole frame, and if none is found anywhere, in overlapping half-frame tiles (small or
+    distant faces). With several faces, :func:`choose_face` picks one (the largest). The side
+    is ``crop_scale`` x the median face size (landmark box), clamped to the frame; the centre
+    is the median face centre moved down by ``crop_shift`` x side, then the square is shifted
+    to lie inside the frame.
+
+    Args:
+        video: the input video.
+        src_size: (width, height) displayed, pixels.
+        duration_s: length in seconds; samples: frames looked at, spread over the clip;
+        src_fps: the video's frame rate (to name source frames in messages).
 
     Returns:
-        ((x, y, side, side) in source pixels, info dict with the face box and size).
+        ((x, y, side, side) in source pixels, info dict: the face box and size, ``faces_seen``
+        (most faces in one sampled frame), ``multi_face_at_s`` (times of frames with several),
+        ``small_face_search`` (True when found only in tiles)).
 
     Raises:
-        TrackingError: no face in any sampled frame, or the face is too small.
+        TrackingError: no face in any sampled frame, or the face is smaller than
+            :func:`min_face_px` for ``cfg.size`` (file, time and source frame named).
     """
     from gstalk.tracking.detector import MediaPipeDetector
 
     w, h = src_size
-    scale = min(1.0, DETECT_MAX_SIDE / max(w, h))
-    dw, dh = int(round(w * scale / 2)) * 2, int(round(h * scale / 2)) * 2
+    scale = min(1.0, TILE_MAX_SIDE / max(w, h))
+    dw, dh = max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
     fps = max(samples / max(duration_s, 1e-3), 0.01)
-    boxes = []
+    frames = []
+    for frame in read_video_frames(video, fps=fps, size=(dw, dh), src_size=src_size):
+        frames.append(frame)
+        if len(frames) >= samples:
+            break
+    sx, sy = w / dw, h / dh
+    boxes, times, multi = [], [], []
+    faces_seen, in_tiles = 0, False
     with MediaPipeDetector(video=False, num_faces=3) as det:
-        for frame in read_video_frames(video, fps=fps, size=(dw, dh), src_size=src_size):
-            faces = det.detect(frame)
-            if faces:
-                x0, y0, x1, y1 = faces[0].bbox
-                boxes.append([x0 / scale, y0 / scale, x1 / scale, y1 / scale])
-            if len(boxes) >= samples:
+        for in_tiles in (False, True):
+            for k, frame in enumerate(frames):
+                found = merge_overlaps(_detect(det, frame, in_tiles))
+                if not found:
+                    continue
+                faces_seen = max(faces_seen, len(found))
+                if len(found) > 1:
+                    multi.append(round(k / fps, 2))
+                x0, y0, x1, y1 = found[choose_face(found, dw, dh)]
+                boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
+                times.append(k / fps)
+            if boxes:
                 break
     if not boxes:
-        raise TrackingError(f"No face found in {video} (looked at {samples} frames across the clip).",
+        raise TrackingError(f"No face found in {video} (looked at {len(frames)} frames across the clip, also "
+                            "zoomed in for small faces).",
                             hint="use a video with one face looking at the camera, well lit", path=video)
     x0, y0, x1, y1 = np.median(np.asarray(boxes), axis=0)
     face = max(x1 - x0, y1 - y0)
+    need = min_face_px(cfg.size, cfg.crop_scale)
+    if face < need:
+        t = times[len(times) // 2]
+        largest = int(face * cfg.crop_scale * MAX_UPSCALE) // 32 * 32
+        fix = "film closer to the face or at a higher resolution"
+        if largest >= 64:
+            fix += f", or extract at --size {largest} or less"
+        raise TrackingError(f"The face in {video} is only {face:.0f} px across (e.g. at {t:.1f} s, source frame "
+                            f"{int(round(t * src_fps))}); --size {cfg.size} needs at least {need:.0f} px "
+                            f"(the crop would be enlarged more than {MAX_UPSCALE:g}x).", hint=fix, path=video)
     side = int(min(cfg.crop_scale * face, w, h)) // 2 * 2
     cx = (x0 + x1) / 2
     cy = (y0 + y1) / 2 + cfg.crop_shift * side
@@ -81,7 +194,8 @@ def find_crop(video: Path, src_size: tuple[int, int], duration_s: float, cfg: Ex
     y = int(round(np.clip(cy - side / 2, 0, h - side)))
     face_in_output = face * cfg.size / side
     return (x, y, side, side), {"face_box_src": [float(v) for v in (x0, y0, x1, y1)],
-                                "face_size_src_px": float(face), "face_size_px": float(face_in_output)}
+                                "face_size_src_px": float(face), "face_size_px": float(face_in_output),
+                                "faces_seen": faces_seen, "multi_face_at_s": multi, "small_face_search": in_tiles}
 
 
 def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractConfig, *, preset: str, seed: int = 0,
@@ -139,14 +253,27 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
 
     src = (info.video.width, info.video.height)
     reporter.log(f"[bold]extract[/bold] {video} ({src[0]}x{src[1]}, {info.video.fps:.2f} fps, {duration:.1f} s)")
-    crop, face = find_crop(video, src, duration, cfg)
+    if info.video.rotation:
+        reporter.log(f"  rotation metadata {info.video.rotation}°: frames are turned upright "
+                     f"({src[0]}x{src[1]} as displayed)")
+    crop, face = find_crop(video, src, duration, cfg, src_fps=info.video.fps or cfg.fps)
+    if face["faces_seen"] > 1:
+        x0, _, x1, _ = face["face_box_src"]
+        at = ", ".join(f"{t:g} s" for t in face["multi_face_at_s"][:3])
+        reporter.warn(f"{face['faces_seen']} faces in {video} (at {at}): cropping around the largest (the one "
+                      f"nearest the centre when alike), x {x0:.0f}-{x1:.0f} px; the track stage follows it. If "
+                      "that is the wrong person, crop the video to the speaker (ffmpeg -vf crop=W:H:X:Y) and "
+                      "re-run extract")
     expected = int(round(duration * cfg.fps))
     out_dir = ws.path("extract")
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
     with atomic_dir(out_dir / "frames") as tmp, reporter.task("decoding frames", expected) as bar:
         for frame in read_video_frames(video, fps=cfg.fps, crop=crop, size=cfg.size, src_size=src):
-            cv2.imwrite(str(tmp / f"{n:06d}.png"), frame[:, :, ::-1])
+            ok, buf = cv2.imencode(".png", frame[:, :, ::-1])
+            if not ok:
+                raise InputError(f"Frame {n} of {video} could not be encoded as PNG.", path=video)
+            (tmp / f"{n:06d}.png").write_bytes(buf.tobytes())  # OSError (disk full) -> ResourceError
             n += 1
             bar.advance()
         if n == 0:
@@ -157,6 +284,9 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
                              hint="use the complete file, or re-encode it: ffmpeg -i IN -c:v libx264 -c:a aac OUT.mp4",
                              path=video)
 
+    if info.video.variable_rate:
+        reporter.log(f"  variable frame rate ({info.video.n_frames or '?'} frames, {info.video.fps:.2f} fps on "
+                     f"average): resampled by timestamp to {cfg.fps:g} fps, {n} frames")
     samples = read_audio(video, cfg.audio.sample_rate)
     write_wav(out_dir / "audio.wav", samples, cfg.audio.sample_rate)
     extractor = get_extractor("mfcc", cfg.audio)
@@ -174,7 +304,8 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
         "n_frames": n, "fps": cfg.fps, "size": cfg.size,
         "crop": {"x": crop[0], "y": crop[1], "side": crop[2]},
         "source": {"width": src[0], "height": src[1], "fps": info.video.fps, "duration_s": duration,
-                   "rotation": info.video.rotation, "audio_sample_rate": info.audio.sample_rate},
+                   "rotation": info.video.rotation, "variable_rate": info.video.variable_rate,
+                   "n_frames": info.video.n_frames, "audio_sample_rate": info.audio.sample_rate},
         "face": face,
         "audio": {"duration_s": samples.size / cfg.audio.sample_rate, **meta, "feature_steps": int(steps.shape[0])},
         "split": {"train": [0, n_train], "test": [n_train, n]},

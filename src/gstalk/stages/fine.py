@@ -80,8 +80,23 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                              hint=f"re-run `gstalk track {ws.root}`, or use --conditioning audio")
     art_dim = 0 if data.articulation is None else int(data.articulation.shape[1])
     spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, articulation=art_dim)
+    torso = None
+    if cfg.torso:  # GSTalker's pose-conditioned torso, seeded from the training frames' torso masks
+        from gstalk.deform.torso import init_torso
+
+        assert data.torso_masks is not None
+        torso = init_torso(data.images, data.torso_masks, data.viewmats, data.K, float(cmeta["scene_scale"]),
+                           stride=cfg.torso_stride, hidden=cfg.torso_hidden)
+        if torso.n == 0:
+            reporter.log("  [yellow]no torso in the masks: the torso field is left out[/yellow]")
+            torso = None
+        else:
+            spec["torso"] = torso.spec()
     torch.manual_seed(ws.seed)
     model = build_model(spec)
+    if torso is not None:  # the seeded Gaussians; the MLP keeps the seeded build's init
+        seeded = {k: v for k, v in torso.state_dict().items() if not k.startswith("mlp.")}
+        model.torso.load_state_dict({**model.torso.state_dict(), **seeded})
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in coarse.items()})
     trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
     ckpt_path = ws.path("fine", "checkpoint.safetensors")
@@ -98,6 +113,8 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
         model.load_state_dict(groups["module"])
         trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
         restore_optimizers(trainer.optimizers, groups["optim"])
+        if groups.get("densify"):
+            trainer.densify_state = {k: v.clone() for k, v in groups["densify"].items()}
         trainer.rng = restore_rng(groups, meta)
         trainer.step = int(meta["step"])
         trainer.articulation_fit = meta["info"].get("articulation_fit")
@@ -105,7 +122,8 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
 
     def checkpoint(t: FineTrainer) -> None:
         save_checkpoint(ckpt_path, step=t.step, params=t.params, module=t.model, optimizers=t.optimizers,
-                        rng=t.rng, info={"spec": spec, "articulation_fit": t.articulation_fit})
+                        densify=t.densify_state or None, rng=t.rng,
+                        info={"spec": spec, "articulation_fit": t.articulation_fit})
 
     t = time.perf_counter()
     if trainer.step == 0 and model.articulator is not None:
@@ -141,9 +159,11 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
     renders = render_deformed(params_d, model, data.subset(sub), backend=cfg.raster)
     write_preview(out / "preview.png", data.images[sub].float() / 255.0, renders)
     ckpt_path.unlink(missing_ok=True)
-    reporter.log(f"  {int(params_d['means'].shape[0])} Gaussians, {train_s:.0f} s "
+    n_torso = 0 if model.torso is None else int(model.torso.n)
+    reporter.log(f"  {int(params_d['means'].shape[0])} Gaussians ({n_torso} torso), {train_s:.0f} s "
                  f"({1000 * train_s / max(cfg.iterations, 1):.0f} ms/iteration), {trainer.skipped_steps} skipped steps")
     summary = {"model": cfg.model, "iterations": cfg.iterations, "n_gaussians": int(params_d["means"].shape[0]),
+               "n_torso_gaussians": n_torso,
                "train_seconds": train_s, "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1),
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
                "conditioning": cfg.conditioning, "articulation_fit": fit,

@@ -120,6 +120,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             samples, rate = read_speech(ws, audio)
             duration = samples.size / rate
             windows = speech_windows(ws, af, samples, rate)
+            del samples  # 4 bytes a sample (an hour: 230 MB); ffmpeg muxes the audio from the file
             poses = loop_poses(len(windows), train)
             mux = Path(audio)
         default_name = f"{name}_rgba" if alpha else f"{name}.mp4"

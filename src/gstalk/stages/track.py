@@ -188,15 +188,24 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
                         masks.submit(i, frame, lms[i])
                     bar.advance()
                 timings["landmarks_s"] = time.perf_counter() - t
-                if valid.any():
-                    sizes = np.array([face_geometry(lm)[2] for lm in lms[valid]])
-                    med = float(np.median(sizes))
-                    if med < cfg.min_face_px:
-                        raise TrackingError(
-                            f"The face is only {med:.0f} px tall at the working resolution {size} px "
-                            f"(minimum {cfg.min_face_px:.0f} px).",
-                            hint="film closer to the face, or extract at a larger --size")
-                filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss], 1), valid, cfg.max_gap)
+                frames_dir = ws.path("extract", "frames")
+                if not valid.any():
+                    raise TrackingError(f"No face was found in any of the {n} frames in {frames_dir}.",
+                                        hint="look at the frames; re-run extract on a video with one face "
+                                             "looking at the camera", path=frames_dir)
+                sizes = np.array([face_geometry(lm)[2] for lm in lms[valid]])
+                med = float(np.median(sizes))
+                if med < cfg.min_face_px:
+                    k = int(np.flatnonzero(valid)[int(np.argsort(sizes)[len(sizes) // 2])])
+                    raise TrackingError(
+                        f"The face is only {med:.0f} px tall in the {size} px frames of {frames_dir} (median; e.g. "
+                        f"frame {k:06d}.png), the minimum is {cfg.min_face_px:.0f} px.",
+                        hint="re-run extract at a larger --size, or film closer to the face", path=frames_dir)
+                try:
+                    filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss], 1), valid, cfg.max_gap)
+                except TrackingError as exc:  # name the folder the frame numbers refer to
+                    raise TrackingError(f"{exc.message[:-1]} in {frames_dir}.", hint=exc.hint,
+                                        path=frames_dir) from None
                 lms = filled[:, :N_LANDMARKS * 3].reshape(n, N_LANDMARKS, 3).astype(np.float32)
                 bss = filled[:, N_LANDMARKS * 3:].astype(np.float32)
                 for i in np.flatnonzero(~valid):
@@ -208,7 +217,11 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
         reporter.warn(f"face not found in {n_interp} frame(s) ({', '.join(f'{a}-{b}' for a, b in gaps[:5])}); "
                       "interpolated")
     if multi:
-        reporter.warn(f"{len(multi)} frame(s) show more than one face; tracking the largest, consistent one")
+        ranges = frame_ranges(np.isin(np.arange(n), multi))
+        where = ", ".join(f"{a}-{b}" for a, b in ranges[:5]) + (" …" if len(ranges) > 5 else "")
+        reporter.warn(f"{len(multi)} frame(s) of {ws.path('extract', 'frames')} show more than one face (frames "
+                      f"{where}); tracking the largest, the one nearest the previous frame's face. If the wrong "
+                      "person is tracked (see track/preview.png), crop the video to the speaker and re-run extract")
 
     # 2. focal length and head pose ------------------------------------------------------
     t = time.perf_counter()

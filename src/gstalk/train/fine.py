@@ -4,8 +4,13 @@ Each step draws a training frame t, encodes the condition windows of the K frame
 t, deforms the canonical Gaussians G' = G + ΔG(μ, c_t, e_t), renders them with frame t's
 camera over its background and minimises
 (1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask) + w_reg · mean|ΔG| (+ λ_mask · L_mask
-for a model with a dynamism weight, Audio-Plane Eq. 8-9). The canonical Gaussians keep
-training at a reduced learning rate, as in GSTalker.
+for a model with a dynamism weight, Audio-Plane Eq. 8-9; + λ_lpips · LPIPS when the user
+gives LPIPS weights, ``lpips_weights``). The canonical Gaussians keep
+training at a reduced learning rate, as in GSTalker, and 3DGS density control goes on
+(clone/split/prune from the screen-space gradients of the *deformed* renders, between
+``densify_from`` and ``densify_until``), as GSTalker and TalkingGaussian do. A model with a
+torso field (:mod:`gstalk.deform.torso`) trains it in the same step, on its own layer:
+its render over the background plate against the frame's torso over the plate.
 
 With ``conditioning="articulation"`` (the default) a fresh run first fits the model's
 audio → articulation regressor (:func:`~gstalk.deform.articulation.fit_articulation`,
@@ -27,11 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gstalk.config import CoarseConfig, FineConfig
+from gstalk.config import CoarseConfig, DensifyConfig, FineConfig
 from gstalk.deform.articulation import fit_ensemble
 from gstalk.deform.audio import neighbour_indices
 from gstalk.deform.base import DeformationModel, Deltas, apply_deltas
 from gstalk.errors import TrainingError
+from gstalk.gaussians.densify import Densifier
 from gstalk.gaussians.splat import composite, splat
 from gstalk.train.coarse import exp_decay, gaussian_optimizers
 from gstalk.train.frames import FrameSet
@@ -44,10 +50,10 @@ MAX_BAD_STEPS = 20
 def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
     """Adam with two groups: feature grids (hash tables, dense planes, lines and audio
     prototypes: ``lr_grid``) and everything else (``lr_net``); the articulation regressor
-    (fitted on its own, then frozen) is left out."""
+    (fitted on its own, then frozen) and the torso (:func:`torso_optimizer`) are left out."""
     grid, net = [], []
     for name, p in model.named_parameters():
-        if name.startswith("articulator."):
+        if name.startswith(("articulator.", "torso.")):
             continue
         is_grid = name.endswith("table") or any(k in name for k in (".planes.", ".lines.", ".prototypes."))
         (grid if is_grid else net).append(p)
@@ -55,6 +61,20 @@ def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> to
     if grid:
         groups.append({"params": grid, "lr": lr_grid, "name": "grid", "eps": 1e-15})
     return torch.optim.Adam(groups, betas=(0.9, 0.99))
+
+
+def torso_optimizer(torso: torch.nn.Module, scene_scale: float, lr_field: float) -> torch.optim.Optimizer:
+    """Adam for a :class:`~gstalk.deform.torso.TorsoField`: its Gaussians at the coarse
+    stage's rates (means scaled by the head radius, like the head's), its MLP at
+    ``lr_field``."""
+    base = CoarseConfig()
+    groups = [{"params": [torso.means], "lr": base.lr_means * scene_scale, "name": "torso_means"},
+              {"params": [torso.scales], "lr": base.lr_scales, "name": "torso_scales"},
+              {"params": [torso.quats], "lr": base.lr_quats, "name": "torso_quats"},
+              {"params": [torso.opacities], "lr": base.lr_opacities, "name": "torso_opacities"},
+              {"params": [torso.sh0], "lr": base.lr_sh0, "name": "torso_sh0"},
+              {"params": torso.field_parameters(), "lr": lr_field, "name": "torso_field"}]
+    return torch.optim.Adam(groups, eps=1e-15)
 
 
 @dataclass
@@ -91,6 +111,22 @@ class FineTrainer:
             "opacities": base.lr_opacities * s, "sh0": base.lr_sh0 * s, "shN": base.lr_shN * s})
         self.optimizers["model"] = model_optimizer(self.model, c.lr_net, c.lr_grid)
         self.base_lrs = [g["lr"] for g in self.optimizers["model"].param_groups]
+        if self.model.torso is not None:
+            if self.data.plate is None:
+                raise ValueError("training a torso field needs the background plate in the FrameSet")
+            self.optimizers["torso"] = torso_optimizer(self.model.torso, self.scene_scale, c.lr_torso)
+            self.torso_lrs = {g["name"]: g["lr"] for g in self.optimizers["torso"].param_groups}
+        self.lpips = None
+        if c.lpips_weights:  # validated (InputError naming the file) before any training
+            from gstalk.metrics.lpips import LPIPS
+
+            self.lpips = LPIPS.load(c.lpips_weights)
+        self.densifier = None
+        if c.densify_until > 0:  # 3DGS density control goes on under the deformation
+            self.densifier = Densifier(DensifyConfig(start=c.densify_from, stop=c.densify_until, every=c.densify_every,
+                                                     reset_opacity_every=0, max_gaussians=c.densify_max),
+                                       self.scene_scale)
+        self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0]) if self.densifier else {}
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
         if self.data.audio is None:
@@ -148,6 +184,11 @@ class FineTrainer:
         if "means" in self.optimizers:
             for g in self.optimizers["means"].param_groups:
                 g["lr"] = exp_decay(self.step, c.iterations, self.lr_means0, self.lr_means0 * 0.1)
+        if "torso" in self.optimizers:
+            for g in self.optimizers["torso"].param_groups:
+                if g["name"] in ("torso_means", "torso_field"):
+                    lr0 = self.torso_lrs[g["name"]]
+                    g["lr"] = exp_decay(self.step, c.iterations, lr0, lr0 * 0.1)
 
     def forward(self, i: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Render training frame ``i`` (position in the set) over its background:
@@ -164,6 +205,17 @@ class FineTrainer:
             colors = colors[..., :3]
         meta["deltas"] = deltas
         return composite(colors, alphas, d.background(i)), code, meta
+
+    def torso_forward(self, i: int) -> torch.Tensor:
+        """The torso field for training frame ``i``'s head pose over the background plate:
+        [1, H, W, 3] (its target is the frame's torso over the plate, ``data.background``)."""
+        from gstalk.deform.torso import render_torso
+
+        d = self.data
+        assert self.model.torso is not None
+        colors, alphas = render_torso(self.model.torso, d.viewmats[i:i + 1], d.K, d.width, d.height,
+                                      backend=self.cfg.raster)
+        return composite(colors, alphas, d.plate_image())
 
     def deformation_penalty(self, deltas: Deltas) -> torch.Tensor:
         """Mean absolute offset over Gaussians and attributes (position in cm): keeps the
@@ -185,9 +237,17 @@ class FineTrainer:
             loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
         if c.deform_reg > 0:
             loss = loss + c.deform_reg * self.deformation_penalty(meta["deltas"])
+        lp = None
+        if self.lpips is not None and c.lpips_lambda > 0:
+            lp = self.lpips.loss(pred, gt)
+            loss = loss + c.lpips_lambda * lp
         if "dynamism_map" in meta:  # Audio-Plane Eq. 9 against the dilated mouth mask
             ref = dilate_mask(d.mouth_mask(i), int(round(c.mask_dilate * d.height)))
             loss = loss + c.mask_lambda * mask_margin_loss(meta["dynamism_map"], ref, c.mask_margin)
+        torso_loss = None
+        if self.model.torso is not None and self.model.torso.n > 0:  # its own layer, its own target
+            torso_loss = photometric_loss(self.torso_forward(i), d.background(i), c.ssim_lambda)
+            loss = loss + torso_loss
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -199,6 +259,8 @@ class FineTrainer:
                                     f"(last at step {self.step}).",
                                     hint="resume from the last checkpoint with a lower --lr, or another --seed")
             return {"loss": float("nan"), "skipped": 1.0}
+        if self.densifier is not None:
+            self.densifier.step_pre_backward(meta)
         loss.backward()
         grads_ok = all(torch.isfinite(p.grad).all() for opt in self.optimizers.values()
                        for g in opt.param_groups for p in g["params"] if p.grad is not None)
@@ -208,10 +270,21 @@ class FineTrainer:
             self.step += 1
             return {"loss": float(loss.item()), "skipped": 1.0}
         self.bad_steps = 0
+        changes = {}
+        if self.densifier is not None:
+            gauss = {k: o for k, o in self.optimizers.items() if k in self.params}
+            changes = self.densifier.step_post_backward(self.params, gauss, self.densify_state, self.step, meta,
+                                                        d.width, d.height)
         for opt in self.optimizers.values():
             opt.step()
         self.step += 1
-        return {"loss": float(loss.item()), "n": float(self.params["means"].shape[0])}
+        out = {"loss": float(loss.item()), "n": float(self.params["means"].shape[0])}
+        out.update({k: float(v) for k, v in changes.items()})
+        if torso_loss is not None:
+            out["torso_loss"] = float(torso_loss.item())
+        if lp is not None:
+            out["lpips"] = float(lp.item())
+        return out
 
     def run(self, callback: Callback | None = None, checkpoint: Callable[[FineTrainer], None] | None = None
             ) -> list[dict[str, float]]:

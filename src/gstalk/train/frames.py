@@ -32,6 +32,8 @@ class FrameSet:
         articulation: [N_all, D] float32 tracked mouth articulation code of every frame
             (:func:`~gstalk.deform.articulation.articulation_features`), standardised over
             this set's frames, indexed by frame number; or None.
+        torso_masks: [F, H, W] uint8 {0, 255} (person and not head), or None.
+        plate: [H, W, 3] uint8 background plate (the scene without the person), or None.
     """
 
     images: torch.Tensor
@@ -45,6 +47,8 @@ class FrameSet:
     audio: torch.Tensor | None
     frame_ids: torch.Tensor
     articulation: torch.Tensor | None = None
+    torso_masks: torch.Tensor | None = None
+    plate: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -73,6 +77,11 @@ class FrameSet:
         ids = neighbour_indices(int(self.frame_ids[i]), k, self.audio.shape[0])
         return self.audio[ids]
 
+    def plate_image(self) -> torch.Tensor:
+        """The background plate as [1, H, W, 3] float32 in [0, 1]."""
+        assert self.plate is not None
+        return self.plate[None].float() / 255.0
+
     def mouth_mask(self, i: int) -> torch.Tensor:
         """[1, H, W, 1] float32 in {0, 1}."""
         return (self.mouth_masks[i:i + 1, :, :, None] > 127).float()
@@ -87,4 +96,5 @@ class FrameSet:
         return FrameSet(images=self.images[sel], backgrounds=self.backgrounds[sel], viewmats=self.viewmats[sel],
                         K=self.K, head_masks=self.head_masks[sel], mouth_masks=self.mouth_masks[sel],
                         mouth_boxes=self.mouth_boxes[sel], blink=self.blink[sel], audio=self.audio,
-                        frame_ids=self.frame_ids[sel], articulation=self.articulation)
+                        frame_ids=self.frame_ids[sel], articulation=self.articulation,
+                        torso_masks=None if self.torso_masks is None else self.torso_masks[sel], plate=self.plate)

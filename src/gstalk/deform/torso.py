@@ -1,0 +1,186 @@
+"""GSTalker's torso: a second set of Gaussians deformed by a pose-conditioned field.
+
+GSTalker (Sec. 3.3, "pose-conditioned deformation field for the torso") models the torso
+with its own Gaussians whose deformation is driven by the head pose, not the audio: the
+neck and shoulders follow the head a little, and the shading under the chin changes with
+it. ER-NeRF and TalkingGaussian do the same with a separate torso branch. Without it a
+renderer has to paste the torso of a training frame behind the head, which is what gstalk
+did before (and what ``--set torso=false`` still does).
+
+Choices where the paper is silent (docs/methods.md, "Torso"):
+
+- The torso Gaussians live in **camera space** (OpenCV: x right, y down, z forward,
+  metres), because the torso hardly moves in the frame while the head turns; they are
+  seeded on a pixel grid of the tracked torso mask, back-projected to a plane one head
+  radius behind the head centre, flat (z scale 1/5 of x/y), nearly opaque (0.98) and coloured with the mean
+  torso colour of the training frames at that pixel.
+- The field is an MLP over [positional encoding of the Gaussian's seed pixel (6
+  frequencies), pose code] → (Δμ [3] in metres, Δ log-scale [3], Δ opacity logit [1],
+  Δ colour [3]), its last layer initialised at zero so training starts from the static
+  torso. The pose code is the head's W2C rotation (first two columns, 6 numbers, the
+  continuous 6D representation of Zhou et al. 2019) and translation / head radius, both
+  minus their mean over the training frames.
+- The torso is composited as its own layer: head over torso over background plate, the
+  head trained over the ground-truth torso (teacher forcing, as ER-NeRF); the torso is
+  trained to match "torso over plate" of each frame (so it stays transparent behind the
+  head and outside the person), interleaved with the head's steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gstalk.gaussians.model import rgb_to_sh0
+
+N_FREQS = 6
+POSE_DIM = 9  # 6D rotation + 3 translation
+
+
+def pose_code(viewmats: torch.Tensor) -> torch.Tensor:
+    """Pose features of head poses: W2C [B, 4, 4] float32 → [B, 9] (the first two columns of
+    the rotation, row-major, then the translation in metres)."""
+    r = viewmats[:, :3, :2].transpose(1, 2).reshape(-1, 6)
+    return torch.cat([r, viewmats[:, :3, 3]], dim=-1)
+
+
+def pixel_encoding(uv: torch.Tensor, n_freqs: int = N_FREQS) -> torch.Tensor:
+    """NeRF positional encoding of normalised pixel positions uv [M, 2] in [-1, 1]:
+    [M, 2 + 4·n_freqs] (uv, sin(2^k π uv), cos(2^k π uv) for k < n_freqs)."""
+    f = (2.0 ** torch.arange(n_freqs, dtype=uv.dtype)) * math.pi
+    x = uv[:, :, None] * f
+    return torch.cat([uv, torch.sin(x).flatten(1), torch.cos(x).flatten(1)], dim=-1)
+
+
+class TorsoField(nn.Module):
+    """Torso Gaussians (camera space) and their pose-conditioned deformation.
+
+    Args:
+        n: number of torso Gaussians M.
+        hidden: width of the field's two hidden layers.
+
+    Parameters (raw, as :mod:`gstalk.gaussians.model`): ``means`` [M, 3] metres (camera
+    space), ``scales`` [M, 3] log metres, ``quats`` [M, 4] wxyz, ``opacities`` [M] logits,
+    ``sh0`` [M, 1, 3]; buffers ``uv`` [M, 2] seed pixels in [-1, 1], ``pose_mean`` [9] and
+    ``pose_std`` [9] (pose code normalisation).
+    """
+
+    def __init__(self, n: int, hidden: int = 64):
+        super().__init__()
+        self.n, self.hidden = n, hidden
+        self.means = nn.Parameter(torch.zeros(n, 3))
+        self.scales = nn.Parameter(torch.zeros(n, 3))
+        self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
+        self.opacities = nn.Parameter(torch.zeros(n))
+        self.sh0 = nn.Parameter(torch.zeros(n, 1, 3))
+        self.register_buffer("uv", torch.zeros(n, 2))
+        self.register_buffer("pose_mean", torch.zeros(POSE_DIM))
+        self.register_buffer("pose_std", torch.ones(POSE_DIM))
+        self.register_buffer("depth_scale", torch.ones(()))  # metres of Δμ per unit of field output
+        d_in = 2 + 4 * N_FREQS + POSE_DIM
+        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 10))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (stored in the model spec)."""
+        return {"n": self.n, "hidden": self.hidden}
+
+    def gaussian_parameters(self) -> list[nn.Parameter]:
+        return [self.means, self.scales, self.quats, self.opacities, self.sh0]
+
+    def field_parameters(self) -> list[nn.Parameter]:
+        return list(self.mlp.parameters())
+
+    def forward(self, viewmat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Deformed raw torso Gaussians for one head pose W2C [1, 4, 4] (or [4, 4]), in camera
+        space: a dict of means [M, 3], scales [M, 3], quats [M, 4], opacities [M], sh0
+        [M, 1, 3], shN [M, 0, 3] (render with an identity viewmat)."""
+        code = (pose_code(viewmat.reshape(1, 4, 4)) - self.pose_mean) / self.pose_std
+        x = torch.cat([pixel_encoding(self.uv), code.expand(self.n, -1)], dim=-1)
+        d = self.mlp(x)
+        return {"means": self.means + d[:, 0:3] * self.depth_scale,
+                "scales": self.scales + d[:, 3:6],
+                "quats": self.quats,
+                "opacities": self.opacities + d[:, 6],
+                "sh0": self.sh0 + d[:, None, 7:10],
+                "shN": self.sh0.new_zeros(self.n, 0, 3)}
+
+
+def torso_seed_pixels(torso_masks: np.ndarray, stride: int, min_fraction: float = 0.3) -> np.ndarray:
+    """Seed pixels of the torso Gaussians: the points of a ``stride``-pixel grid where the
+    torso mask is set in at least ``min_fraction`` of the frames.
+
+    Args:
+        torso_masks: [F, H, W] uint8 {0, 255}.
+
+    Returns:
+        [M, 2] int64 (x, y) pixel coordinates (M may be 0).
+    """
+    frac = (torso_masks[:, ::stride, ::stride] > 127).mean(0)
+    ys, xs = np.nonzero(frac >= min_fraction)
+    off = stride // 2
+    return np.stack([xs * stride + off, ys * stride + off], axis=1).clip(
+        0, [torso_masks.shape[2] - 1, torso_masks.shape[1] - 1]).astype(np.int64)
+
+
+def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.Tensor, K: torch.Tensor,
+               scene_scale: float, *, stride: int = 3, hidden: int = 64) -> TorsoField:
+    """Seed a :class:`TorsoField` from the training frames.
+
+    Args:
+        images: [F, H, W, 3] uint8 RGB; torso_masks: [F, H, W] uint8 {0, 255};
+        viewmats: [F, 4, 4] float32 head W2C (OpenCV); K: [3, 3] float32 intrinsics, pixels.
+        scene_scale: head radius, metres (the torso plane lies this far behind the head
+            centre; field offsets are in these units).
+        stride: seed grid spacing in pixels.
+
+    Returns:
+        The field (M Gaussians; M = 0 when no pixel is torso in enough frames).
+    """
+    masks = torso_masks.numpy()
+    px = torso_seed_pixels(masks, stride)
+    field = TorsoField(len(px), hidden)
+    if len(px) == 0:
+        return field
+    depth = float(viewmats[:, 2, 3].median()) + scene_scale
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+    xs, ys = torch.from_numpy(px[:, 0]).float(), torch.from_numpy(px[:, 1]).float()
+    # pixel centres: pixel (x, y) covers [x, x + 1)
+    means = torch.stack([(xs + 0.5 - cx) / fx * depth, (ys + 0.5 - cy) / fy * depth,
+                         torch.full_like(xs, depth)], dim=-1)
+    # mean colour where the torso is visible (frames in which that pixel is torso)
+    xi, yi = torch.from_numpy(px[:, 0]), torch.from_numpy(px[:, 1])
+    w = (torso_masks[:, yi, xi] > 127).float()  # [F, M]
+    cols = images[:, yi, xi].float() / 255.0  # [F, M, 3]
+    rgb = (cols * w[..., None]).sum(0) / w.sum(0).clamp_min(1.0)[:, None]
+    s = stride * depth / fx * 0.6  # neighbouring seeds overlap a little
+    pc = pose_code(viewmats)
+    with torch.no_grad():
+        field.means.copy_(means)
+        field.scales.copy_(torch.tensor([math.log(s), math.log(s), math.log(0.2 * s)]).expand(len(px), 3))
+        field.opacities.fill_(math.log(0.98 / 0.02))
+        field.sh0.copy_(rgb_to_sh0(rgb)[:, None, :])
+        field.uv.copy_(torch.stack([xs / masks.shape[2] * 2 - 1, ys / masks.shape[1] * 2 - 1], dim=-1))
+        field.pose_mean.copy_(pc.mean(0))
+        # rotation terms: unit scale of their spread; translation in head radii
+        std = pc.std(0) if len(pc) > 1 else torch.ones(POSE_DIM)
+        field.pose_std.copy_(std.clamp_min(torch.tensor([1e-2] * 6 + [1e-2 * scene_scale] * 3)))
+        field.depth_scale.fill_(0.1 * scene_scale)
+    return field
+
+
+def render_torso(torso: TorsoField, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, *,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3]:
+    (premultiplied colours [1, H, W, 3], alphas [1, H, W, 1]), float32."""
+    from gstalk.gaussians.splat import splat
+
+    params = torso(viewmat)
+    colors, alphas, _ = splat(params, torch.eye(4)[None], K, width, height, backend=backend)
+    return colors, alphas
