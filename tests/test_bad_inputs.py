@@ -274,6 +274,7 @@ def test_4k_input_is_downscaled_in_bounded_memory(tmp_path):
 RENDER_AUDIO = [
     # corpus name, exit code, message
     ("empty (0 s)", 3, "contains no audio samples (0 s)"),
+    ("shorter than a frame (10 ms)", 3, "is too short for one video frame: 10 ms of audio"),
     ("8 kHz", 0, ""),
     ("stereo", 0, ""),
     ("mp3", 0, ""),

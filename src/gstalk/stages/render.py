@@ -126,7 +126,9 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         default_name = f"{name}_rgba" if alpha else f"{name}.mp4"
         out_path = Path(output) if output is not None else renders / default_name
         if len(poses) == 0:
-            raise InputError(f"The audio is too short for one frame at {fps:g} fps.")
+            raise InputError(f"{audio} is too short for one video frame: {1000 * duration:.0f} ms of audio, and a "
+                             f"frame at {fps:g} fps needs at least {500 / fps:.0f} ms.",
+                             hint="give a longer speech file", path=audio)
         blinks, viewmats = None, None
         if pose != "loop":  # hold the most frontal training pose; blink as the training sequence does
             blinks = [float(tracks.blink[f]) for f in poses]

@@ -187,6 +187,7 @@ AUDIO_CASES: dict[str, Callable[[Path], Path]] = {
     "8 kHz": lambda d: wav(d / "tone8k.wav", tone(0.4, 8000), 8000),
     "stereo": lambda d: wav(d / "stereo.wav", np.stack([tone(0.4, 16000), tone(0.4, 16000, 330.0)], 1), 16000),
     "mp3": lambda d: mp3(d / "speech.mp3", wav(d / "for_mp3.wav", tone(0.4, 16000), 16000)),
+    "shorter than a frame (10 ms)": lambda d: wav(d / "blip.wav", tone(0.01, 16000), 16000),
 }
 """Render-audio corpus: name -> builder(folder) -> file."""
 
