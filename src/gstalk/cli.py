@@ -225,7 +225,10 @@ def fine(
     """Train the audio-driven deformation of the canonical Gaussians: GSTalker (hash-grid tri-plane + audio encoder
     with temporal smoothing + MLP, the default), Audio-Plane or EGSTalker (--model). By default the audio first
     predicts a mouth articulation code (a small regressor fitted to the tracked lips in seconds), which then drives
-    the field. Writes WORKSPACE/fine/model.safetensors and point_cloud.ply."""
+    the field. The torso gets its own pose-conditioned Gaussians (GSTalker's torso field; --set torso=false pastes
+    the training frames' torso instead). Optional: --set densify_until=N (3DGS densification in this stage),
+    --set lpips_weights=PATH (an LPIPS term, from a local safetensors file). Writes
+    WORKSPACE/fine/model.safetensors and point_cloud.ply."""
     with _guard(debug):
         from gstalk.config import FineConfig, override, parse_assignments
         from gstalk.stages.fine import run_fine
