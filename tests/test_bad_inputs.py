@@ -611,6 +611,7 @@ def test_video_without_a_face(tmp_path):
     assert r.returncode == 5
     line = first_line(r.stderr)
     assert line.startswith(f"error: No face found in {video}") and "Fix:" in line
+    assert "Traceback" not in r.stderr
     record("extract", "no face", "gstalk extract wall.mp4", 5, line.replace(str(tmp_path) + "/", ""),
            "yes: extract marked failed, no frames")
 

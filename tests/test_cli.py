@@ -72,24 +72,6 @@ def test_track_prints_workspace_for_pipelines(ws_copy):
     assert {"psnr", "ssim", "mouth_psnr"} <= set(m) and "coarse" in m["baselines"]
 
 
-def test_video_without_a_face_fails_with_its_message(tmp_path):
-    import numpy as np
-
-    from gstalk.media import VideoWriter, write_wav
-    from gstalk.testing.mannequin import beep_track
-
-    wav = tmp_path / "a.wav"
-    write_wav(wav, beep_track(3.0)[0], 16000)
-    video = tmp_path / "wall.mp4"
-    with VideoWriter(video, 128, 128, 25.0, audio_path=wav) as w:
-        for i in range(75):
-            w.write(np.full((128, 128, 3), 90 + i, np.uint8))
-    r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(video), "-w", str(tmp_path / "ws")],
-                       capture_output=True, text=True)
-    assert r.returncode == 5  # TrackingError
-    assert "No face found" in r.stderr and str(video) in r.stderr and "Traceback" not in r.stderr
-
-
 def test_doctor_reports_every_check_as_json():
     import json
 

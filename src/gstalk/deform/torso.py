@@ -92,9 +92,11 @@ class TorsoField(nn.Module):
         return {"n": self.n, "hidden": self.hidden}
 
     def gaussian_parameters(self) -> list[nn.Parameter]:
+        """The torso Gaussians' raw tensors: means, scales, quats, opacities, sh0."""
         return [self.means, self.scales, self.quats, self.opacities, self.sh0]
 
     def field_parameters(self) -> list[nn.Parameter]:
+        """The pose-conditioned MLP's weights and biases."""
         return list(self.mlp.parameters())
 
     def forward(self, viewmat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -269,11 +269,13 @@ class HeadRenderer:
         (:func:`prefetch`) and not kept, so memory is the same for 10 s or an hour of frames
         (the condition sequence, [N, W, C'] float32, ~0.5 kB a frame, is the one exception)."""
         win = self.conditions(audio_windows)
-        vms = [None if viewmats is None else torch.from_numpy(np.ascontiguousarray(viewmats[i], dtype=np.float32))
-               for i in range(len(poses))]
-        backgrounds = prefetch(lambda i: self.load_background(poses[i], vms[i]), range(len(poses)),
+
+        def vm(i: int) -> torch.Tensor | None:  # frame i's head pose from the pose file, [4, 4] float32
+            return None if viewmats is None else torch.from_numpy(np.ascontiguousarray(viewmats[i], dtype=np.float32))
+
+        backgrounds = prefetch(lambda i: self.load_background(poses[i], vm(i)), range(len(poses)),
                                depth=prefetch_depth)
         for i, bg in zip(range(win.shape[0]), backgrounds):
             ids = neighbour_indices(i, self.model.smooth, win.shape[0])
-            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i], viewmat=vms[i], bg=bg)
+            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i], viewmat=vm(i), bg=bg)
             yield (img.numpy() * 255.0).round().astype(np.uint8)
