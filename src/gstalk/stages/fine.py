@@ -85,6 +85,9 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
         from gstalk.deform.torso import init_torso
 
         assert data.torso_masks is not None
+        # its own seed, so every model starts from the same torso (its training does not see
+        # the head), and the models' scores over it compare
+        torch.manual_seed(ws.seed)
         torso = init_torso(data.images, data.torso_masks, data.viewmats, data.K, float(cmeta["scene_scale"]),
                            stride=cfg.torso_stride, hidden=cfg.torso_hidden)
         if torso.n == 0:
@@ -94,9 +97,8 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
             spec["torso"] = torso.spec()
     torch.manual_seed(ws.seed)
     model = build_model(spec)
-    if torso is not None:  # the seeded Gaussians; the MLP keeps the seeded build's init
-        seeded = {k: v for k, v in torso.state_dict().items() if not k.startswith("mlp.")}
-        model.torso.load_state_dict({**model.torso.state_dict(), **seeded})
+    if torso is not None:  # the seeded Gaussians and MLP (drawn before, and apart from, the head)
+        model.torso.load_state_dict(torso.state_dict())
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in coarse.items()})
     trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
     ckpt_path = ws.path("fine", "checkpoint.safetensors")
