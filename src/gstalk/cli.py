@@ -41,7 +41,8 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Raster = Annotated[str, typer.Option("--raster", help="Rasterizer backend: auto, cpu, torch, gsplat or inria.")]
 Preset = Annotated[Optional[str], typer.Option(
-    "--preset", help="cpu-quick (256 px, minutes on a CPU), paper (512 px, the papers' iterations) or test. "
+    "--preset", help="cpu-quick (256 px, minutes on a CPU), cpu-long (256 px, the papers' fine architecture, "
+                     "about an hour per model on a CPU), paper (512 px, the papers' iterations) or test. "
                      "Default: the preset the workspace was extracted with.")]
 WorkspaceArg = Annotated[Optional[Path], typer.Argument(
     help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]
@@ -424,7 +425,7 @@ def run(
     video: Annotated[Path, typer.Argument(help="Training video (one speaker, with speech).")],
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder "
                                                       "(default: VIDEO_STEM_ws).")] = None,
-    preset: Annotated[str, typer.Option(help="cpu-quick, paper or test.")] = "cpu-quick",
+    preset: Annotated[str, typer.Option(help="cpu-quick, cpu-long, paper or test.")] = "cpu-quick",
     audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Speech to render at the end (default: "
                                                   "the test split with its own audio).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write.")] = None,

@@ -175,6 +175,20 @@ PRESETS: dict[str, Preset] = {
         fine=FineConfig(),
         description="256 px, a few thousand iterations: minutes on a 2-core CPU",
     ),
+    # The papers' fine architecture (hash grid, widths, Audio-Plane's planes) at cpu-quick's
+    # 256 px, with 2.4x the coarse and 2x the fine iterations: about an hour per model on
+    # 2 cores. Fine densification stays off and the audio smoothing at 1 frame, as in
+    # cpu-quick, where they were measured not to pay (docs/methods.md).
+    "cpu-long": Preset(
+        name="cpu-long",
+        extract=ExtractConfig(size=256),
+        track=TrackConfig(),
+        coarse=CoarseConfig(iterations=6000, densify=DensifyConfig(stop=3000)),
+        fine=FineConfig(iterations=3000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
+                        plane_res=64, plane_scales=4, checkpoint_every=1000),
+        description="256 px, the papers' fine architecture, 2x cpu-quick's iterations: about an hour "
+                    "per model on a 2-core CPU",
+    ),
     "paper": Preset(
         name="paper",
         extract=ExtractConfig(size=512),
