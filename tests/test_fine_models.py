@@ -91,3 +91,25 @@ def test_every_model_starts_from_and_trains_the_same_torso(trained_ws, tmp_path)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert any((a[k] != 0).any() for k in a if k.startswith("mlp."))  # a drawn MLP, not zeros
+
+
+def test_a_fresh_run_over_a_stopped_one_says_what_it_replaces(trained_ws, tmp_path, monkeypatch, capsys):
+    ws_dir = _copy(trained_ws, tmp_path, "w")
+    cfg = dataclasses.replace(_cfg("gstalker"), iterations=12, checkpoint_every=5, conditioning="audio")
+    real_step = fine_loop.FineTrainer.train_step
+
+    def dying_step(self):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(fine_loop.FineTrainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_fine(str(ws_dir), cfg)
+    monkeypatch.setattr(fine_loop.FineTrainer, "train_step", real_step)
+    capsys.readouterr()
+    run_fine(str(ws_dir), cfg)  # no --resume
+    err = capsys.readouterr().err
+    assert "checkpoint.safetensors holds a stopped run at iteration 5" in " ".join(err.split()), err
+    assert "--resume" in err
+    assert not (ws_dir / "fine" / "checkpoint.safetensors").exists()  # finished: the checkpoint is gone

@@ -55,3 +55,15 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
         raise WorkspaceError(f"{path} is not a valid safetensors file ({exc}).",
                              hint="delete it and re-run the stage that writes it", path=path) from None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The metadata dict of a file written by :func:`save_tensors`, without reading its
+    tensors; None when the file is missing or unreadable (callers only report it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("gstalk", "{}"))
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
+        return None
