@@ -466,7 +466,7 @@ def test_nan_in_coarse_stops_with_exit_7_and_keeps_the_previous_result(trained_w
     r = cli("coarse", ws, "--iterations", "3", "--quiet")
     assert r.returncode == 7, r.stderr
     line = _line(r.stderr)
-    assert line.startswith("error: coarse loss became nan at step 1 (frame ") and "Fix: re-run with" in line
+    assert line.startswith("error: coarse loss became nan at step 1 (frame ") and "Fix: run the coarse stage again" in line
     assert sha256_file(ws / "coarse" / "gaussians.safetensors") == old
     code, st = _check(ws)
     assert st["coarse"]["status"] == "problem" and "failed" in st["coarse"]["detail"]
@@ -497,8 +497,8 @@ def test_nan_in_fine_skips_steps_then_stops_keeping_the_last_checkpoint(trained_
 
     monkeypatch.setattr(fine_loop.FineTrainer, "train_step", train_step)
     monkeypatch.setattr(fine_loop, "photometric_loss", maybe_nan)
-    monkeypatch.setattr(fine_loop, "MAX_BAD_STEPS", 3)
-    args = ("fine", ws, "--iterations", "8", "--conditioning", "audio", "--set", "checkpoint_every=2")
+    args = ("fine", ws, "--iterations", "8", "--conditioning", "audio", "--set", "checkpoint_every=2",
+            "--set", "max_bad_steps=3")
 
     nan_steps.update({3})  # one bad step: skipped, reported, the run finishes
     r = cli(*args)
@@ -514,7 +514,7 @@ def test_nan_in_fine_skips_steps_then_stops_keeping_the_last_checkpoint(trained_
     assert r.returncode == 7, r.stderr
     line = _line(r.stderr)
     assert line.count("error:") == 1 and "the fine loss was NaN/Inf for 3 steps in a row (last at step 8)" in line
-    assert "Fix: resume from the last checkpoint" in line
+    assert "Fix: resume from the last checkpoint" in line and "--set lr_net=" in line
     _, meta = load_tensors(ws / "fine" / "checkpoint.safetensors")
     assert int(meta["step"]) == 4  # the last checkpoint before the NaN steps
     code, st = _check(ws)
@@ -522,6 +522,27 @@ def test_nan_in_fine_skips_steps_then_stops_keeping_the_last_checkpoint(trained_
     record("training", "NaN loss in fine, persisting", "gstalk fine ws", 7, first_line(r.stderr),
            "yes: checkpoint of step 4 kept; check says `gstalk fine ws --resume`")
 
+
+
+def test_nan_gradients_with_a_finite_loss_also_stop_the_fine_run(trained_ws, tmp_path, monkeypatch):
+    """A finite loss whose gradients are NaN is skipped like a NaN loss, and stops the run
+    after max_bad_steps in a row (it used to skip such steps forever)."""
+    import torch
+
+    from gstalk.train import fine as fine_loop
+
+    ws = _copy(trained_ws, tmp_path / "ws")
+    real_loss = fine_loop.photometric_loss
+
+    def nan_grad(pred, gt, lam):  # type: ignore[no-untyped-def]
+        u = pred.sum() - pred.sum()  # 0, with a gradient
+        return real_loss(pred, gt, lam) + 0.0 * torch.sqrt(u)  # finite value, NaN gradient (0 * inf)
+
+    monkeypatch.setattr(fine_loop, "photometric_loss", nan_grad)
+    r = cli("fine", ws, "--iterations", "8", "--conditioning", "audio", "--set", "max_bad_steps=3")
+    assert r.returncode == 7, r.stderr
+    line = _line(r.stderr)
+    assert "the fine gradient was NaN/Inf for 3 steps in a row (last at step 3)" in line, line
 
 # ---------------------------------------------------------------------------- workspace states
 def _ws_case(name: str, ws: Path, tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -154,6 +154,7 @@ class FineConfig:
     raster: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
+    max_bad_steps: int = 20  # NaN/Inf steps in a row (each skipped) before the run stops
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ class CoarseTrainer:
         loss = photometric_loss(pred, d.image(i), c.ssim_lambda)
         if not torch.isfinite(loss):
             raise TrainingError(f"coarse loss became {loss.item()} at step {self.step} (frame {int(d.frame_ids[i])}).",
-                                hint="re-run with a lower learning rate or another --seed")
+                                hint="run the coarse stage again with `--raster torch` to rule out the compiled "
+                                     "rasterizer; if it persists, extract again with another `--seed`")
         self.densifier.step_pre_backward(meta)
         loss.backward()
         changes = self.densifier.step_post_backward(self.params, self.optimizers, self.densify_state, self.step,

@@ -44,7 +44,6 @@ from gstalk.train.frames import FrameSet
 from gstalk.train.losses import dilate_mask, mask_margin_loss, masked_l1, photometric_loss
 
 Callback = Callable[[int, dict[str, float]], None]
-MAX_BAD_STEPS = 20
 
 
 def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
@@ -226,6 +225,19 @@ class FineTrainer:
             parts = [p * deltas.weight[:, None] for p in parts]
         return torch.stack([p.abs().mean() for p in parts]).sum()
 
+    def _skip(self, loss: float, what: str) -> dict[str, float]:
+        """Skip this step (NaN/Inf ``what``: "loss" or "gradient"); raise TrainingError after
+        ``max_bad_steps`` in a row (the last checkpoint is kept)."""
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.step += 1
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise TrainingError(f"the fine {what} was NaN/Inf for {self.bad_steps} steps in a row "
+                                f"(last at step {self.step}).",
+                                hint="resume from the last checkpoint with lower learning rates: "
+                                     "`gstalk fine WS --resume --set lr_net=5e-4 --set lr_grid=5e-3`")
+        return {"loss": loss, "skipped": 1.0}
+
     def train_step(self) -> dict[str, float]:
         c, d = self.cfg, self.data
         i = int(self.rng.integers(len(d)))
@@ -251,24 +263,14 @@ class FineTrainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            self.step += 1
-            if self.bad_steps >= MAX_BAD_STEPS:
-                raise TrainingError(f"the fine loss was NaN/Inf for {self.bad_steps} steps in a row "
-                                    f"(last at step {self.step}).",
-                                    hint="resume from the last checkpoint with a lower --lr, or another --seed")
-            return {"loss": float("nan"), "skipped": 1.0}
+            return self._skip(float("nan"), "loss")
         if self.densifier is not None:
             self.densifier.step_pre_backward(meta)
         loss.backward()
         grads_ok = all(torch.isfinite(p.grad).all() for opt in self.optimizers.values()
                        for g in opt.param_groups for p in g["params"] if p.grad is not None)
         if not grads_ok:
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            self.step += 1
-            return {"loss": float(loss.item()), "skipped": 1.0}
+            return self._skip(float(loss.item()), "gradient")
         self.bad_steps = 0
         changes = {}
         if self.densifier is not None:
