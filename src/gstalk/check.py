@@ -36,8 +36,8 @@ def check_workspace(ws: Workspace) -> list[Finding]:
             out.append(Finding(stage, "not run", "has not run", cmd))
             continue
         if rec.status != "done":
-            resumable = stage == "fine" and ws.path("fine", "checkpoint.safetensors").exists()
-            fix = f"gstalk fine {root} --resume" if resumable else cmd
+            resumable = stage in ("coarse", "fine") and ws.path(stage, "checkpoint.safetensors").exists()
+            fix = f"{cmd} --resume" if resumable else cmd
             out.append(Finding(stage, "problem", f"is '{rec.status}' (interrupted or failed)", fix))
             continue
         bad = []

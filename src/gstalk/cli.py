@@ -187,17 +187,19 @@ def coarse(
     preset: Preset = None,
     iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
     raster: Raster = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from coarse/checkpoint.safetensors.")] = False,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density
-    control). Writes WORKSPACE/coarse/gaussians.safetensors and point_cloud.ply (3DGS PLY)."""
+    control). Writes WORKSPACE/coarse/gaussians.safetensors and point_cloud.ply (3DGS PLY); a checkpoint every 1000
+    iterations lets a killed run continue with --resume."""
     with _guard(debug):
         from gstalk.config import override
         from gstalk.stages.coarse import run_coarse
 
         root = _workspace(workspace)
         cfg = override(_preset(preset, root).coarse, iterations=iterations, raster=raster)
-        ws = run_coarse(str(root), cfg, reporter=_reporter(quiet))
+        ws = run_coarse(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("coarse").summary, as_json)
 
 

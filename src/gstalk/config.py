@@ -82,6 +82,7 @@ class CoarseConfig:
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     raster: str = "auto"
     log_every: int = 50
+    checkpoint_every: int = 1000  # iterations between coarse/checkpoint.safetensors writes (0 = never)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ PRESETS: dict[str, Preset] = {
         coarse=CoarseConfig(iterations=60, n_random=300,
                             densify=DensifyConfig(start=20, stop=50, every=10, reset_opacity_every=0,
                                                   max_gaussians=4000),
-                            log_every=10),
+                            log_every=10, checkpoint_every=20),
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
                         hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
                         articulation_members=2, plane_res=8, plane_dim=8, feature_dim=16, attention_dim=16,

@@ -7,23 +7,31 @@ Writes ``ws/coarse/``:
 - ``point_cloud.ply``: the same Gaussians as a standard 3DGS PLY;
 - ``preview.png``: ground truth | render of a few training frames;
 - ``summary.json``: iterations, Gaussian count, final loss, train PSNR, seconds.
+
+While it trains, ``checkpoint.safetensors`` (parameters, Adam moments, densification
+statistics, RNG states; every ``checkpoint_every`` iterations) lets a killed run continue
+with ``resume=True`` (``gstalk coarse --resume``) to exactly the parameters of an
+uninterrupted run; it is deleted when the stage finishes.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from gstalk.config import CoarseConfig, to_dict
+from gstalk.errors import WorkspaceError
 from gstalk.dataset import build_frameset, split_indices
 from gstalk.gaussians import head_init_points, init_params, save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
-from gstalk.tensorio import save_tensors
+from gstalk.tensorio import read_metadata, save_tensors
 from gstalk.tracking.canonical import canonical_face
+from gstalk.train.checkpoint import load_checkpoint, restore_optimizers, restore_rng, save_checkpoint
 from gstalk.train.coarse import CoarseTrainer, render_frames
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import Workspace, clean_temp, write_json
@@ -49,11 +57,16 @@ def sample_colors(points: np.ndarray, data: FrameSet, frame: int = 0) -> np.ndar
     return data.images[frame].numpy()[y, x].astype(np.float32) / 255.0
 
 
-def run_coarse(workspace: str, cfg: CoarseConfig, *, reporter: Reporter = SILENT) -> Workspace:
-    """Run the coarse stage.
+# settings that may change between a stopped run and its resumption
+_RESUMABLE_CHANGES = ("iterations", "log_every", "raster", "checkpoint_every")
+
+
+def run_coarse(workspace: str, cfg: CoarseConfig, *, resume: bool = False, reporter: Reporter = SILENT) -> Workspace:
+    """Run the coarse stage (``resume``: continue from ``coarse/checkpoint.safetensors``).
 
     Raises:
-        WorkspaceError: extract/track missing or stale.
+        WorkspaceError: extract/track missing or stale, or ``resume`` without a checkpoint
+            made with the same settings.
         TrainingError: the loss became NaN/Inf.
     """
     t0 = time.perf_counter()
@@ -63,7 +76,7 @@ def run_coarse(workspace: str, cfg: CoarseConfig, *, reporter: Reporter = SILENT
         clean_temp(ws.path("coarse"))
         ws.begin("coarse", to_dict(cfg))
         try:
-            summary = _coarse(ws, cfg, reporter)
+            summary = _coarse(ws, cfg, reporter, resume)
         except BaseException as exc:
             ws.fail("coarse", str(exc) or type(exc).__name__)
             raise
@@ -73,7 +86,7 @@ def run_coarse(workspace: str, cfg: CoarseConfig, *, reporter: Reporter = SILENT
     return ws
 
 
-def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter) -> dict[str, Any]:
+def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool) -> dict[str, Any]:
     train, _ = split_indices(ws)
     torch.manual_seed(ws.seed)
     reporter.log(f"[bold]coarse[/bold] {len(train)} training frames, {cfg.iterations} iterations")
@@ -84,13 +97,30 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter) -> dict[str, A
     box = head_box()
     scene_scale = float((box[1] - box[0]).norm() / 2)
     trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    ckpt_path = ws.path("coarse", "checkpoint.safetensors")
+    if not resume and ckpt_path.exists():  # a killed run's: say what starting over throws away
+        step = (read_metadata(ckpt_path) or {}).get("step", "?")
+        reporter.warn(f"{ckpt_path} holds a stopped run at iteration {step}; this run starts over "
+                      f"and replaces it (pass --resume to continue it instead)")
+    if resume:
+        trainer = _resumed(ws, ckpt_path, settings, data, cfg, scene_scale)
+        reporter.log(f"  resuming at iteration {trainer.step}")
+
+    def checkpoint(tr: CoarseTrainer) -> None:
+        save_checkpoint(ckpt_path, step=tr.step, params=tr.params, optimizers=tr.optimizers,
+                        densify=tr.densify_state, rng=tr.rng,
+                        info={"settings": settings, "history": tr.history[-20:]})
+
     t = time.perf_counter()
     with reporter.task("coarse", cfg.iterations) as bar:
+        bar.advance(trainer.step)
+
         def cb(step: int, stats: dict[str, float]) -> None:
             bar.advance()
             if step % 10 == 0:
                 bar.update(info=f"loss {stats['loss']:.4f}  {int(stats['n'])} Gaussians")
-        trainer.run(cb)
+        trainer.run(cb, checkpoint)
     train_s = time.perf_counter() - t
     params = trainer.params
     out = ws.path("coarse")
@@ -112,4 +142,29 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter) -> dict[str, A
                "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1), "scene_scale": scene_scale,
                "history": trainer.history[-20:]}
     write_json(out / "summary.json", summary)
+    ckpt_path.unlink(missing_ok=True)
     return summary
+
+
+def _resumed(ws: Workspace, ckpt_path: Path, settings: dict[str, Any], data: FrameSet, cfg: CoarseConfig,
+             scene_scale: float) -> CoarseTrainer:
+    """A :class:`CoarseTrainer` in the state of the checkpoint at ``ckpt_path``.
+
+    Raises:
+        WorkspaceError: no checkpoint, or one made with other settings.
+    """
+    if not ckpt_path.exists():
+        raise WorkspaceError(f"No checkpoint to resume from in {ws.path('coarse')}.",
+                             hint=f"run `gstalk coarse {ws.root}` without --resume")
+    groups, meta = load_checkpoint(ckpt_path)
+    if meta["info"].get("settings") != settings:
+        raise WorkspaceError("The coarse checkpoint was made with other settings than this run's.",
+                             hint="resume with the same preset and flags, or run without --resume", path=ckpt_path)
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in groups["params"].items()})
+    trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
+    restore_optimizers(trainer.optimizers, groups["optim"])
+    trainer.densify_state = {k: v.clone() for k, v in groups["densify"].items()}
+    trainer.rng = restore_rng(groups, meta)
+    trainer.step = int(meta["step"])
+    trainer.history = list(meta["info"].get("history", []))
+    return trainer

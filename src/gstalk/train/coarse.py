@@ -99,14 +99,19 @@ class CoarseTrainer:
         out.update({k: float(v) for k, v in changes.items()})
         return out
 
-    def run(self, callback: Callback | None = None) -> list[dict[str, float]]:
-        """Train until ``cfg.iterations``; ``callback(step, stats)`` after each step."""
+    def run(self, callback: Callback | None = None,
+            checkpoint: Callable[[CoarseTrainer], None] | None = None) -> list[dict[str, float]]:
+        """Train until ``cfg.iterations``; ``callback(step, stats)`` after each step,
+        ``checkpoint(self)`` every ``cfg.checkpoint_every`` steps (not after the last)."""
         while self.step < self.cfg.iterations:
             stats = self.train_step()
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
                 self.history.append({"step": float(self.step), **stats})
             if callback is not None:
                 callback(self.step, stats)
+            every = self.cfg.checkpoint_every
+            if checkpoint is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.iterations:
+                checkpoint(self)
         return self.history
 
 
