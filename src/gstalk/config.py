@@ -104,7 +104,7 @@ class FineConfig:
     # obama.mp4 at two seeds, smoothing on top of the articulation regressor's own 4-frame
     # window flattened the lips (mouth motion 0.39 -> 0.85 / 0.65, LMD 0.87 -> 0.72 /
     # 0.90 -> 0.81, cross-driven lip sync 0.12 -> 0.20 / -0.01 -> 0.34); the paper preset
-    # keeps the paper's 8 frames. See docs/methods.md.
+    # keeps the paper's 8 frames. See docs/methods.md. (Audio-Plane: plane_smooth_window.)
     audio_smooth_window: int = 1
     hidden: int = 64
     layers: int = 2
@@ -125,6 +125,10 @@ class FineConfig:
     plane_res: int = 32  # H, base resolution of planes, lines and the prototype grid (paper 64)
     plane_scales: int = 2  # s = 1..plane_scales (paper 4)
     dynamic: bool = True  # dynamic splatting: per-Gaussian dynamism weight d held to the mouth mask
+    # frames Audio-Plane's audio attention smooths over (its own, as audio_smooth_window is
+    # GSTalker's): on obama.mp4 at cpu-quick sizes 1 frame missed the static head's mouth box
+    # twice (-0.15 dB) and 8 frames beat it (+0.47 dB). See docs/methods.md.
+    plane_smooth_window: int = 8
     mask_lambda: float = 0.1  # λ_mask of L_mask (paper 0.1)
     mask_margin: float = 0.2  # margin of L_mask (paper 0.2)
     mask_dilate: float = 0.03  # the reference mask: mouth mask dilated by this x image size
@@ -187,7 +191,7 @@ PRESETS: dict[str, Preset] = {
         track=TrackConfig(),
         coarse=CoarseConfig(iterations=6000, densify=DensifyConfig(stop=3000)),
         fine=FineConfig(iterations=3000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
-                        plane_res=64, plane_scales=4, checkpoint_every=1000),
+                        plane_res=64, plane_scales=4, plane_smooth_window=1, checkpoint_every=1000),
         description="256 px, the papers' fine architecture, 2x cpu-quick's iterations: about an hour "
                     "per model on a 2-core CPU",
     ),

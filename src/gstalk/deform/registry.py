@@ -35,7 +35,8 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
     if name == "gstalker":
         return {"name": name, "kwargs": {**common, **grid, "hidden": cfg.hidden, "layers": cfg.layers}}
     if name == "audioplane":
-        return {"name": name, "kwargs": {**common, "plane_dim": cfg.plane_dim, "plane_res": cfg.plane_res,
+        return {"name": name, "kwargs": {**common, "smooth": cfg.plane_smooth_window,
+                                         "plane_dim": cfg.plane_dim, "plane_res": cfg.plane_res,
                                          "scales": cfg.plane_scales, "hidden": cfg.hidden, "layers": cfg.layers,
                                          "dynamic": cfg.dynamic}}
     if name == "egstalker":
