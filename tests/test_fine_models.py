@@ -28,6 +28,21 @@ def _cfg(model: str):
                                conditioning="articulation" if model == "gstalker" else "audio")
 
 
+def _killed_at(monkeypatch, step: int, ws_dir, cfg) -> None:
+    """Run the fine stage on ``ws_dir`` and interrupt it (KeyboardInterrupt) before ``step``."""
+    real_step = fine_loop.FineTrainer.train_step
+
+    def dying_step(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(fine_loop.FineTrainer, "train_step", dying_step)
+        with pytest.raises(KeyboardInterrupt):
+            run_fine(str(ws_dir), cfg)
+
+
 def _copy(trained_ws, tmp_path, name):
     dst = tmp_path / name
     shutil.copytree(trained_ws, dst)
@@ -40,17 +55,7 @@ def test_fine_model_beats_coarse_and_resumes_exactly(trained_ws, tmp_path, monke
     run_fine(str(a), _cfg(model))
 
     # the same run killed at step 15 (after the checkpoint at 10), then resumed
-    real_step = fine_loop.FineTrainer.train_step
-
-    def dying_step(self):
-        if self.step == 15:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(fine_loop.FineTrainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_fine(str(b), _cfg(model))
-    monkeypatch.setattr(fine_loop.FineTrainer, "train_step", real_step)
+    _killed_at(monkeypatch, 15, b, _cfg(model))
     assert (b / "fine" / "checkpoint.safetensors").exists()
     run_fine(str(b), _cfg(model), resume=True)
     ta, _ = load_tensors(a / "fine" / "model.safetensors")
@@ -96,17 +101,7 @@ def test_every_model_starts_from_and_trains_the_same_torso(trained_ws, tmp_path)
 def test_a_fresh_run_over_a_stopped_one_says_what_it_replaces(trained_ws, tmp_path, monkeypatch, capsys):
     ws_dir = _copy(trained_ws, tmp_path, "w")
     cfg = dataclasses.replace(_cfg("gstalker"), iterations=12, checkpoint_every=5, conditioning="audio")
-    real_step = fine_loop.FineTrainer.train_step
-
-    def dying_step(self):
-        if self.step == 7:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(fine_loop.FineTrainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_fine(str(ws_dir), cfg)
-    monkeypatch.setattr(fine_loop.FineTrainer, "train_step", real_step)
+    _killed_at(monkeypatch, 7, ws_dir, cfg)
     capsys.readouterr()
     run_fine(str(ws_dir), cfg)  # no --resume
     err = capsys.readouterr().err

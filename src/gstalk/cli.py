@@ -187,7 +187,8 @@ def coarse(
     preset: Preset = None,
     iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
     raster: Raster = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from coarse/checkpoint.safetensors.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run from coarse/checkpoint.safetensors.")] = False,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from gstalk.config import CoarseConfig, to_dict
-from gstalk.errors import WorkspaceError
 from gstalk.dataset import build_frameset, split_indices
+from gstalk.errors import WorkspaceError
 from gstalk.gaussians import head_init_points, init_params, save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
-from gstalk.tensorio import read_metadata, save_tensors
+from gstalk.tensorio import save_tensors
 from gstalk.tracking.canonical import canonical_face
-from gstalk.train.checkpoint import load_checkpoint, restore_optimizers, restore_rng, save_checkpoint
+from gstalk.train.checkpoint import load_resumable, restore_optimizers, restore_rng, save_checkpoint, warn_if_replacing
 from gstalk.train.coarse import CoarseTrainer, render_frames
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import Workspace, clean_temp, write_json
@@ -96,16 +96,14 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool) 
     params = init_params(torch.from_numpy(pts), torch.from_numpy(rgb), cfg.sh_degree, seed=ws.seed)
     box = head_box()
     scene_scale = float((box[1] - box[0]).norm() / 2)
-    trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
     ckpt_path = ws.path("coarse", "checkpoint.safetensors")
-    if not resume and ckpt_path.exists():  # a killed run's: say what starting over throws away
-        step = (read_metadata(ckpt_path) or {}).get("step", "?")
-        reporter.warn(f"{ckpt_path} holds a stopped run at iteration {step}; this run starts over "
-                      f"and replaces it (pass --resume to continue it instead)")
     if resume:
         trainer = _resumed(ws, ckpt_path, settings, data, cfg, scene_scale)
         reporter.log(f"  resuming at iteration {trainer.step}")
+    else:
+        warn_if_replacing(ckpt_path, reporter)
+        trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
 
     def checkpoint(tr: CoarseTrainer) -> None:
         save_checkpoint(ckpt_path, step=tr.step, params=tr.params, optimizers=tr.optimizers,
@@ -153,10 +151,7 @@ def _resumed(ws: Workspace, ckpt_path: Path, settings: dict[str, Any], data: Fra
     Raises:
         WorkspaceError: no checkpoint, or one made with other settings.
     """
-    if not ckpt_path.exists():
-        raise WorkspaceError(f"No checkpoint to resume from in {ws.path('coarse')}.",
-                             hint=f"run `gstalk coarse {ws.root}` without --resume")
-    groups, meta = load_checkpoint(ckpt_path)
+    groups, meta = load_resumable(ckpt_path, "coarse", ws.root)
     if meta["info"].get("settings") != settings:
         raise WorkspaceError("The coarse checkpoint was made with other settings than this run's.",
                              hint="resume with the same preset and flags, or run without --resume", path=ckpt_path)

@@ -27,8 +27,8 @@ from gstalk.errors import UsageError, WorkspaceError
 from gstalk.gaussians import save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
-from gstalk.tensorio import load_tensors, read_metadata, save_tensors
-from gstalk.train.checkpoint import load_checkpoint, restore_optimizers, restore_rng, save_checkpoint
+from gstalk.tensorio import load_tensors, save_tensors
+from gstalk.train.checkpoint import load_resumable, restore_optimizers, restore_rng, save_checkpoint, warn_if_replacing
 from gstalk.train.fine import FineTrainer, render_deformed
 from gstalk.workspace import Workspace, clean_temp, write_json
 
@@ -102,15 +102,10 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in coarse.items()})
     trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
     ckpt_path = ws.path("fine", "checkpoint.safetensors")
-    if not resume and ckpt_path.exists():  # a killed run's: say what starting over throws away
-        step = (read_metadata(ckpt_path) or {}).get("step", "?")
-        reporter.warn(f"{ckpt_path} holds a stopped run at iteration {step}; this run starts over "
-                      f"and replaces it (pass --resume to continue it instead)")
-    if resume:
-        if not ckpt_path.exists():
-            raise WorkspaceError(f"No checkpoint to resume from in {ws.path('fine')}.",
-                                 hint=f"run `gstalk fine {ws.root}` without --resume")
-        groups, meta = load_checkpoint(ckpt_path)
+    if not resume:
+        warn_if_replacing(ckpt_path, reporter)
+    else:
+        groups, meta = load_resumable(ckpt_path, "fine", ws.root)
         if meta["info"].get("spec") != spec:
             raise WorkspaceError("The fine checkpoint was made with other settings than this run's.",
                                  hint="resume with the same flags, or run without --resume")

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gstalk.tensorio import load_tensors, save_tensors
+from gstalk.errors import WorkspaceError
+from gstalk.tensorio import load_tensors, read_metadata, save_tensors
 
 
 def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -74,3 +75,25 @@ def restore_rng(groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
     if "numpy_rng" in meta:
         rng.bit_generator.state = meta["numpy_rng"]
     return rng
+
+
+def warn_if_replacing(path: Path, reporter: Any) -> None:
+    """Warn on ``reporter`` (a :class:`~gstalk.progress.Reporter`) that a fresh run will
+    replace the stopped run's checkpoint at ``path`` (naming its iteration and --resume)."""
+    if path.exists():
+        step = (read_metadata(path) or {}).get("step", "?")
+        reporter.warn(f"{path} holds a stopped run at iteration {step}; this run starts over "
+                      f"and replaces it (pass --resume to continue it instead)")
+
+
+def load_resumable(path: Path, stage: str,
+                   workspace: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """:func:`load_checkpoint` for ``gstalk STAGE --resume``.
+
+    Raises:
+        WorkspaceError: no checkpoint at ``path`` (the hint gives the command without --resume).
+    """
+    if not path.exists():
+        raise WorkspaceError(f"No checkpoint to resume from in {path.parent}.",
+                             hint=f"run `gstalk {stage} {workspace}` without --resume")
+    return load_checkpoint(path)
