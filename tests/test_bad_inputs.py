@@ -288,11 +288,11 @@ def test_render_audio_corpus(trained_ws, tmp_path, name, code, message):
 
     audio = AUDIO_CASES[name](tmp_path)
     out = tmp_path / "out.mp4"
-    files = lambda: sorted(str(p) for p in trained_ws.rglob("*") if p.is_file())  # noqa: E731
-    before = files()
+    paths = lambda: sorted(str(p) for p in trained_ws.rglob("*"))  # noqa: E731
+    before = paths()
     r = cli("render", trained_ws, "--audio", audio, "-o", out, "--json", "--quiet")
     assert r.returncode == code, r.stderr
-    assert files() == before  # -o elsewhere: no file in the workspace changes
+    assert paths() == before  # -o elsewhere: no file or folder in the workspace appears or goes
     if code:
         line = _line(r.stderr)
         assert line.count("error:") == 1 and message in line and str(audio) in line and "Fix:" in line

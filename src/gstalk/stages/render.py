@@ -13,9 +13,11 @@ under ``renders``.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +96,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
     tracks = load_tracks(ws)
     af = load_audio_features(ws)
     renders = ws.path("renders")
-    renders.mkdir(parents=True, exist_ok=True)
-    with ws.lock("render"), tempfile.TemporaryDirectory(dir=renders, prefix=".tmp-") as tmp:
+    with ws.lock("render"), _scratch(renders) as tmp:
         if audio is None:
             n_all = int(ex.summary["n_frames"])
             offset = int(meta.get("av_offset_frames", 0))
@@ -169,6 +170,22 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
                "backend": backend, "finished": now_iso()}
     _record(ws, name, summary)
     return summary
+
+
+@contextlib.contextmanager
+def _scratch(folder: Path) -> Iterator[Path]:
+    """A temporary folder inside ``folder`` (on the output's filesystem, so the finished
+    file is renamed into place). ``folder`` is created when missing and removed again if it
+    is still empty at the end, so a refused render leaves the workspace as it was."""
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
+            yield Path(tmp)
+    finally:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: it holds the render
+                folder.rmdir()
 
 
 def _record(ws: Workspace, name: str, summary: dict[str, Any]) -> None:
