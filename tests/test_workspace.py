@@ -91,6 +91,44 @@ def test_running_stage_counts_as_unfinished(tmp_path):
         ws.require("track")
 
 
+def test_a_failed_rerun_gives_back_the_finished_run_whose_files_are_intact(tmp_path):
+    """A re-run that fails over a finished run leaves it usable (status done, same run id,
+    so its consumers are not stale), with the failure recorded; if the failed run touched
+    the earlier outputs, the stage is marked failed instead."""
+    ws = Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
+    ws.path("extract").mkdir()
+    ws.path("extract", "x.bin").write_bytes(b"abc")
+    for stage in ("extract", "track"):
+        ws.begin(stage, {"size": 64})
+        ws.finish(stage, outputs=["extract/x.bin"] if stage == "extract" else [], summary={}, seconds=0)
+    first = ws.stage("extract").data
+    ws.begin("extract", {"size": 128})
+    assert ws.stage("extract").data["previous"]["run_id"] == first["run_id"]
+    err = ValueError("bad frame 7")
+    assert ws.fail("extract", err) is True
+    again = Workspace.open(tmp_path / "ws")
+    rec = again.stage("extract")
+    assert rec.status == "done" and rec.run_id == first["run_id"] and rec.config == {"size": 64}
+    assert rec.data["last_failure"]["error"] == "bad frame 7"
+    assert rec.data["last_failure"]["config"] == {"size": 128} and "previous" not in rec.data
+    assert "is kept, its files unchanged" in err.__notes__[0]
+    again.require("coarse")  # track is not stale: it read the run that was kept
+    from gstalk.check import check_workspace
+
+    by = {f.stage: f for f in check_workspace(again)}
+    assert by["extract"].status == "ok" and "a later re-run failed (bad frame 7)" in by["extract"].detail
+    # a failed run that changed the earlier outputs: nothing to give back
+    again.begin("extract", {"size": 128})
+    again.path("extract", "x.bin").write_bytes(b"half")
+    assert again.fail("extract", "killed") is False
+    rec = Workspace.open(tmp_path / "ws").stage("extract")
+    assert rec.status == "failed" and rec.data["error"] == "killed" and "previous" not in rec.data
+    # a run that finishes drops the earlier record
+    again.begin("extract", {})
+    again.finish("extract", outputs=[], summary={}, seconds=0)
+    assert "previous" not in Workspace.open(tmp_path / "ws").stage("extract").data
+
+
 def test_lock_conflict_between_processes(tmp_path):
     ws = Workspace.create(tmp_path / "ws", preset="test", seed=0, source={})
     code = ("import sys, time; from gstalk.workspace import Workspace\n"

@@ -36,8 +36,7 @@ def check_workspace(ws: Workspace) -> list[Finding]:
             out.append(Finding(stage, "not run", "has not run", cmd))
             continue
         if rec.status != "done":
-            resumable = stage in ("coarse", "fine") and ws.path(stage, "checkpoint.safetensors").exists()
-            fix = f"{cmd} --resume" if resumable else cmd
+            fix = f"{cmd} --resume" if _resumable(ws, stage) else cmd
             out.append(Finding(stage, "problem", f"is '{rec.status}' (interrupted or failed)", fix))
             continue
         bad = []
@@ -53,10 +52,21 @@ def check_workspace(ws: Workspace) -> list[Finding]:
                 bad.append(f"stale: '{dep}' was re-run after it")
         if bad:
             out.append(Finding(stage, "problem", "; ".join(bad), cmd))
-        else:
-            n = len(rec.data.get("outputs", {}))
+            continue
+        n = len(rec.data.get("outputs", {}))
+        failure = rec.data.get("last_failure")
+        if failure is None:
             out.append(Finding(stage, "ok", f"done, {n} output(s) verified"))
+            continue
+        error = str(failure.get("error", "")).splitlines()[0][:120] if failure.get("error") else "interrupted"
+        fix = f"{cmd} --resume" if _resumable(ws, stage) else ""
+        out.append(Finding(stage, "ok", f"done, {n} output(s) verified; a later re-run failed ({error}) "
+                                        "and these outputs were kept", fix))
     return out
+
+
+def _resumable(ws: Workspace, stage: str) -> bool:
+    return stage in ("coarse", "fine") and ws.path(stage, "checkpoint.safetensors").exists()
 
 
 def first_fix(findings: list[Finding]) -> str | None:

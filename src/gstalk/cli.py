@@ -65,6 +65,7 @@ def _fail(exc: BaseException, debug: bool) -> None:
 
         hint = f" [dim]Fix: {escape(exc.hint)}[/dim]" if exc.hint else ""
         err.print(f"[bold red]error:[/bold red] {escape(exc.message)}{hint}", soft_wrap=True)
+        _notes(err, exc)
         raise typer.Exit(exc.exit_code)
     if isinstance(exc, OSError) and not isinstance(exc, GstalkError):
         from gstalk.errors import resource_error
@@ -73,11 +74,21 @@ def _fail(exc: BaseException, debug: bool) -> None:
         if res is not None:
             if debug:
                 err.print_exception()
+            res.__notes__ = list(getattr(exc, "__notes__", []))
             _fail(res, False)
     if isinstance(exc, KeyboardInterrupt):
         err.print("[yellow]interrupted[/yellow]: the workspace keeps its last complete state; re-run to continue.")
+        _notes(err, exc)
         raise typer.Exit(130)
     raise exc
+
+
+def _notes(err: Any, exc: BaseException) -> None:
+    """Print the notes a stage added to an error (e.g. that the earlier run was kept)."""
+    from rich.markup import escape
+
+    for note in getattr(exc, "__notes__", []):
+        err.print(f"[dim]note:[/dim] {escape(note)}", soft_wrap=True)
 
 
 @contextlib.contextmanager

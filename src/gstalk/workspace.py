@@ -15,6 +15,9 @@ the manifest consistent. A stage record looks like::
      "outputs": {"coarse/point_cloud.ply": "<sha256>", …}, "started": "…", "finished": "…",
      "seconds": 81.2, "versions": {…}, "summary": {…}}
 
+A re-run that fails over a finished run whose files are intact gives that run back (it
+stays ``done``; the failure is recorded under ``last_failure``), see :meth:`Workspace.fail`.
+
 A stage requires earlier ones through :meth:`Workspace.require`: missing, unfinished or
 stale (re-run since) stages raise :class:`~gstalk.errors.WorkspaceError` with the command
 that fixes it.
@@ -342,8 +345,13 @@ class Workspace:
                         hint=f"re-run `gstalk {other} {self.root}`")
 
     def begin(self, stage: str, config: dict[str, Any]) -> dict[str, Any]:
-        """Mark ``stage`` as running with ``config``; return its (new) record dict."""
+        """Mark ``stage`` as running with ``config``; return its (new) record dict.
+
+        A finished earlier run's record is kept under ``previous`` until the new run
+        finishes, so that :meth:`fail` can give it back.
+        """
         inputs = {dep: self.stage(dep).run_id for dep in REQUIRES.get(stage, ())}
+        old = self.manifest["stages"].get(stage)
         rec = {
             "status": "running",
             "run_id": uuid.uuid4().hex,
@@ -353,6 +361,8 @@ class Workspace:
             "started": now_iso(),
             "versions": tool_versions(),
         }
+        if old is not None and old.get("status") == "done":
+            rec["previous"] = {k: v for k, v in old.items() if k not in ("previous", "last_failure")}
         self.manifest["stages"][stage] = rec
         self.save()
         return rec
@@ -369,10 +379,23 @@ class Workspace:
             rec["timings"] = {k: round(v, 3) for k, v in timings.items()}
         rec["finished"] = now_iso()
         rec["status"] = "done"
+        rec.pop("previous", None)
         self.save()
 
-    def fail(self, stage: str, error: str) -> None:
-        """Mark ``stage`` failed with a one-line reason (the previous outputs stay as they were).
+    def fail(self, stage: str, error: BaseException | str) -> bool:
+        """Record that a run of ``stage`` failed, with a one-line reason (``error``, or the
+        exception's message).
+
+        A re-run that fails over a finished run whose outputs are all still there, with
+        the checksums it recorded (the stages write their outputs atomically at the end),
+        gives that run back: the stage stays ``done`` with the earlier run's record, and
+        the failure is kept under ``last_failure`` (error, times, config), so what was
+        built on it (render, eval) still works; an exception passed as ``error`` gets a note
+        saying so (``add_note``; the CLI prints it below the error). Otherwise the stage is
+        marked ``failed``.
+
+        Returns:
+            True when the earlier run was given back.
 
         Best effort, never raises: it runs while another error propagates (often a full
         disk, which would also stop this write), and that error is the one to report. If the
@@ -381,12 +404,36 @@ class Workspace:
         """
         rec = self.manifest["stages"].get(stage)
         if rec is None:
-            return
-        rec["status"] = "failed"
-        rec["error"] = error
-        rec["finished"] = now_iso()
+            return False
+        exc = error if isinstance(error, BaseException) else None
+        error = str(error) or type(error).__name__
+        failure = {"error": error, "started": rec.get("started"), "finished": now_iso(), "config": rec.get("config")}
+        previous = rec.get("previous")
+        kept = previous is not None and self._outputs_intact(previous)
+        if kept:
+            self.manifest["stages"][stage] = {**previous, "last_failure": failure}
+        else:
+            rec.pop("previous", None)
+            rec["status"] = "failed"
+            rec["error"] = error
+            rec["finished"] = failure["finished"]
         with contextlib.suppress(OSError, GstalkError):
             self.save()
+        if kept and exc is not None:
+            exc.add_note(f"The {stage} run that finished {previous.get('finished', '?')} is kept, its files "
+                         "unchanged: what was built on it still works.")
+        return kept
+
+    def _outputs_intact(self, rec: dict[str, Any]) -> bool:
+        """Whether every output a stage record lists exists with its recorded SHA-256."""
+        try:
+            for rel, digest in rec.get("outputs", {}).items():
+                p = self.path(rel)
+                if not p.exists() or (sha256_tree(p) if p.is_dir() else sha256_file(p)) != digest:
+                    return False
+        except OSError:
+            return False
+        return bool(rec.get("outputs"))
 
     # ----------------------------------------------------------------------- lock
     @contextlib.contextmanager

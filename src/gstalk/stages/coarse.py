@@ -78,7 +78,7 @@ def run_coarse(workspace: str, cfg: CoarseConfig, *, resume: bool = False, repor
         try:
             summary = _coarse(ws, cfg, reporter, resume)
         except BaseException as exc:
-            ws.fail("coarse", str(exc) or type(exc).__name__)
+            ws.fail("coarse", exc)
             raise
         outputs = ["coarse/gaussians.safetensors", "coarse/point_cloud.ply", "coarse/preview.png",
                    "coarse/summary.json"]

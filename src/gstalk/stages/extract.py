@@ -239,7 +239,7 @@ def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractCon
         try:
             summary = _extract(video, ws, cfg, info, duration, reporter)
         except BaseException as exc:
-            ws.fail("extract", str(exc) or type(exc).__name__)
+            ws.fail("extract", exc)
             raise
         outputs = ["extract/frames", "extract/audio.wav", "extract/audio_features.safetensors",
                    "extract/summary.json"]

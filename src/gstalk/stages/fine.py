@@ -54,7 +54,7 @@ def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter:
         try:
             summary = _fine(ws, cfg, resume, reporter)
         except BaseException as exc:
-            ws.fail("fine", str(exc) or type(exc).__name__)
+            ws.fail("fine", exc)
             raise
         outputs = ["fine/model.safetensors", "fine/point_cloud.ply", "fine/preview.png", "fine/summary.json"]
         ws.finish("fine", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0)

@@ -144,7 +144,7 @@ def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) 
         try:
             summary, timings = _track(ws, cfg, reporter)
         except BaseException as exc:
-            ws.fail("track", str(exc) or type(exc).__name__)
+            ws.fail("track", exc)
             raise
         outputs = ["track/tracks.safetensors", "track/masks", "track/background.png", "track/preview.png",
                    "track/summary.json"]
