@@ -48,9 +48,9 @@ class GSTalkerDeformation(DeformationModel):
                  grid_init: float = 1e-4, articulation: int = 0, articulation_members: int = 5,
                  articulation_smooth: int = 4, appearance: bool = True, rigid_free: bool = False):
         super().__init__()
-        self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
         cond_dim = self.setup_conditioning(audio_in_dim, window, articulation, articulation_members,
-                                           articulation_smooth)
+                                           articulation_smooth)  # first, as in every model (see there)
+        self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
         self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth)
         self.appearance = appearance
         self.rigid_free = rigid_free
