@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from trainer_kill import interrupt_at
 
 from gstalk.config import get_preset
 from gstalk.errors import WorkspaceError
@@ -25,27 +26,14 @@ def _copy(trained_ws, tmp_path, name):
     return dst
 
 
-def _kill_at(monkeypatch, step_to_die: int) -> None:
-    real_step = coarse_loop.CoarseTrainer.train_step
-
-    def dying_step(self):
-        if self.step == step_to_die:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(coarse_loop.CoarseTrainer, "train_step", dying_step)
-
-
 def test_coarse_resumes_to_the_uninterrupted_parameters(trained_ws, tmp_path, monkeypatch, capsys):
     cfg = get_preset("test").coarse  # 60 iterations, densify 20..50 every 10, checkpoint every 20
     assert cfg.checkpoint_every == 20 and cfg.densify.start < 40 < 45 < cfg.densify.stop
     a, b = _copy(trained_ws, tmp_path, "a"), _copy(trained_ws, tmp_path, "b")
     run_coarse(str(a), cfg)
 
-    with monkeypatch.context() as m:
-        _kill_at(m, 45)  # after the checkpoints at 20 and 40, with densify steps on both sides
-        with pytest.raises(KeyboardInterrupt):
-            run_coarse(str(b), cfg)
+    # killed after the checkpoints at 20 and 40, with densify steps on both sides
+    interrupt_at(monkeypatch, coarse_loop.CoarseTrainer, 45, lambda: run_coarse(str(b), cfg))
     ckpt = b / "coarse" / "checkpoint.safetensors"
     _, meta = load_tensors(ckpt)
     assert meta["step"] == 40
@@ -67,10 +55,7 @@ def test_coarse_resume_without_a_checkpoint_and_a_fresh_run_over_one(trained_ws,
     w = _copy(trained_ws, tmp_path, "w")
     with pytest.raises(WorkspaceError, match="No checkpoint to resume from"):
         run_coarse(str(w), cfg, resume=True)
-    with monkeypatch.context() as m:
-        _kill_at(m, 25)
-        with pytest.raises(KeyboardInterrupt):
-            run_coarse(str(w), cfg)
+    interrupt_at(monkeypatch, coarse_loop.CoarseTrainer, 25, lambda: run_coarse(str(w), cfg))
     capsys.readouterr()
     run_coarse(str(w), cfg)
     err = " ".join(capsys.readouterr().err.split())

@@ -9,10 +9,12 @@ import shutil
 
 import pytest
 import torch
+from trainer_kill import interrupt_at
 
 from gstalk.config import get_preset
 from gstalk.dataset import build_frameset, load_fine_model, split_indices
 from gstalk.deform.registry import MODELS
+from gstalk.errors import WorkspaceError
 from gstalk.gaussians.splat import composite, splat
 from gstalk.stages.fine import run_fine
 from gstalk.tensorio import load_tensors
@@ -30,17 +32,7 @@ def _cfg(model: str):
 
 def _killed_at(monkeypatch, step: int, ws_dir, cfg) -> None:
     """Run the fine stage on ``ws_dir`` and interrupt it (KeyboardInterrupt) before ``step``."""
-    real_step = fine_loop.FineTrainer.train_step
-
-    def dying_step(self):
-        if self.step == step:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    with monkeypatch.context() as m:
-        m.setattr(fine_loop.FineTrainer, "train_step", dying_step)
-        with pytest.raises(KeyboardInterrupt):
-            run_fine(str(ws_dir), cfg)
+    interrupt_at(monkeypatch, fine_loop.FineTrainer, step, lambda: run_fine(str(ws_dir), cfg))
 
 
 def _copy(trained_ws, tmp_path, name):
@@ -57,6 +49,8 @@ def test_fine_model_beats_coarse_and_resumes_exactly(trained_ws, tmp_path, monke
     # the same run killed at step 15 (after the checkpoint at 10), then resumed
     _killed_at(monkeypatch, 15, b, _cfg(model))
     assert (b / "fine" / "checkpoint.safetensors").exists()
+    with pytest.raises(WorkspaceError, match="fine checkpoint was made with other settings"):
+        run_fine(str(b), dataclasses.replace(_cfg(model), audio_dim=_cfg(model).audio_dim + 1), resume=True)
     run_fine(str(b), _cfg(model), resume=True)
     ta, _ = load_tensors(a / "fine" / "model.safetensors")
     tb, _ = load_tensors(b / "fine" / "model.safetensors")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from gstalk.workspace import REQUIRES, STAGES, Workspace, sha256_file, sha256_tree
+from gstalk.workspace import REQUIRES, STAGES, Workspace
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,7 @@ def check_workspace(ws: Workspace) -> list[Finding]:
             fix = f"{cmd} --resume" if _resumable(ws, stage) else cmd
             out.append(Finding(stage, "problem", f"is '{rec.status}' (interrupted or failed)", fix))
             continue
-        bad = []
-        for rel, digest in rec.data.get("outputs", {}).items():
-            p = ws.path(rel)
-            if not p.exists():
-                bad.append(f"{rel} is missing")
-            elif (sha256_tree(p) if p.is_dir() else sha256_file(p)) != digest:
-                bad.append(f"{rel} changed since the stage wrote it")
+        bad = ws.output_problems(rec.data)
         for dep in REQUIRES[stage]:
             seen = rec.data.get("inputs", {}).get(dep)
             if seen is not None and seen != ws.stage(dep).run_id:

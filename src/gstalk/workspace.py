@@ -81,6 +81,11 @@ def sha256_tree(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_output(path: str | Path) -> str:
+    """Hex SHA-256 of a stage output: :func:`sha256_tree` of a folder, :func:`sha256_file` of a file."""
+    return sha256_tree(path) if Path(path).is_dir() else sha256_file(path)
+
+
 def _raise_os_error(exc: OSError, path: Path) -> None:
     """Re-raise a disk-full / not-writable OS error as :class:`ResourceError` naming ``path``;
     any other OS error unchanged."""
@@ -371,8 +376,7 @@ class Workspace:
                timings: dict[str, float] | None = None) -> None:
         """Mark ``stage`` done, recording a checksum of each output (files or folders)."""
         rec = self.manifest["stages"][stage]
-        rec["outputs"] = {o: (sha256_tree(self.path(o)) if self.path(o).is_dir() else sha256_file(self.path(o)))
-                          for o in outputs}
+        rec["outputs"] = {o: sha256_output(self.path(o)) for o in outputs}
         rec["summary"] = summary
         rec["seconds"] = round(seconds, 3)
         if timings:
@@ -394,46 +398,54 @@ class Workspace:
         saying so (``add_note``; the CLI prints it below the error). Otherwise the stage is
         marked ``failed``.
 
-        Returns:
-            True when the earlier run was given back.
-
         Best effort, never raises: it runs while another error propagates (often a full
         disk, which would also stop this write), and that error is the one to report. If the
         manifest cannot be written, it keeps saying ``running``, which ``gstalk check``
         reports as interrupted, with the same fix.
+
+        Returns:
+            True when the earlier run was given back (and the manifest says so on disk).
         """
         rec = self.manifest["stages"].get(stage)
         if rec is None:
             return False
-        exc = error if isinstance(error, BaseException) else None
-        error = str(error) or type(error).__name__
-        failure = {"error": error, "started": rec.get("started"), "finished": now_iso(), "config": rec.get("config")}
-        previous = rec.get("previous")
-        kept = previous is not None and self._outputs_intact(previous)
+        message = str(error) or type(error).__name__
+        failure = {"error": message, "started": rec.get("started"), "finished": now_iso(),
+                   "config": rec.get("config")}
+        previous = rec.pop("previous", None)
+        try:
+            kept = previous is not None and bool(previous.get("outputs")) and not self.output_problems(previous)
+        except OSError:
+            kept = False
         if kept:
             self.manifest["stages"][stage] = {**previous, "last_failure": failure}
         else:
-            rec.pop("previous", None)
-            rec["status"] = "failed"
-            rec["error"] = error
-            rec["finished"] = failure["finished"]
-        with contextlib.suppress(OSError, GstalkError):
+            rec.update(status="failed", error=message, finished=failure["finished"])
+        try:
             self.save()
-        if kept and exc is not None:
-            exc.add_note(f"The {stage} run that finished {previous.get('finished', '?')} is kept, its files "
-                         "unchanged: what was built on it still works.")
+        except (OSError, GstalkError):
+            return False
+        if kept and isinstance(error, BaseException):
+            error.add_note(f"The {stage} run that finished {previous.get('finished', '?')} is kept, its files "
+                           "unchanged: what was built on it still works.")
         return kept
 
-    def _outputs_intact(self, rec: dict[str, Any]) -> bool:
-        """Whether every output a stage record lists exists with its recorded SHA-256."""
-        try:
-            for rel, digest in rec.get("outputs", {}).items():
-                p = self.path(rel)
-                if not p.exists() or (sha256_tree(p) if p.is_dir() else sha256_file(p)) != digest:
-                    return False
-        except OSError:
-            return False
-        return bool(rec.get("outputs"))
+    def output_problems(self, rec: dict[str, Any]) -> list[str]:
+        """What is wrong with the outputs a stage record lists (``rec["outputs"]``: relative
+        path -> SHA-256): "PATH is missing" or "PATH changed since the stage wrote it", one
+        line each; empty when all are as recorded.
+
+        Raises:
+            OSError: an output cannot be read.
+        """
+        bad = []
+        for rel, digest in rec.get("outputs", {}).items():
+            p = self.path(rel)
+            if not p.exists():
+                bad.append(f"{rel} is missing")
+            elif sha256_output(p) != digest:
+                bad.append(f"{rel} changed since the stage wrote it")
+        return bad
 
     # ----------------------------------------------------------------------- lock
     @contextlib.contextmanager

@@ -17,7 +17,6 @@ uninterrupted run; it is deleted when the stage finishes.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,13 +24,12 @@ import torch
 
 from gstalk.config import CoarseConfig, to_dict
 from gstalk.dataset import build_frameset, split_indices
-from gstalk.errors import WorkspaceError
 from gstalk.gaussians import head_init_points, init_params, save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
 from gstalk.tracking.canonical import canonical_face
-from gstalk.train.checkpoint import load_resumable, restore_optimizers, restore_rng, save_checkpoint, warn_if_replacing
+from gstalk.train.checkpoint import load_resumable, restore_training, save_checkpoint, warn_if_replacing
 from gstalk.train.coarse import CoarseTrainer, render_frames
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import Workspace, clean_temp, write_json
@@ -91,26 +89,30 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool) 
     torch.manual_seed(ws.seed)
     reporter.log(f"[bold]coarse[/bold] {len(train)} training frames, {cfg.iterations} iterations")
     data = build_frameset(ws, train)
-    pts = head_init_points(canonical_face().vertices, cfg.n_random, seed=ws.seed)
-    rgb = sample_colors(pts, data, 0)
-    params = init_params(torch.from_numpy(pts), torch.from_numpy(rgb), cfg.sh_degree, seed=ws.seed)
     box = head_box()
     scene_scale = float((box[1] - box[0]).norm() / 2)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
     ckpt_path = ws.path("coarse", "checkpoint.safetensors")
     if resume:
-        trainer = _resumed(ws, ckpt_path, settings, data, cfg, scene_scale)
-        reporter.log(f"  resuming at iteration {trainer.step}")
+        groups, meta = load_resumable(ckpt_path, "coarse", ws.root, "settings", settings)
+        params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in groups["params"].items()})
     else:
         warn_if_replacing(ckpt_path, reporter)
-        trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
+        pts = head_init_points(canonical_face().vertices, cfg.n_random, seed=ws.seed)
+        rgb = sample_colors(pts, data, 0)
+        params = init_params(torch.from_numpy(pts), torch.from_numpy(rgb), cfg.sh_degree, seed=ws.seed)
+    trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
+    if resume:
+        restore_training(trainer, groups, meta)
+        trainer.history = list(meta["info"].get("history", []))
+        reporter.log(f"  resuming at iteration {trainer.step}")
 
     def checkpoint(tr: CoarseTrainer) -> None:
         save_checkpoint(ckpt_path, step=tr.step, params=tr.params, optimizers=tr.optimizers,
                         densify=tr.densify_state, rng=tr.rng,
                         info={"settings": settings, "history": tr.history[-20:]})
 
-    t = time.perf_counter()
+    t, first = time.perf_counter(), trainer.step
     with reporter.task("coarse", cfg.iterations) as bar:
         bar.advance(trainer.step)
 
@@ -120,6 +122,7 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool) 
                 bar.update(info=f"loss {stats['loss']:.4f}  {int(stats['n'])} Gaussians")
         trainer.run(cb, checkpoint)
     train_s = time.perf_counter() - t
+    ms_per_it = 1000 * train_s / max(cfg.iterations - first, 1)  # the steps this process ran
     params = trainer.params
     out = ws.path("coarse")
     out.mkdir(parents=True, exist_ok=True)
@@ -135,31 +138,11 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool) 
     write_preview(out / "preview.png", gt[:4], renders[:4])
     n = int(params["means"].shape[0])
     reporter.log(f"  {n} Gaussians, train PSNR {psnr:.2f} dB, {train_s:.0f} s "
-                 f"({1000 * train_s / max(cfg.iterations, 1):.0f} ms/iteration)")
+                 f"({ms_per_it:.0f} ms/iteration)")
     summary = {"iterations": cfg.iterations, "n_gaussians": n, "train_psnr": psnr, "train_seconds": train_s,
-               "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1), "scene_scale": scene_scale,
+               "ms_per_iteration": ms_per_it, "scene_scale": scene_scale,
                "history": trainer.history[-20:]}
     write_json(out / "summary.json", summary)
     ckpt_path.unlink(missing_ok=True)
     return summary
 
-
-def _resumed(ws: Workspace, ckpt_path: Path, settings: dict[str, Any], data: FrameSet, cfg: CoarseConfig,
-             scene_scale: float) -> CoarseTrainer:
-    """A :class:`CoarseTrainer` in the state of the checkpoint at ``ckpt_path``.
-
-    Raises:
-        WorkspaceError: no checkpoint, or one made with other settings.
-    """
-    groups, meta = load_resumable(ckpt_path, "coarse", ws.root)
-    if meta["info"].get("settings") != settings:
-        raise WorkspaceError("The coarse checkpoint was made with other settings than this run's.",
-                             hint="resume with the same preset and flags, or run without --resume", path=ckpt_path)
-    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in groups["params"].items()})
-    trainer = CoarseTrainer(params, data, cfg, scene_scale, seed=ws.seed)
-    restore_optimizers(trainer.optimizers, groups["optim"])
-    trainer.densify_state = {k: v.clone() for k, v in groups["densify"].items()}
-    trainer.rng = restore_rng(groups, meta)
-    trainer.step = int(meta["step"])
-    trainer.history = list(meta["info"].get("history", []))
-    return trainer

@@ -28,7 +28,7 @@ from gstalk.gaussians import save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import load_tensors, save_tensors
-from gstalk.train.checkpoint import load_resumable, restore_optimizers, restore_rng, save_checkpoint, warn_if_replacing
+from gstalk.train.checkpoint import load_resumable, restore_training, save_checkpoint, warn_if_replacing
 from gstalk.train.fine import FineTrainer, render_deformed
 from gstalk.workspace import Workspace, clean_temp, write_json
 
@@ -99,25 +99,18 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
     model = build_model(spec)
     if torso is not None:  # the seeded Gaussians and MLP (drawn before, and apart from, the head)
         model.torso.load_state_dict(torso.state_dict())
-    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in coarse.items()})
-    trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
     ckpt_path = ws.path("fine", "checkpoint.safetensors")
     if not resume:
         warn_if_replacing(ckpt_path, reporter)
+        start = coarse
     else:
-        groups, meta = load_resumable(ckpt_path, "fine", ws.root)
-        if meta["info"].get("spec") != spec:
-            raise WorkspaceError("The fine checkpoint was made with other settings than this run's.",
-                                 hint="resume with the same flags, or run without --resume")
-        for k, v in groups["params"].items():
-            params[k] = torch.nn.Parameter(v.clone())
+        groups, meta = load_resumable(ckpt_path, "fine", ws.root, "spec", spec)
+        start = groups["params"]
         model.load_state_dict(groups["module"])
-        trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
-        restore_optimizers(trainer.optimizers, groups["optim"])
-        if groups.get("densify"):
-            trainer.densify_state = {k: v.clone() for k, v in groups["densify"].items()}
-        trainer.rng = restore_rng(groups, meta)
-        trainer.step = int(meta["step"])
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in start.items()})
+    trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
+    if resume:
+        restore_training(trainer, groups, meta)
         trainer.articulation_fit = meta["info"].get("articulation_fit")
         reporter.log(f"  resuming at iteration {trainer.step}")
 
@@ -133,6 +126,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
             trainer.articulation_fit = trainer.fit_articulator(lambda k: abar.advance())
         trainer.articulation_fit["seconds"] = time.perf_counter() - t
         t = time.perf_counter()
+    first = trainer.step
     with reporter.task("fine", cfg.iterations) as bar:
         bar.advance(trainer.step)
 
@@ -147,6 +141,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                      f"regressors (one alone: {fit['member_val_r2']:.2f}; on the fitted frames {fit['fit_r2']:.2f}); "
                      f"code scale {fit['code_scale']:.2f}")
     train_s = time.perf_counter() - t
+    ms_per_it = 1000 * train_s / max(cfg.iterations - first, 1)  # the steps this process ran
     out = ws.path("fine")
     params_d = {k: v.detach() for k, v in trainer.params.items()}
     meta = {"spec": spec, "av_offset_frames": av_offset, "audio": {"extractor": af.extractor, "window": af.window,
@@ -162,10 +157,10 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
     ckpt_path.unlink(missing_ok=True)
     n_torso = 0 if model.torso is None else int(model.torso.n)
     reporter.log(f"  {int(params_d['means'].shape[0])} Gaussians ({n_torso} torso), {train_s:.0f} s "
-                 f"({1000 * train_s / max(cfg.iterations, 1):.0f} ms/iteration), {trainer.skipped_steps} skipped steps")
+                 f"({ms_per_it:.0f} ms/iteration), {trainer.skipped_steps} skipped steps")
     summary = {"model": cfg.model, "iterations": cfg.iterations, "n_gaussians": int(params_d["means"].shape[0]),
                "n_torso_gaussians": n_torso,
-               "train_seconds": train_s, "ms_per_iteration": 1000 * train_s / max(cfg.iterations, 1),
+               "train_seconds": train_s, "ms_per_iteration": ms_per_it,
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
                "conditioning": cfg.conditioning, "articulation_fit": fit,
                "history": trainer.history[-20:]}

@@ -86,14 +86,32 @@ def warn_if_replacing(path: Path, reporter: Any) -> None:
                       f"and replaces it (pass --resume to continue it instead)")
 
 
-def load_resumable(path: Path, stage: str,
-                   workspace: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """:func:`load_checkpoint` for ``gstalk STAGE --resume``.
+def load_resumable(path: Path, stage: str, workspace: Path, key: str,
+                   expected: Any) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """:func:`load_checkpoint` for ``gstalk STAGE --resume``: the checkpoint must exist and
+    its ``info[key]`` (the settings it was made with) must equal ``expected``.
 
     Raises:
-        WorkspaceError: no checkpoint at ``path`` (the hint gives the command without --resume).
+        WorkspaceError: no checkpoint at ``path`` (the hint gives the command without
+            --resume), or one made with other settings.
     """
     if not path.exists():
         raise WorkspaceError(f"No checkpoint to resume from in {path.parent}.",
                              hint=f"run `gstalk {stage} {workspace}` without --resume")
-    return load_checkpoint(path)
+    groups, meta = load_checkpoint(path)
+    if meta["info"].get(key) != expected:
+        raise WorkspaceError(f"The {stage} checkpoint was made with other settings than this run's.",
+                             hint="resume with the same preset and flags, or run without --resume", path=path)
+    return groups, meta
+
+
+def restore_training(trainer: Any, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+    """Put a checkpoint's Adam moments, densification statistics, RNG states and step into
+    a freshly built trainer (:class:`~gstalk.train.coarse.CoarseTrainer` or
+    :class:`~gstalk.train.fine.FineTrainer`: attributes ``optimizers``, ``densify_state``,
+    ``rng``, ``step``). Call it after building the trainer, which seeds the RNGs."""
+    restore_optimizers(trainer.optimizers, groups["optim"])
+    if groups.get("densify"):
+        trainer.densify_state = {k: v.clone() for k, v in groups["densify"].items()}
+    trainer.rng = restore_rng(groups, meta)
+    trainer.step = int(meta["step"])
