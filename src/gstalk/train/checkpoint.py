@@ -10,13 +10,16 @@ executes code (no pickle).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from gstalk.errors import WorkspaceError
 from gstalk.tensorio import load_tensors, read_metadata, save_tensors
+
+if TYPE_CHECKING:
+    from gstalk.progress import Reporter
 
 
 def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -77,9 +80,9 @@ def restore_rng(groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
     return rng
 
 
-def warn_if_replacing(path: Path, reporter: Any) -> None:
-    """Warn on ``reporter`` (a :class:`~gstalk.progress.Reporter`) that a fresh run will
-    replace the stopped run's checkpoint at ``path`` (naming its iteration and --resume)."""
+def warn_if_replacing(path: Path, reporter: Reporter) -> None:
+    """Warn on ``reporter`` that a fresh run will replace the stopped run's checkpoint at
+    ``path`` (naming its iteration and --resume); nothing when there is none."""
     if path.exists():
         step = (read_metadata(path) or {}).get("step", "?")
         reporter.warn(f"{path} holds a stopped run at iteration {step}; this run starts over "
