@@ -96,8 +96,7 @@ def save_mannequin_fan(path: str | Path, pose: np.ndarray, focal: float, size: i
     save it as a TorchScript archive at ``path``; returns the path."""
     import warnings
 
-    module = torch.jit.script(mannequin_fan(pose, focal, size))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # torch marks TorchScript deprecated; FAN's archives are TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(module, str(path))
+        torch.jit.save(torch.jit.script(mannequin_fan(pose, focal, size)), str(path))
     return Path(path)
