@@ -103,7 +103,8 @@ def test_fan_workspace_trains_renders_and_evaluates_with_fan_lmd(fan_ws, fan_wei
         assert v["lmd_fan_frames"] == m["n_frames"] and np.isfinite(v["lmd"])  # MediaPipe's LMD beside it
     assert set(m["lmd_landmarks"]) == {"lmd", "lmd_fan"} and m["weights"]["fan"]["public_archive"] is False
     report = (fan_ws / "eval" / "report.md").read_text()
-    assert "| fine model | FAN 2D-FAN-4, points 48-67 |" in report and "| fine model | MediaPipe, 40 lip points |" in report
+    assert "| fine model | FAN 2D-FAN-4, points 48-67 |" in report
+    assert "| fine model | MediaPipe, 40 lip points |" in report
 
 
 def test_fan_without_weights_or_with_a_pickle_is_refused_before_anything_is_written(trained_ws, tmp_path,
