@@ -336,3 +336,43 @@ def test_report_names_the_detector_of_each_lmd_row():
     assert "the public 2D-FAN-4 archive" in text and "ER-NeRF" in text
     assert "FAN" not in "\n".join(lmd_lines({**row, "baselines": {}}))
     json.dumps(m)  # the metrics stay JSON
+
+
+def test_doctor_checks_the_fan_weights_named_in_the_environment(monkeypatch, tmp_path):
+    from gstalk.doctor import check_fan_weights
+
+    monkeypatch.delenv(fanmod.ENV_VAR, raising=False)
+    assert check_fan_weights().status == "ok"  # optional: nothing to check
+    bad = tmp_path / "2DFAN4.pth.tar"
+    bad.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    monkeypatch.setenv(fanmod.ENV_VAR, str(bad))
+    c = check_fan_weights()
+    assert c.status == "warn" and "pickle" in c.detail and "2DFAN4-cd938726ad.zip" in c.fix
+    monkeypatch.setenv(fanmod.ENV_VAR, str(_save_script(_Plain(), tmp_path / "other.zip")))
+    c = check_fan_weights()
+    assert c.status == "warn" and "not the public" in c.detail
+
+
+def test_same_numbers_as_face_alignment_itself():
+    """Parity with face-alignment's own ``get_preds_fromhm`` and ``crop`` (not installed by
+    gstalk, see the module docstring of gstalk.tracking.heatmaps; to run this check:
+    ``pip install --no-deps face-alignment==1.4.1 numba scikit-image tqdm lazy-loader``)."""
+    try:
+        from face_alignment import utils as fa
+    except ImportError:
+        pytest.skip("face-alignment is not installed (optional parity check; see this test's docstring)")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        hm = rng.random((1, 68, 64, 64)).astype(np.float32) ** 8
+        hm[0, :3, 0, 7] = 2.0  # maxima on the border too
+        center, scale = rng.uniform(50, 400, 2), float(rng.uniform(0.4, 3.0))
+        ref_hm, ref_img, ref_scores = fa.get_preds_fromhm(hm.copy(), center.copy(), scale)
+        pts, scores = decode_heatmaps(hm)
+        img, _ = heatmaps_to_image(hm, center, scale, truncate=True)
+        np.testing.assert_array_equal(pts, ref_hm)
+        np.testing.assert_array_equal(img, ref_img[0])
+        np.testing.assert_allclose(scores, ref_scores)
+        image = rng.integers(0, 256, (300, 340, 3), dtype=np.uint8)
+        x0, y0, side = rng.uniform(-40, 200), rng.uniform(-40, 150), rng.uniform(40, 250)
+        c, s = box_center_scale((x0, y0, x0 + side, y0 + 1.1 * side))
+        np.testing.assert_array_equal(crop_image(image, c, s), fa.crop(image, torch.tensor(c), s))
