@@ -139,3 +139,11 @@ def test_fan_without_weights_or_with_a_pickle_is_refused_before_anything_is_writ
     assert r.exit_code == 2 and "mediapipe, fan" in r.output
     r = runner.invoke(app, ["eval", str(trained_ws), "--lmd-landmarks", "fan", "--audio", str(bad)])
     assert r.exit_code == 2 and "--compare or --audio" in r.output
+
+
+def test_run_with_fan_refuses_missing_weights_before_extracting(mannequin_clip, tmp_path, monkeypatch):
+    monkeypatch.delenv("GSTALK_FAN_WEIGHTS", raising=False)
+    ws = tmp_path / "run_ws"
+    r = runner.invoke(app, ["run", str(mannequin_clip.path), "-w", str(ws), "--preset", "test", "--detector", "fan"])
+    assert r.exit_code == 2 and "--fan-weights" in r.output
+    assert not ws.exists()
