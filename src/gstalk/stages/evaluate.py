@@ -171,6 +171,8 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     from gstalk.tracking.avsync import mouth_opening
 
     real_open = mouth_opening(tracks.landmarks[sel].numpy())
+    if "_truth_opening" in results["model"]:  # FAN tracks: MediaPipe's reading of the real frames, as of the renders
+        real_open = fill_nan(results["model"]["_truth_opening"])
     for v in (results["model"], results["baselines"]["coarse"]):
         o = fill_nan(v["_opening"])
         v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
@@ -194,6 +196,7 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
         results["model"].setdefault("real_video", {}).update(real_lse)
     for v in (results["model"], results["baselines"]["coarse"]):
         v.pop("_opening")
+        v.pop("_truth_opening", None)
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
@@ -306,7 +309,8 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
         {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
         (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
         "lip_frames": frames measured, "_opening": [F] mouth opening of each render (NaN
-        where no face was found; not JSON, popped by the caller)}.
+        where no face was found), and, only when MediaPipe read the ground truth (FAN tracks),
+        "_truth_opening": [F] its mouth opening there (both not JSON, popped by the caller)}.
     """
     from gstalk.metrics.landmarks import MOUTH_IDS, blendshape_error, lmd
     from gstalk.tracking.avsync import mouth_opening
@@ -327,8 +331,12 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
             for k in found:
                 ref_lms[frames[k]], ref_bss[frames[k]] = read[k][0].landmarks, read[k][0].blendshapes
             seen = {frames[k] for k in found}
+            truth_opening = np.full(len(frames), np.nan)
+            if found:
+                truth_opening[found] = mouth_opening(np.stack([read[k][0].landmarks for k in found]))
+            extra = {"_truth_opening": truth_opening}
         else:
-            seen = set(frames)
+            seen, extra = set(frames), {}
         for k, img in enumerate(renders):
             faces = det.detect(np.ascontiguousarray(to_uint8(img)))
             if faces and ref_lms is not None and frames[k] in seen:
@@ -340,7 +348,7 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
     opening = np.full(len(renders), np.nan)
     if not keep or ref_lms is None or ref_bss is None:
         nan = float("nan")
-        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening}
+        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening, **extra}
     opening[keep] = mouth_opening(np.stack(lms))
     sel = [frames[k] for k in keep]
     ids = list(MOUTH_IDS)
@@ -348,7 +356,7 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
     size = renders.shape[2]
     aue = blendshape_error(np.stack(bss), ref_bss[sel], names)
     return {"lmd": float(d.mean()), "lmd_512": float(d.mean() * 512.0 / size), "aue": aue.pop("mean"),
-            "aue_parts": aue, "lip_frames": len(keep), "_opening": opening}
+            "aue_parts": aue, "lip_frames": len(keep), "_opening": opening, **extra}
 
 
 LMD_READINGS = {
