@@ -666,3 +666,45 @@ def test_track_names_the_frames_without_a_face(trained_ws, tmp_path, blank, code
     case = "no face in any extracted frame" if len(blank) == 75 else "face lost for 12 frames (a cut-away)"
     record("track", case, "gstalk track ws", code, line.replace(str(ws), "ws"),
            "yes: extract untouched, the previous track run kept and verified")
+
+
+def _fan_file(kind: str, d: Path) -> Path | None:
+    import zipfile
+
+    if kind == "none":
+        return None
+    if kind == "pickle":
+        p = d / "2DFAN4-11f355bf06.pth.tar"
+        p.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01K\x01s.")  # a protocol-2 pickle of {"w": 1}
+        return p
+    p = d / "face_landmarker.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("face_detector.tflite", b"\0" * 8)
+    return p
+
+
+@pytest.mark.parametrize("kind, code, message", [
+    ("none", 2, "The FAN landmark detector needs its weights, and none were given: pass --fan-weights PATH (or set "
+                "GSTALK_FAN_WEIGHTS)."),
+    ("pickle", 3, "is a pickle (torch.save's legacy format, e.g. face-alignment 1.5's .pth.tar); gstalk never "
+                  "unpickles files."),
+    ("zip", 3, "is a zip file but not a TorchScript archive (it holds face_detector.tflite)."),
+], ids=["no weights", "a pickle", "a zip that is not TorchScript"])
+def test_track_detector_fan_refuses_bad_weights_before_writing(trained_ws, tmp_path, monkeypatch, kind, code,
+                                                               message):
+    """``--detector fan`` without usable weights: one line naming the flag or the file and
+    where the right file comes from; the file is never loaded; the workspace's track stays."""
+    monkeypatch.delenv("GSTALK_FAN_WEIGHTS", raising=False)
+    ws = _copy(trained_ws, tmp_path / "ws")
+    before = (ws / "manifest.json").read_bytes()
+    weights = _fan_file(kind, tmp_path)
+    r = cli("track", ws, "--detector", "fan", *(["--fan-weights", weights] if weights else []))
+    assert r.returncode == code, r.stderr
+    line = _line(r.stderr)
+    assert line.startswith("error: ") and message in line and "2DFAN4-cd938726ad.zip" in line and "Fix:" in line
+    assert (ws / "manifest.json").read_bytes() == before and _check(ws)[0] == 0
+    case = {"none": "no FAN weights", "pickle": "FAN weights that are a pickle",
+            "zip": "FAN weights that are a zip but not TorchScript"}[kind]
+    cmd = "gstalk track ws --detector fan" + (f" --fan-weights {weights.name}" if weights else "")
+    record("track", case, cmd, code, line.replace(str(tmp_path) + "/", ""),
+           "yes: nothing written, the previous track run kept and verified")

@@ -74,3 +74,18 @@ def test_source_never_unpickles_or_uses_a_shell():
     assert len(files) > 50  # the tree was found
     found = [v for f in files for v in violations(f.read_text(), str(f.relative_to(SRC.parent)))]
     assert found == []
+
+
+JIT_LOADERS = {"gstalk/tracking/fan.py"}  # FAN's TorchScript archive, a file the user names (issue 22)
+
+
+def test_torchscript_is_loaded_only_by_the_fan_detector():
+    """``torch.jit.load`` rebuilds TorchScript modules from a file: only the FAN detector may
+    call it, on the path the user gave (``--fan-weights``/``$GSTALK_FAN_WEIGHTS``)."""
+    found = []
+    for f in sorted(SRC.rglob("*.py")):
+        rel = str(f.relative_to(SRC.parent))
+        for node in ast.walk(ast.parse(f.read_text(), rel)):
+            if isinstance(node, ast.Call) and _name(node.func) in ("torch.jit.load", "jit.load"):
+                found.append(rel)
+    assert sorted(set(found)) == sorted(JIT_LOADERS), found

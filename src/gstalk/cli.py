@@ -44,6 +44,14 @@ Preset = Annotated[Optional[str], typer.Option(
     "--preset", help="cpu-quick (256 px, minutes on a CPU), cpu-long (256 px, the papers' fine architecture, "
                      "about an hour per model on a CPU), paper (512 px, the papers' iterations) or test. "
                      "Default: the preset the workspace was extracted with.")]
+Detector = Annotated[Optional[str], typer.Option(
+    "--detector", help="Landmark detector: mediapipe (478 points + 52 blendshapes, model shipped; the default) or "
+                       "fan (face-alignment's 2D-FAN-4: 68 points in MediaPipe's face boxes, no blendshapes; needs "
+                       "--fan-weights).", show_default=False)]
+FanWeights = Annotated[Optional[Path], typer.Option(
+    "--fan-weights", help="FAN's weights: face-alignment's TorchScript archive 2DFAN4-cd938726ad.zip, a file you "
+                          "download yourself (docs/methods.md; gstalk downloads nothing, never unpickles, and loads "
+                          "only a file you name). Default: $GSTALK_FAN_WEIGHTS.", show_default=False)]
 WorkspaceArg = Annotated[Optional[Path], typer.Argument(
     help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]
 
@@ -178,16 +186,22 @@ def _result(ws_root: Path, summary: dict[str, Any], as_json: bool) -> None:
 def track(
     workspace: WorkspaceArg = None,
     preset: Preset = None,
+    detector: Detector = None,
+    fan_weights: FanWeights = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Track the face in every frame (MediaPipe, model shipped with gstalk): 478 landmarks, blendshapes, head pose, one
     focal length, eye blink, the audio/video offset, masks (head, mouth, torso, person) and a background plate,
-    into WORKSPACE/track/. See track/preview.png to check it worked."""
+    into WORKSPACE/track/. With --detector fan, FAN's 68 landmarks instead (blink from the eyelids, the mouth code
+    from the lips' geometry; docs/methods.md). See track/preview.png to check it worked."""
     with _guard(debug):
+        from gstalk.config import override
         from gstalk.stages.track import run_track
 
         root = _workspace(workspace)
-        ws = run_track(str(root), _preset(preset, root).track, reporter=_reporter(quiet))
+        cfg = override(_preset(preset, root).track, detector=detector,
+                       fan_weights=str(fan_weights) if fan_weights is not None else None)
+        ws = run_track(str(root), cfg, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("track").summary, as_json)
 
 
@@ -329,6 +343,11 @@ def eval_(
         "--syncnet", help="Also compute LSE-C/LSE-D with these SyncNet weights: a local .safetensors file converted "
                           "from syncnet_python's syncnet_v2.model (docs/methods.md). Self- and cross-driven.",
         show_default=False)] = None,
+    lmd_landmarks: Annotated[str, typer.Option(
+        "--lmd-landmarks", help="Landmarks for LMD: mediapipe (40 lip points, always measured) or fan (also the "
+                                "papers' LMD: FAN's mouth points 48-67 on render and ground truth, as ER-NeRF and "
+                                "TalkingGaussian compute it; needs --fan-weights). Self-driven only.")] = "mediapipe",
+    fan_weights: FanWeights = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
@@ -350,6 +369,9 @@ def eval_(
         if audio is not None and lpips is not None:
             raise UsageError("--lpips needs ground truth, and a cross-driven eval (--audio) has none.",
                              hint="drop --lpips, or run `gstalk eval WS --lpips PATH` without --audio")
+        if lmd_landmarks != "mediapipe" and (compare or audio is not None):
+            raise UsageError("--lmd-landmarks fan needs one self-driven eval: it does not combine with --compare or "
+                             "--audio.", hint="run `gstalk eval WS --lmd-landmarks fan --fan-weights PATH` alone")
         if compare:
             from gstalk.stages.compare import compare as compare_workspaces
 
@@ -381,7 +403,8 @@ def eval_(
                        f"{c['real_video']['lse_d']:.2f})" if "lse_c" in c and "lse_c" in c["real_video"] else ""))
                 print(root / "eval" / f"cross_{audio.stem}" / "report.md")
             return
-        m = run_eval(str(root), backend=raster, reporter=_reporter(quiet), lpips=lpips, syncnet=syncnet)
+        m = run_eval(str(root), backend=raster, reporter=_reporter(quiet), lpips=lpips, syncnet=syncnet,
+                     lmd_landmarks=lmd_landmarks, fan_weights=fan_weights)
         if as_json:
             _print_json(m)
         else:
@@ -416,7 +439,8 @@ def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:
 
     t = Table(title=f"gstalk eval: {m['n_frames']} test frames")
     t.add_column("")
-    cols = (*KEYS, "lmd", "aue", *[k for k in ("lpips", "lse_c", "lse_d") if k in m])
+    cols = (*KEYS, "lmd", *[k for k in ("lmd_fan",) if k in m], "aue",
+            *[k for k in ("lpips", "lse_c", "lse_d") if k in m])
     for k in cols:
         t.add_column(k, justify="right")
 
@@ -444,11 +468,14 @@ def run(
                                                   "the test split with its own audio).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    detector: Detector = None,
+    fan_weights: FanWeights = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Run every stage on VIDEO: extract, track, coarse, fine, render and eval. Prints the rendered video's path (with
-    --json: per-stage times, the video and the metrics)."""
+    --json: per-stage times, the video and the metrics). With --detector fan, track uses FAN and eval adds FAN's
+    LMD."""
     with _guard(debug):
         from gstalk.config import get_preset, override
         from gstalk.stages.coarse import run_coarse
@@ -456,16 +483,18 @@ def run(
         from gstalk.stages.extract import run_extract
         from gstalk.stages.fine import run_fine
         from gstalk.stages.render import run_render
-        from gstalk.stages.track import run_track
+        from gstalk.stages.track import load_detector_model, run_track
 
         rep = _reporter(quiet)
         p = get_preset(preset)
+        track_cfg = override(p.track, detector=detector, fan_weights=str(fan_weights) if fan_weights else None)
+        load_detector_model(track_cfg)  # refuse missing or bad FAN weights before extracting anything
         times: dict[str, float] = {}
         t = time.perf_counter()
         ws = run_extract(video, workspace, p.extract, preset=p.name, seed=seed, reporter=rep)
         times["extract"] = time.perf_counter() - t
         root = str(ws.root)
-        for name, fn in (("track", lambda: run_track(root, p.track, reporter=rep)),
+        for name, fn in (("track", lambda: run_track(root, track_cfg, reporter=rep)),
                          ("coarse", lambda: run_coarse(root, override(p.coarse, raster=raster), reporter=rep)),
                          ("fine", lambda: run_fine(root, override(p.fine, raster=raster), reporter=rep))):
             t = time.perf_counter()
@@ -475,7 +504,8 @@ def run(
         r = run_render(root, audio, output, backend=raster, reporter=rep)
         times["render"] = time.perf_counter() - t
         t = time.perf_counter()
-        m = run_eval(root, backend=raster, reporter=rep)
+        m = run_eval(root, backend=raster, reporter=rep, lmd_landmarks=track_cfg.detector,
+                     fan_weights=track_cfg.fan_weights)
         times["eval"] = time.perf_counter() - t
         if as_json:
             _print_json({"workspace": root, "video": r["output"], "seconds": times, "metrics": m})

@@ -50,6 +50,8 @@ class TrackConfig:
     grabcut_iterations: int = 3  # GrabCut iterations per frame (1 gives masks within ~0.3% IoU, 2x faster)
     landmark_sigma: float = 1.0  # frames, zero-phase smoothing of the stored landmarks_smooth
     max_view_angle: float = 45.0  # degrees a head may turn from the camera before its frames are flagged
+    detector: str = "mediapipe"  # landmark detector: mediapipe (478 points + blendshapes) or fan (68 points)
+    fan_weights: str | None = None  # FAN's TorchScript archive (--fan-weights; else $GSTALK_FAN_WEIGHTS)
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,15 @@ class Tracks:
     Attributes:
         viewmats: [N, 4, 4] float32 world(canonical head)-to-camera = smoothed head pose, metres, OpenCV.
         K: [3, 3] float32 intrinsics in pixels.
-        landmarks: [N, 478, 3] float32 pixels (z in the same pixel scale).
-        blendshapes: [N, 52] float32.
+        landmarks: [N, L, 3] float32 pixels: L = 478 MediaPipe (z in the same pixel scale) or
+            68 iBUG from FAN (z = 0); ``detector`` says which.
+        blendshapes: [N, 52] float32 ([N, 0] for FAN tracks).
         blink: [N] float32 eye blink in [0, 1].
         valid: [N] bool, False for interpolated frames.
         mouth_box: [N, 4] float32 (x0, y0, x1, y1) pixels, a square around the mouth.
         face_box: [N, 4] float32 (x0, y0, x1, y1) pixels of the landmarks.
-        blendshape_names: the 52 blendshape names, in column order.
+        blendshape_names: the 52 blendshape names, in column order (() for FAN tracks).
+        detector: the track stage's detector, ``mediapipe`` or ``fan``.
     """
 
     viewmats: torch.Tensor
@@ -88,10 +90,21 @@ class Tracks:
     mouth_box: torch.Tensor
     face_box: torch.Tensor
     blendshape_names: tuple[str, ...] = ()
+    detector: str = "mediapipe"
+
+    @property
+    def has_articulation(self) -> bool:
+        """Whether :meth:`articulation` can be computed (MediaPipe's blendshape names, or 68 points)."""
+        return bool(self.blendshape_names) or self.landmarks.shape[1] == 68
 
     def articulation(self) -> torch.Tensor:
         """[N, 7] float32 raw mouth articulation features
-        (:func:`~gstalk.deform.articulation.articulation_features`)."""
+        (:func:`~gstalk.deform.articulation.articulation_features`; for FAN's 68 points
+        :func:`~gstalk.deform.articulation68.articulation_features_68`)."""
+        if self.landmarks.shape[1] == 68:
+            from gstalk.deform.articulation68 import articulation_features_68
+
+            return articulation_features_68(self.landmarks)
         from gstalk.deform.articulation import articulation_features
 
         return articulation_features(self.landmarks, self.blendshapes, self.blendshape_names)
@@ -102,7 +115,8 @@ def load_tracks(ws: Workspace) -> Tracks:
     return Tracks(viewmats=t["viewmats"].float(), K=t["K"].float(), landmarks=t["landmarks"].float(),
                   blendshapes=t["blendshapes"].float(), blink=t["blink"].float(), valid=t["valid"].bool(),
                   mouth_box=t["mouth_box"].float(), face_box=t["face_box"].float(),
-                  blendshape_names=tuple(meta.get("blendshape_names", ())))
+                  blendshape_names=tuple(meta.get("blendshape_names", ())),
+                  detector=str(meta.get("detector", "mediapipe")))
 
 
 @dataclass
@@ -213,7 +227,7 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
         n_all = int(ws.stage("extract").summary["n_frames"])
         win = frame_windows(af.steps, n_all, fps, af.steps_per_second, af.window, offset_frames=audio_offset)
         audio = torch.from_numpy(win)
-        if len(tracks.blendshape_names):
+        if tracks.has_articulation:
             from gstalk.deform.articulation import standardise
 
             articulation = standardise(tracks.articulation(), idx)

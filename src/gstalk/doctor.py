@@ -119,6 +119,29 @@ def check_mediapipe() -> Check:
     return Check("mediapipe", "ok", f"mediapipe {mediapipe.__version__}")
 
 
+def check_fan_weights() -> Check:
+    """FAN's weights, when ``$GSTALK_FAN_WEIGHTS`` names them: the file's format and checksum
+    (never loaded here). Optional: only ``--detector fan`` and ``--lmd-landmarks fan`` need it."""
+    import os
+
+    from gstalk.errors import InputError
+    from gstalk.tracking.fan import ENV_VAR, PUBLIC_ARCHIVE, inspect_weights
+
+    path = os.environ.get(ENV_VAR, "")
+    if not path:
+        return Check("fan weights", "ok", f"${ENV_VAR} not set (optional: FAN is used only with --detector fan or "
+                                          "--lmd-landmarks fan, and --fan-weights PATH)")
+    try:
+        info = inspect_weights(path)
+    except InputError as exc:
+        return Check("fan weights", "warn", f"${ENV_VAR}: {exc.message}", exc.hint or "")
+    if not info.public_archive:
+        return Check("fan weights", "warn", f"{path}: a TorchScript archive, SHA-256 {info.sha256[:16]}…, not the "
+                     f"public {PUBLIC_ARCHIVE}", f"use {PUBLIC_ARCHIVE} to compare with the papers' numbers "
+                                                "(docs/methods.md)")
+    return Check("fan weights", "ok", f"{path}: the public {PUBLIC_ARCHIVE} (SHA-256 matches)")
+
+
 def check_disk(path: str | Path = ".") -> Check:
     from gstalk.native import cache_dir
 
@@ -132,8 +155,8 @@ def check_disk(path: str | Path = ".") -> Check:
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (check_python, check_torch, check_cuda, check_ffmpeg, check_pyav,
-                                           check_mediapipe, check_landmark_model, check_compiler, check_native,
-                                           check_backends, check_disk)
+                                           check_mediapipe, check_landmark_model, check_fan_weights, check_compiler,
+                                           check_native, check_backends, check_disk)
 
 
 def run_checks(checks: tuple[Callable[[], Check], ...] = CHECKS) -> list[Check]:

@@ -7,7 +7,9 @@ frame, and the coarse (static, audio-free) Gaussians composited like the model.
 
 With the user's weight files it adds LPIPS (``lpips=PATH``, :mod:`gstalk.metrics.lpips`)
 and SyncNet's LSE-C / LSE-D (``syncnet=PATH``, :mod:`gstalk.metrics.syncnet`); without them
-the report says they were skipped.
+the report says they were skipped. With ``lmd_landmarks="fan"`` and FAN's weights it adds the
+papers' LMD (FAN's mouth points 48-67 on render and ground truth, :func:`fan_lip_metrics`)
+beside MediaPipe's.
 
 Writes ``ws/eval/metrics.json`` (versioned), ``ws/eval/report.md``, ``ws/eval/samples.png``
 (ground truth | coarse | fine | error of a few test frames), ``ws/eval/psnr.png`` (PSNR per
@@ -61,22 +63,39 @@ def mean_frame(ws: Workspace, frames: range) -> torch.Tensor:
     return torch.from_numpy((acc / len(frames) / 255.0).astype(np.float32))
 
 
+LMD_LANDMARKS = ("mediapipe", "fan")
+
+
 def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILENT,
-             lpips: str | Path | None = None, syncnet: str | Path | None = None) -> dict[str, Any]:
+             lpips: str | Path | None = None, syncnet: str | Path | None = None,
+             lmd_landmarks: str = "mediapipe", fan_weights: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a workspace whose fine stage is done; returns the metrics dict.
 
     Args:
         lpips: a safetensors file of LPIPS weights (adds ``lpips``/``face_lpips``).
         syncnet: a safetensors file of SyncNet weights (adds ``lse_c``/``lse_d``).
+        lmd_landmarks: ``mediapipe`` (MediaPipe's LMD only) or ``fan`` (also FAN's, the
+            papers' way: ``lmd_fan``/``lmd_fan_512``), with ``fan_weights`` (a TorchScript
+            archive; default ``$GSTALK_FAN_WEIGHTS``).
 
     Raises:
         WorkspaceError: a stage is missing or stale. InputError: a weights file is missing,
-        not safetensors, or lacks/mis-shapes a key (checked before anything is rendered).
+        not safetensors (LPIPS, SyncNet) or not TorchScript (FAN), or lacks/mis-shapes a key
+        (checked before anything is rendered). UsageError: unknown ``lmd_landmarks``, or
+        ``fan`` without weights.
     """
+    from gstalk.errors import UsageError
+
     t0 = time.perf_counter()
+    if lmd_landmarks not in LMD_LANDMARKS:
+        raise UsageError(f"Unknown --lmd-landmarks '{lmd_landmarks}'.", hint=f"use one of: {', '.join(LMD_LANDMARKS)}")
     ws = Workspace.open(workspace)
     ws.require("eval")
     nets = load_weight_files(lpips, syncnet)
+    if lmd_landmarks == "fan":
+        from gstalk.tracking.fan import FANModel, resolve_weights
+
+        nets["fan"] = FANModel(resolve_weights(fan_weights))
     train, test = split_indices(ws)
     reporter.log(f"[bold]eval[/bold] {len(test)} test frames (frames {test.start}-{test.stop - 1})")
     data = build_frameset(ws, test)
@@ -138,14 +157,22 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
                 v.update(lse_metrics(nets["syncnet"], frames, face_boxes, segment, rate, fps))
                 bar.advance()
     with reporter.task("landmarks of the renders", 2 * len(test)) as bar:
-        results["model"].update(lip_metrics(fine_t, tracks, list(test), bar.advance))
-        results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance))
+        results["model"].update(lip_metrics(fine_t, tracks, list(test), bar.advance, truth=gt))
+        results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance, truth=gt))
+    if "fan" in nets:
+        with reporter.task("FAN landmarks (LMD the papers' way)", 3 * len(test)) as bar:
+            truth_pts, truth_fallback = fan_points(nets["fan"], gt, face_boxes, bar.advance)
+            for v, pred in ((results["model"], fine_t), (results["baselines"]["coarse"], coarse_t)):
+                v.update(fan_lip_metrics(nets["fan"], pred, truth_pts, face_boxes, bar.advance))
+                v["lmd_fan_box_fallbacks"] += truth_fallback
     # mouth motion and the lip-sync proxy: the renders' mouth opening against the real video's
     # and against the opening the audio predicts
     from gstalk.metrics.lipsync import LipSyncProxy, fill_nan, sync_scores
     from gstalk.tracking.avsync import mouth_opening
 
     real_open = mouth_opening(tracks.landmarks[sel].numpy())
+    if "_truth_opening" in results["model"]:  # FAN tracks: MediaPipe's reading of the real frames, as of the renders
+        real_open = fill_nan(results["model"]["_truth_opening"])
     for v in (results["model"], results["baselines"]["coarse"]):
         o = fill_nan(v["_opening"])
         v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
@@ -169,14 +196,16 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
         results["model"].setdefault("real_video", {}).update(real_lse)
     for v in (results["model"], results["baselines"]["coarse"]):
         v.pop("_opening")
+        v.pop("_truth_opening", None)
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
         **results["model"], "baselines": results["baselines"],
         "model_name": meta["spec"]["name"], "render_fps": render_fps,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
-        "weights": {k: {"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
-                    for k, n in nets.items()},
+        "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
+                        if k != "fan" else n.info.to_dict()) for k, n in nets.items()},
+        "lmd_landmarks": {k: LMD_READINGS[k] for k in ("lmd", "lmd_fan") if k in results["model"]},
         "skipped": [k for k in SKIPPED if k not in nets],
         "plots": dict(PLOTS), "per_frame": {k: json_floats(v) for k, v in per_frame.items()},
         "seconds": time.perf_counter() - t0,
@@ -267,45 +296,125 @@ def write_plots(d: Path, per_frame: dict[str, Any]) -> None:
 
 
 def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
-                progress: Any = None) -> dict[str, Any]:
+                progress: Any = None, truth: torch.Tensor | None = None) -> dict[str, Any]:
     """LMD and blendshape error of rendered frames against the tracked ground truth.
 
-    MediaPipe (the track stage's detector, image mode) reads the renders [F, H, W, 3] float
-    in [0, 1]; ``frames`` [F] are their workspace frame numbers. Frames where it finds no
-    face are left out and counted.
+    MediaPipe (image mode) reads the renders [F, H, W, 3] float in [0, 1]; ``frames`` [F] are
+    their workspace frame numbers. The reference is the track stage's MediaPipe landmarks and
+    blendshapes; when the workspace was tracked with FAN (68 points, no blendshapes),
+    MediaPipe reads the ground-truth frames ``truth`` [F, H, W, 3] instead. Frames where it
+    finds no face (in the render or that reference) are left out and counted.
 
     Returns:
         {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
         (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
         "lip_frames": frames measured, "_opening": [F] mouth opening of each render (NaN
-        where no face was found; not JSON, popped by the caller)}.
+        where no face was found), and, only when MediaPipe read the ground truth (FAN tracks),
+        "_truth_opening": [F] its mouth opening there (both not JSON, popped by the caller)}.
     """
     from gstalk.metrics.landmarks import MOUTH_IDS, blendshape_error, lmd
     from gstalk.tracking.avsync import mouth_opening
     from gstalk.tracking.detector import MediaPipeDetector
 
     lms, bss, keep = [], [], []
+    ref_lms, ref_bss, names = tracks.landmarks.numpy(), tracks.blendshapes.numpy(), tracks.blendshape_names
+    tracked_by_mediapipe = ref_lms.shape[1] in (478, 468)
+    if not tracked_by_mediapipe:
+        ref_lms, ref_bss, names = None, None, ()
     with MediaPipeDetector(video=False, num_faces=1) as det:
+        if ref_lms is None and truth is not None:  # FAN tracks: MediaPipe's reading of the real frames
+            read = [det.detect(np.ascontiguousarray(to_uint8(img))) for img in truth]
+            found = [k for k, f in enumerate(read) if f]
+            ref_lms = np.zeros((max(frames) + 1, 478, 3), np.float32)
+            ref_bss = np.zeros((max(frames) + 1, len(read[found[0]][0].blendshapes) if found else 0), np.float32)
+            names = read[found[0]][0].names if found else ()
+            for k in found:
+                ref_lms[frames[k]], ref_bss[frames[k]] = read[k][0].landmarks, read[k][0].blendshapes
+            seen = {frames[k] for k in found}
+            truth_opening = np.full(len(frames), np.nan)
+            if found:
+                truth_opening[found] = mouth_opening(np.stack([read[k][0].landmarks for k in found]))
+            extra = {"_truth_opening": truth_opening}
+        else:
+            seen, extra = set(frames), {}
         for k, img in enumerate(renders):
             faces = det.detect(np.ascontiguousarray(to_uint8(img)))
-            if faces:
+            if faces and ref_lms is not None and frames[k] in seen:
                 lms.append(faces[0].landmarks)
                 bss.append(faces[0].blendshapes)
                 keep.append(k)
             if progress is not None:
                 progress()
     opening = np.full(len(renders), np.nan)
-    if not keep:
+    if not keep or ref_lms is None or ref_bss is None:
         nan = float("nan")
-        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening}
+        return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening, **extra}
     opening[keep] = mouth_opening(np.stack(lms))
     sel = [frames[k] for k in keep]
     ids = list(MOUTH_IDS)
-    d = lmd(np.stack(lms)[:, ids], tracks.landmarks[sel][:, ids].numpy())
+    d = lmd(np.stack(lms)[:, ids], ref_lms[sel][:, ids])
     size = renders.shape[2]
-    aue = blendshape_error(np.stack(bss), tracks.blendshapes[sel].numpy(), tracks.blendshape_names)
+    aue = blendshape_error(np.stack(bss), ref_bss[sel], names)
     return {"lmd": float(d.mean()), "lmd_512": float(d.mean() * 512.0 / size), "aue": aue.pop("mean"),
-            "aue_parts": aue, "lip_frames": len(keep), "_opening": opening}
+            "aue_parts": aue, "lip_frames": len(keep), "_opening": opening, **extra}
+
+
+LMD_READINGS = {
+    "lmd": "MediaPipe (shipped model, image mode), 40 lip points, render vs the tracked landmarks (vs MediaPipe's "
+           "reading of the ground-truth frame when the workspace was tracked with FAN)",
+    "lmd_fan": "FAN 2D-FAN-4 (--fan-weights), points 48-67, render vs ground-truth frame (ER-NeRF / "
+               "TalkingGaussian)",
+}
+
+
+def fan_points(fan: Any, images: torch.Tensor, fallback_boxes: torch.Tensor,
+               progress: Any = None) -> tuple[np.ndarray, int]:
+    """FAN's 68 landmarks of each image, as face-alignment returns them (integer pixels).
+
+    Each image's face box is the one MediaPipe (image mode) finds in it, as the papers give
+    FAN their face detector's box; where MediaPipe finds none, ``fallback_boxes`` [F, 4] px
+    (the ground truth's tracked box) is used and counted.
+
+    Args:
+        fan: a :class:`~gstalk.tracking.fan.FANModel`; images: [F, H, W, 3] float in [0, 1].
+
+    Returns:
+        ([F, 68, 2] float64 pixels, number of fallback boxes).
+    """
+    from gstalk.tracking.detector import MediaPipeDetector
+
+    out, fallback = [], 0
+    with MediaPipeDetector(video=False, num_faces=1) as det:
+        for k, img in enumerate(images):
+            rgb = np.ascontiguousarray(to_uint8(img))
+            faces = det.detect(rgb)
+            if faces:
+                box = np.array(faces[0].bbox)
+            else:
+                box, fallback = fallback_boxes[k].numpy().astype(np.float64), fallback + 1
+            out.append(fan.landmarks(rgb, box, truncate=True)[0])
+            if progress is not None:
+                progress()
+    return np.stack(out), fallback
+
+
+def fan_lip_metrics(fan: Any, renders: torch.Tensor, truth_points: np.ndarray, fallback_boxes: torch.Tensor,
+                    progress: Any = None) -> dict[str, Any]:
+    """The papers' LMD: FAN's mouth (points 48-67) on each render against FAN's on its
+    ground-truth frame (``truth_points`` [F, 68, 2] from :func:`fan_points`), each mean-centred,
+    the mean point distance averaged over the frames.
+
+    Returns:
+        {"lmd_fan": px at the working size, "lmd_fan_512": scaled to 512 px,
+        "lmd_fan_frames": F, "lmd_fan_box_fallbacks": renders whose box was not found}.
+    """
+    from gstalk.metrics.landmarks import mouth_lmd
+
+    pts, fallback = fan_points(fan, renders, fallback_boxes, progress)
+    d = mouth_lmd(pts, truth_points)
+    size = renders.shape[2]
+    return {"lmd_fan": float(d.mean()), "lmd_fan_512": float(d.mean() * 512.0 / size), "lmd_fan_frames": len(d),
+            "lmd_fan_box_fallbacks": fallback}
 
 
 def _samples(path: Any, gt: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, count: int = 4) -> None:
@@ -333,11 +442,7 @@ def report_markdown(m: dict[str, Any]) -> str:
     lines += lse_lines([("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
                        + [("real video (ground truth)", m.get("real_video", {}))])
     lines += skipped_lines(m)
-    lip = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
-    lines += ["", "| | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {name} | {v['lmd']:.2f} | {v['lmd_512']:.2f} | {v['aue']:.4f} | {v['lip_frames']} |"
-              for name, v in lip]
+    lines += lmd_lines(m)
     motion = [(n, v["mouth_motion"]) for n, v in [("fine model", m), ("coarse", m["baselines"].get("coarse", {}))]
               if "mouth_motion" in v]
     if motion:
@@ -371,6 +476,30 @@ def report_markdown(m: dict[str, Any]) -> str:
                   "truth, and the opening the lip-sync proxy predicts from the audio, each z-scored over the "
                   "split (frames where MediaPipe found no face are gaps).", ""]
     return "\n".join(lines)
+
+
+def lmd_lines(m: dict[str, Any]) -> list[str]:
+    """Markdown lines of the LMD table: one row per model and landmark detector, naming the
+    detector (MediaPipe always; FAN when ``lmd_fan`` was measured)."""
+    lip = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
+    lines = ["", "| | landmarks | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
+             "|---|---|---|---|---|---|"]
+    for name, v in lip:
+        lines.append(f"| {name} | MediaPipe, 40 lip points | {v['lmd']:.2f} | {v['lmd_512']:.2f} | {v['aue']:.4f} | "
+                     f"{v['lip_frames']} |")
+        if "lmd_fan" in v:
+            lines.append(f"| {name} | FAN 2D-FAN-4, points 48-67 | {v['lmd_fan']:.2f} | {v['lmd_fan_512']:.2f} | – | "
+                         f"{v['lmd_fan_frames']} |")
+    if "lmd_fan" in m:
+        fan = m.get("weights", {}).get("fan", {})
+        lines += ["", "FAN rows: LMD the way ER-NeRF and TalkingGaussian compute it: FAN reads the render and the "
+                  "ground-truth frame (boxes from MediaPipe; integer landmarks as face-alignment returns them), "
+                  "each mouth (points 48-67) is mean-centred, the mean point distance is averaged over the frames. "
+                  f"Weights: {fan.get('path', '?')} ("
+                  + ("the public 2D-FAN-4 archive" if fan.get("public_archive") else
+                     "not the public 2D-FAN-4 archive: numbers may differ from the papers' detector")
+                  + f"); boxes MediaPipe missed (ground-truth box used): {m.get('lmd_fan_box_fallbacks', 0)}."]
+    return lines
 
 
 def lse_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:

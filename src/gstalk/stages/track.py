@@ -1,17 +1,26 @@
 """Stage 2, ``gstalk track``: landmarks, head pose, camera, blink, masks, background plate.
 
+The landmark detector is chosen by name (``TrackConfig.detector``): ``mediapipe`` (478
+points and 52 blendshapes) or ``fan`` (68 iBUG points from FAN in MediaPipe's face boxes,
+no blendshapes; blink from the eye aspect ratio). Everything after the landmarks works on
+either layout (:mod:`gstalk.tracking.schemes`).
+
 Writes ``ws/track/``:
 
-- ``tracks.safetensors``: ``landmarks`` [N, 478, 3] px, ``blendshapes`` [N, 52],
+- ``tracks.safetensors``: ``landmarks`` [N, L, 3] px (L = 478, or 68 for FAN with z = 0),
+  ``blendshapes`` [N, 52] ([N, 0] for FAN), ``landmark_scores`` [N, 68] (FAN only),
   ``pose_raw`` / ``viewmats`` [N, 4, 4] (head-to-camera before / after smoothing; the
   smoothed one is the world-to-camera matrix of canonical head space), ``K`` [3, 3] px,
   ``blink`` [N] in [0, 1], ``valid`` [N] (0 = interpolated), ``mouth_box`` / ``face_box``
-  [N, 4] px, ``mouth_open`` [N];
+  [N, 4] px (FAN: ``face_box`` is the MediaPipe box FAN was given), ``mouth_open`` [N];
+  metadata ``detector`` and ``landmark_scheme``;
 - ``masks/NNNNNN.png``: 4-channel PNG per frame, channels head, mouth, torso, person;
 - ``background.png``: the background plate;
 - ``preview.png``: landmarks, pose axes and masks over a few frames;
-- ``summary.json``: fps, focal_px, reprojection_error_px, jitter before/after smoothing,
-  interpolated_frames, av_offset_frames, blendshape names.
+- ``summary.json``: detector, landmark_scheme, fps, focal_px, reprojection_error_px, jitter
+  before/after smoothing, interpolated_frames, av_offset_frames, blendshape names; for FAN
+  the weights file (path, SHA-256, whether it is the public archive) and the mean heatmap
+  score.
 """
 
 from __future__ import annotations
@@ -23,12 +32,11 @@ import numpy as np
 
 from gstalk.config import TrackConfig, to_dict
 from gstalk.dataset import load_audio, load_frame
-from gstalk.errors import TrackingError
+from gstalk.errors import TrackingError, UsageError
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
 from gstalk.tracking.avsync import estimate_offset, mouth_opening
-from gstalk.tracking.canonical import LIPS_OUTER, canonical_face
-from gstalk.tracking.detector import N_BLENDSHAPES, N_LANDMARKS, FaceDetection, MediaPipeDetector
+from gstalk.tracking.detector import DETECTORS, N_BLENDSHAPES, FaceDetection, get_detector
 from gstalk.tracking.masks import MaskWriter, background_plate, face_geometry
 from gstalk.tracking.pose import (
     frame_ranges,
@@ -39,8 +47,10 @@ from gstalk.tracking.pose import (
     smooth_landmarks,
     smooth_poses,
     solve_poses,
+    stable_ids,
     view_angles,
 )
+from gstalk.tracking.schemes import IBUG68, MEDIAPIPE, eye_aspect_ratio, scheme_of
 from gstalk.workspace import Workspace, atomic_dir, atomic_write, clean_temp, write_json
 
 
@@ -92,21 +102,33 @@ def fill_gaps(values: np.ndarray, valid: np.ndarray, max_gap: int) -> tuple[np.n
     return out, gaps
 
 
+def _rescale_percentiles(b: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """``b`` [N] rescaled so its 2nd percentile is 0 and its 98th is 1, clipped to [0, 1]."""
+    lo, hi = np.percentile(b, 2), np.percentile(b, 98)
+    return np.clip((b - lo) / max(hi - lo, floor), 0.0, 1.0).astype(np.float32)
+
+
 def normalise_blink(blendshapes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     """Eye blink per frame in [0, 1]: mean of eyeBlinkLeft/Right rescaled between their
     2nd and 98th percentiles over the video (the AU45 analogue)."""
     cols = [names.index(k) for k in ("eyeBlinkLeft", "eyeBlinkRight") if k in names]
     if not cols:
         return np.zeros(len(blendshapes), np.float32)
-    b = blendshapes[:, cols].mean(1)
-    lo, hi = np.percentile(b, 2), np.percentile(b, 98)
-    return np.clip((b - lo) / max(hi - lo, 1e-3), 0.0, 1.0).astype(np.float32)
+    return _rescale_percentiles(blendshapes[:, cols].mean(1))
+
+
+def blink_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
+    """Eye blink per frame in [0, 1] without blendshapes: the eye aspect ratio
+    (:func:`~gstalk.tracking.schemes.eye_aspect_ratio`, mean of both eyes) of [N, L, >=2]
+    landmarks, negated and rescaled between its 2nd and 98th percentiles over the video, so
+    1 = the most closed, 0 = open (as :func:`normalise_blink`)."""
+    return _rescale_percentiles(-eye_aspect_ratio(landmarks), floor=1e-4)
 
 
 def mouth_boxes(landmarks: np.ndarray, size: int, scale: float = 1.6) -> np.ndarray:
     """A square box per frame around the outer lips, ``scale`` x the mouth width, clamped to
-    the image: [N, 4] float32 (x0, y0, x1, y1) px."""
-    lips = landmarks[:, list(LIPS_OUTER), :2]
+    the image: [N, 4] float32 (x0, y0, x1, y1) px; landmarks [N, L, >=2] (478 or 68)."""
+    lips = landmarks[:, list(scheme_of(landmarks).lips_outer), :2]
     c = (lips.min(1) + lips.max(1)) / 2
     side = scale * np.ptp(lips[:, :, 0], axis=1)
     side = np.maximum(side, 8.0)
@@ -128,21 +150,46 @@ def pick_face(faces: list[FaceDetection], prev_centre: np.ndarray | None) -> Fac
     return face
 
 
+def load_detector_model(cfg: TrackConfig) -> Any:
+    """What ``cfg.detector`` needs loaded before the stage starts: for ``fan``, the checked
+    :class:`~gstalk.tracking.fan.FANModel` of ``cfg.fan_weights`` (or ``$GSTALK_FAN_WEIGHTS``);
+    None for ``mediapipe`` (its model ships with gstalk).
+
+    Raises:
+        UsageError: unknown detector, or FAN without a weights file. InputError: the file is
+        refused (see :func:`gstalk.tracking.fan.inspect_weights`).
+    """
+    if cfg.detector not in DETECTORS:
+        raise UsageError(f"Unknown landmark detector '{cfg.detector}'.", hint=f"use one of: {', '.join(DETECTORS)}")
+    if cfg.detector != "fan":
+        return None
+    from gstalk.tracking.fan import FANModel, resolve_weights
+
+    return FANModel(resolve_weights(cfg.fan_weights))
+
+
 def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) -> Workspace:
     """Run the track stage on a workspace whose extract stage is done.
 
     Raises:
         WorkspaceError: extract missing.
+        UsageError / InputError: ``--detector fan`` without usable weights (checked before
+        anything is written).
         TrackingError: no face, face too small, face lost for too long.
     """
+    import dataclasses
+
     t0 = time.perf_counter()
     ws = Workspace.open(workspace)
     ws.require("track")
+    fan = load_detector_model(cfg)
+    if fan is not None:  # record the file actually used (it may come from the environment)
+        cfg = dataclasses.replace(cfg, fan_weights=str(fan.info.path.resolve()))
     with ws.lock("track"):
         clean_temp(ws.path("track"))
         ws.begin("track", to_dict(cfg))
         try:
-            summary, timings = _track(ws, cfg, reporter)
+            summary, timings = _track(ws, cfg, reporter, fan)
         except BaseException as exc:
             ws.fail("track", exc)
             raise
@@ -152,20 +199,26 @@ def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) 
     return ws
 
 
-def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[str, Any], dict[str, float]]:
+def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
+           fan: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
     import cv2
 
     ex = ws.stage("extract").summary
     n, size, fps = int(ex["n_frames"]), int(ex["size"]), float(ex["fps"])
     timings: dict[str, float] = {}
-    reporter.log(f"[bold]track[/bold] {n} frames at {size} px")
+    scheme = IBUG68 if fan is not None else MEDIAPIPE
+    n_lm, n_bs = scheme.n_points, (N_BLENDSHAPES if fan is None else 0)
+    n_sc = n_lm if fan is not None else 0
+    reporter.log(f"[bold]track[/bold] {n} frames at {size} px, detector {cfg.detector}")
 
     # 1. landmarks, and the masks of each frame on a worker thread -----------------------
     # (GrabCut needs only the frame and its landmarks; frames with no face get their masks
     # after gap filling, below)
     t = time.perf_counter()
-    lms = np.zeros((n, N_LANDMARKS, 3), np.float32)
-    bss = np.zeros((n, N_BLENDSHAPES), np.float32)
+    lms = np.zeros((n, n_lm, 3), np.float32)
+    bss = np.zeros((n, n_bs), np.float32)
+    boxes = np.zeros((n, 4), np.float32)  # the box each face was found in
+    scores = np.zeros((n, n_sc), np.float32)
     valid = np.zeros(n, bool)
     multi: list[int] = []
     names: tuple[str, ...] = ()
@@ -174,7 +227,9 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir / "masks") as mask_dir:
         with MaskWriter(mask_dir, cfg.grabcut_size, cfg.grabcut_iterations, max(1, n // 100)) as masks:
-            with MediaPipeDetector(video=True, num_faces=2) as det, reporter.task("landmarks + masks", n) as bar:
+            kw: dict[str, Any] = {"model": fan} if fan is not None else {}
+            with get_detector(cfg.detector, video=True, num_faces=2, **kw) as det, \
+                    reporter.task(f"landmarks ({cfg.detector}) + masks", n) as bar:
                 for i in range(n):
                     frame = load_frame(ws, i)
                     faces = det.detect(frame, timestamp_ms=int(round(i * 1000 / fps)))
@@ -183,6 +238,9 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
                     if faces:
                         face = pick_face(faces, prev_centre)
                         lms[i], bss[i], valid[i] = face.landmarks, face.blendshapes, True
+                        boxes[i] = face.box if face.box is not None else face.bbox
+                        if face.scores is not None:
+                            scores[i] = face.scores
                         prev_centre = face.landmarks[:, :2].mean(0)
                         names = names or face.names
                         masks.submit(i, frame, lms[i])
@@ -202,12 +260,16 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
                         f"frame {k:06d}.png), the minimum is {cfg.min_face_px:.0f} px.",
                         hint="re-run extract at a larger --size, or film closer to the face", path=frames_dir)
                 try:
-                    filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss], 1), valid, cfg.max_gap)
+                    filled, gaps = fill_gaps(np.concatenate([lms.reshape(n, -1), bss, boxes, scores], 1), valid,
+                                             cfg.max_gap)
                 except TrackingError as exc:  # name the folder the frame numbers refer to
                     raise TrackingError(f"{exc.message[:-1]} in {frames_dir}.", hint=exc.hint,
                                         path=frames_dir) from None
-                lms = filled[:, :N_LANDMARKS * 3].reshape(n, N_LANDMARKS, 3).astype(np.float32)
-                bss = filled[:, N_LANDMARKS * 3:].astype(np.float32)
+                cut = np.cumsum([n_lm * 3, n_bs, 4])
+                lms = filled[:, :cut[0]].reshape(n, n_lm, 3).astype(np.float32)
+                bss = filled[:, cut[0]:cut[1]].astype(np.float32)
+                boxes = filled[:, cut[1]:cut[2]].astype(np.float32)
+                scores = filled[:, cut[2]:].astype(np.float32)
                 for i in np.flatnonzero(~valid):
                     masks.submit(int(i), load_frame(ws, int(i)), lms[i])
         plate_frames, plate_person = masks.plate_inputs()
@@ -235,7 +297,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     reporter.log(f"  focal {fs.focal_px:.0f} px, reprojection error {errs.mean():.2f} px, "
                  f"jitter {jr:.2f}->{js:.2f} deg, {jt:.1f}->{jts:.1f} mm per frame")
     lms_smooth = smooth_landmarks(lms, cfg.landmark_sigma)
-    stable = canonical_face().basis_ids
+    stable = stable_ids(lms)
     lj, ljs = landmark_jitter(lms, stable), landmark_jitter(lms_smooth, stable)
     angles = view_angles(poses_raw)
     turned = frame_ranges(np.abs(angles).max(1) > cfg.max_view_angle)
@@ -259,17 +321,26 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
     timings["plate_s"] = time.perf_counter() - t
 
     # 5. save -------------------------------------------------------------------------
-    blink = normalise_blink(bss, names)
-    face_box = np.concatenate([lms[:, :, :2].min(1), lms[:, :, :2].max(1)], 1).astype(np.float32)
-    save_tensors(out_dir / "tracks.safetensors", {
+    if fan is None:
+        blink = normalise_blink(bss, names)
+        face_box = np.concatenate([lms[:, :, :2].min(1), lms[:, :, :2].max(1)], 1).astype(np.float32)
+    else:  # no blendshapes: blink from the eyelids; the face box is MediaPipe's (comparable face metrics)
+        blink = blink_from_landmarks(lms)
+        face_box = boxes
+    tensors = {
         "landmarks": lms, "landmarks_smooth": lms_smooth, "blendshapes": bss, "pose_raw": poses_raw.astype(np.float32),
         "viewmats": poses.astype(np.float32), "K": K.astype(np.float32), "blink": blink,
         "valid": valid.astype(np.uint8), "mouth_box": mouth_boxes(lms, size), "face_box": face_box,
         "mouth_open": mouth_opening(lms).astype(np.float32), "reprojection_error": errs.astype(np.float32),
-    }, {"blendshape_names": list(names), "units": {"landmarks": "px", "viewmats": "m", "K": "px"}})
+    }
+    if fan is not None:
+        tensors["landmark_scores"] = scores
+    save_tensors(out_dir / "tracks.safetensors", tensors,
+                 {"blendshape_names": list(names), "detector": cfg.detector, "landmark_scheme": scheme.name,
+                  "units": {"landmarks": "px", "viewmats": "m", "K": "px"}})
     write_preview(ws, lms, poses, K, out_dir / "preview.png")
     summary = {
-        "fps": fps, "n_frames": n, "size": size, "detector": "mediapipe",
+        "fps": fps, "n_frames": n, "size": size, "detector": cfg.detector, "landmark_scheme": scheme.name,
         "focal_px": fs.focal_px, "focal_search": {"candidates": fs.candidates, "errors": fs.errors},
         "reprojection_error_px": float(errs.mean()),
         "jitter_rot_deg_raw": jr, "jitter_trans_mm_raw": jt, "jitter_rot_deg": js, "jitter_trans_mm": jts,
@@ -285,6 +356,11 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter) -> tuple[dict[st
         "background_inpainted_fraction": unseen,
         "blendshape_names": list(names),
     }
+    if fan is not None:
+        summary["fan"] = {**fan.info.to_dict(), "mean_score": float(scores[valid].mean()) if valid.any() else 0.0}
+        if not fan.info.public_archive:
+            reporter.warn(f"the FAN weights {fan.info.path} are not the public 2D-FAN-4 archive (their SHA-256 "
+                          "differs): landmarks may differ from the papers' detector")
     write_json(out_dir / "summary.json", summary)
     return summary, timings
 

@@ -11,14 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gstalk.tracking.canonical import CHIN, FOREHEAD, LOWER_LIP_INNER, UPPER_LIP_INNER
+from gstalk.tracking.schemes import face_height, scheme_of
 
 
 def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
-    """Inner-lip gap over face height (forehead-chin), per frame: [N, 478, >=2] -> [N] (unitless)."""
-    gap = np.linalg.norm(landmarks[:, UPPER_LIP_INNER, :2] - landmarks[:, LOWER_LIP_INNER, :2], axis=1)
-    face = np.linalg.norm(landmarks[:, FOREHEAD, :2] - landmarks[:, CHIN, :2], axis=1)
-    return gap / np.maximum(face, 1e-6)
+    """Inner-lip gap over face height, per frame: [N, L, >=2] -> [N] (unitless).
+
+    L = 478 (MediaPipe: points 13-14 over forehead-chin) or 68 (iBUG: 62-66 over the
+    equivalent rigid face height, :func:`~gstalk.tracking.schemes.face_height`).
+    """
+    s = scheme_of(landmarks)
+    gap = np.linalg.norm(landmarks[:, s.upper_lip_inner, :2] - landmarks[:, s.lower_lip_inner, :2], axis=1)
+    return gap / np.maximum(face_height(landmarks), 1e-6)
 
 
 def log_energy(samples: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
@@ -61,7 +65,7 @@ def estimate_offset(landmarks: np.ndarray, samples: np.ndarray, sample_rate: int
     """Estimate the audio/video offset of a clip.
 
     Args:
-        landmarks: [N, 478, >=2] per-frame landmarks (pixels).
+        landmarks: [N, L, >=2] per-frame landmarks (pixels; 478 or 68 points).
         samples: [S] mono audio.
         sample_rate: Hz.
         fps: video frame rate.

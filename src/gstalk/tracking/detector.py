@@ -1,9 +1,12 @@
-"""Face landmark detectors behind one interface.
+"""Face landmark detectors behind one interface, chosen by name (:func:`get_detector`).
 
-The default, :class:`MediaPipeDetector`, runs MediaPipe's FaceLandmarker (Tasks API) with
-the model bundle shipped in ``gstalk/assets``: 478 landmarks, 52 blendshapes and a 4x4
-facial transformation per face, about 50 frames/s on 2 cores in VIDEO mode. It never
-downloads anything.
+- ``mediapipe`` (default), :class:`MediaPipeDetector`: MediaPipe's FaceLandmarker (Tasks
+  API) with the model bundle shipped in ``gstalk/assets``: 478 landmarks, 52 blendshapes
+  and a 4x4 facial transformation per face, about 50 frames/s on 2 cores in VIDEO mode.
+- ``fan``, :class:`gstalk.tracking.fan.FANDetector`: face-alignment's 2D-FAN-4 network from
+  a TorchScript file the user names, 68 iBUG landmarks in the boxes MediaPipe finds.
+
+Neither downloads anything. :mod:`gstalk.tracking.schemes` tells the two layouts apart.
 """
 
 from __future__ import annotations
@@ -34,12 +37,19 @@ class FaceDetection:
         transform: [4, 4] float32 MediaPipe facial transformation (canonical face model in
             centimetres to MediaPipe's virtual camera), or zeros when not available.
         names: the 52 blendshape names, in order.
+        box: [4] float32 (x0, y0, x1, y1) px, the face box the landmarks were placed in, for a
+            detector that works in a box (FAN: MediaPipe's landmark box), else None.
+        scores: [L] float32 per-landmark confidence (FAN: heatmap maxima), else None.
+
+    FAN's faces have ``landmarks`` [68, 3] (z = 0), ``blendshapes`` [0], ``names`` ().
     """
 
     landmarks: np.ndarray
     blendshapes: np.ndarray
     transform: np.ndarray
     names: tuple[str, ...]
+    box: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
     @property
     def bbox(self) -> tuple[float, float, float, float]:
@@ -163,14 +173,23 @@ def _quiet_stderr():  # type: ignore[no-untyped-def]
         os.close(devnull)
 
 
+DETECTORS = ("mediapipe", "fan")
+
+
 def get_detector(name: str = "mediapipe", **kwargs: object) -> LandmarkDetector:
-    """The detector called ``name`` (``mediapipe``; ``face-alignment`` is planned).
+    """The detector called ``name``: ``mediapipe`` (keyword arguments of
+    :class:`MediaPipeDetector`) or ``fan`` (of :class:`gstalk.tracking.fan.FANDetector`:
+    ``weights`` or ``model``, ``video``, ``num_faces``).
 
     Raises:
-        UsageError: unknown name.
+        UsageError: unknown name. InputError: FAN's weights file is refused.
     """
     from gstalk.errors import UsageError
 
     if name == "mediapipe":
         return MediaPipeDetector(**kwargs)  # type: ignore[arg-type]
-    raise UsageError(f"Unknown landmark detector '{name}'.", hint="use 'mediapipe'")
+    if name == "fan":
+        from gstalk.tracking.fan import FANDetector
+
+        return FANDetector(**kwargs)  # type: ignore[arg-type]
+    raise UsageError(f"Unknown landmark detector '{name}'.", hint=f"use one of: {', '.join(DETECTORS)}")

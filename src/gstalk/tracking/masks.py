@@ -1,7 +1,8 @@
 """Per-frame masks from landmarks + OpenCV, and the background plate.
 
 No segmentation network ships with a licence and a size we can package, so gstalk builds
-masks from the MediaPipe landmarks and refines the person/background split with OpenCV's
+masks from the tracked landmarks (MediaPipe's 478 or FAN's 68, see
+:mod:`gstalk.tracking.schemes`) and refines the person/background split with OpenCV's
 GrabCut (Rother et al. 2004), seeded from the landmarks:
 
 - ``head``: the face oval, widened and extended upwards to take in hair and ears, kept
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gstalk.tracking.canonical import CHIN, FACE_OVAL, FOREHEAD, LIPS_INNER, LIPS_OUTER
+from gstalk.tracking.schemes import face_height, face_outline, scheme_of
 
 MASK_CHANNELS = ("head", "mouth", "torso", "person")
 
@@ -36,18 +37,20 @@ def _poly(img_shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
 
 
 def face_geometry(lm: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(centre [2] px, face width px, face height px) of one frame's [478, >=2] landmarks."""
-    oval = lm[list(FACE_OVAL), :2]
+    """(centre [2] px, face width px, face height px) of one frame's [L, >=2] landmarks (478 or
+    68): the centre and width of :func:`~gstalk.tracking.schemes.face_outline`, and
+    :func:`~gstalk.tracking.schemes.face_height`."""
+    oval = face_outline(lm)
     centre = oval.mean(0)
     width = float(np.ptp(oval[:, 0]))
-    height = float(np.linalg.norm(lm[FOREHEAD, :2] - lm[CHIN, :2]))
+    height = float(face_height(np.asarray(lm)[None])[0])
     return centre, width, height
 
 
 def head_polygon(lm: np.ndarray, widen: float = 1.18, up: float = 0.30) -> np.ndarray:
     """The face oval widened by ``widen`` about its centre, with points above the centre
-    pushed up by up to ``up`` x face height (hair): [36, 2] px."""
-    oval = lm[list(FACE_OVAL), :2].astype(np.float64)
+    pushed up by up to ``up`` x face height (hair): [K, 2] px (K = 36 for MediaPipe, 27 for iBUG 68)."""
+    oval = face_outline(lm)
     c, _, h = face_geometry(lm)
     p = c + (oval - c) * np.array([widen, 1.0])
     above = np.clip((c[1] - p[:, 1]) / (0.5 * h), 0.0, 1.0)
@@ -61,7 +64,8 @@ def mouth_mask(lm: np.ndarray, shape: tuple[int, int], dilate_frac: float = 0.06
 
     _, _, h = face_geometry(lm)
     r = max(1, int(round(dilate_frac * h)))
-    lips = lm[list(LIPS_OUTER) + list(LIPS_INNER), :2]
+    s = scheme_of(lm)
+    lips = lm[list(s.lips_outer) + list(s.lips_inner), :2]
     # dilate only a box around the lips (the kernel is large, the frame is mostly empty)
     x0, y0 = np.floor(lips.min(0)).astype(int) - r - 1
     x1, y1 = np.ceil(lips.max(0)).astype(int) + r + 2
@@ -72,7 +76,7 @@ def mouth_mask(lm: np.ndarray, shape: tuple[int, int], dilate_frac: float = 0.06
         return out
     off = np.array([x0, y0])
     roi = (y1 - y0, x1 - x0)
-    m = _poly(roi, lm[list(LIPS_OUTER), :2] - off) | _poly(roi, lm[list(LIPS_INNER), :2] - off)
+    m = _poly(roi, lm[list(s.lips_outer), :2] - off) | _poly(roi, lm[list(s.lips_inner), :2] - off)
     out[y0:y1, x0:x1] = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
     return out
 
@@ -92,7 +96,7 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
 
     Args:
         image: [H, W, 3] uint8 RGB.
-        lm: [478, >=2] landmarks in pixels of ``image``.
+        lm: [L, >=2] landmarks (478 or 68) in pixels of ``image``.
         work_size: GrabCut runs on the image resized so its longer side is this many px.
         iterations: GrabCut iterations.
         model: colour models from an earlier frame of the same video: when given they are
@@ -110,7 +114,7 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
     lms = lm[:, :2] * np.array([sw / wid, sh / hgt])
     c, fw, fh = face_geometry(lms)
-    chin_y = lms[CHIN, 1]
+    chin_y = lms[scheme_of(lms).chin, 1]
     mask = np.full((sh, sw), cv2.GC_PR_BGD, np.uint8)
     yy, xx = np.mgrid[0:sh, 0:sw]
     below = yy > chin_y
@@ -119,7 +123,7 @@ def person_mask(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     far_side = (np.abs(xx - c[0]) > 1.05 * fw) & (yy < chin_y - 0.15 * fh)
     far_top = yy < (c[1] - 1.05 * fh)
     mask[far_side | far_top] = cv2.GC_BGD
-    mask[_poly((sh, sw), lms[list(FACE_OVAL)]) > 0] = cv2.GC_FGD
+    mask[_poly((sh, sw), face_outline(lms)) > 0] = cv2.GC_FGD
     neck = below & (yy < chin_y + 0.35 * fh) & (np.abs(xx - c[0]) < 0.2 * fw)
     mask[neck] = cv2.GC_FGD
     if model is not None:
@@ -149,7 +153,7 @@ def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     colour ``model`` if given), see :func:`person_mask`."""
     shape = image.shape[:2]
     person, model = person_mask(image, lm, work_size, iterations, model)
-    oval = _poly(shape, lm[list(FACE_OVAL), :2])
+    oval = _poly(shape, face_outline(lm))
     head = (_poly(shape, head_polygon(lm)) & person) | oval
     mouth = mouth_mask(lm, shape)
     torso = person & ~head
@@ -218,7 +222,7 @@ class MaskWriter:
         self.written = 0
 
     def submit(self, index: int, image: np.ndarray, lm: np.ndarray) -> None:
-        """Queue frame ``index`` ([H, W, 3] uint8 RGB) with its [478, >=2] px landmarks; blocks
+        """Queue frame ``index`` ([H, W, 3] uint8 RGB) with its [L, >=2] px landmarks; blocks
         while ``max_pending`` frames are queued. Raises the worker's first error, if any."""
         self._raise_failed()
         self._slots.acquire()

@@ -2,7 +2,9 @@
 
 Each frame's head pose is the rigid transform ``[R | t]`` that maps canonical head space
 (metres, see :mod:`gstalk.tracking.canonical`) into the OpenCV camera (x right, y down,
-z forward), found with ``cv2.solvePnP`` on the stable Procrustes-basis landmarks. One focal
+z forward), found with ``cv2.solvePnP`` on the stable landmarks (MediaPipe's Procrustes
+basis; for FAN's 68 points, nose, eye corners and brow ends on the canonical mesh vertices
+of :data:`~gstalk.tracking.schemes.IBUG68_MESH_IDS`). One focal
 length for the whole video is chosen by a search that minimises the mean reprojection
 error. Camera per frame = inverse head pose in canonical space, i.e. the world-to-camera
 ``viewmat`` *is* the head pose (the head is fixed, the camera moves), as the peers do.
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gstalk.tracking.canonical import canonical_face
+from gstalk.tracking.schemes import MEDIAPIPE, scheme_of
 
 
 def intrinsics(focal_px: float, width: int, height: int) -> np.ndarray:
@@ -22,10 +25,18 @@ def intrinsics(focal_px: float, width: int, height: int) -> np.ndarray:
     return np.array([[focal_px, 0.0, width / 2.0], [0.0, focal_px, height / 2.0], [0.0, 0.0, 1.0]])
 
 
-def _object_points(ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    face = canonical_face()
-    ids = face.basis_ids if ids is None else ids
-    return face.vertices[ids].astype(np.float64), ids
+def stable_ids(landmarks: np.ndarray) -> np.ndarray:
+    """[K] int64 ids of the stable landmarks of [..., L, >=2] landmarks (478/468: MediaPipe's
+    Procrustes basis; 68: :attr:`~gstalk.tracking.schemes.LandmarkScheme.pose_ids`)."""
+    s = scheme_of(landmarks)
+    return canonical_face().basis_ids if s is MEDIAPIPE else np.asarray(s.pose_ids, np.int64)
+
+
+def _object_points(landmarks: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    s = scheme_of(landmarks)
+    ids = stable_ids(landmarks) if ids is None else np.asarray(ids)
+    mesh = ids if s is MEDIAPIPE else np.asarray(s.mesh_ids)[ids]
+    return canonical_face().vertices[mesh].astype(np.float64), ids
 
 
 def solve_pose(landmarks_px: np.ndarray, K: np.ndarray, init: np.ndarray | None = None,
@@ -33,17 +44,17 @@ def solve_pose(landmarks_px: np.ndarray, K: np.ndarray, init: np.ndarray | None 
     """Fit the head pose of one frame.
 
     Args:
-        landmarks_px: [478 or 468, >=2] landmark pixel coordinates (x right, y down).
+        landmarks_px: [478, 468 or 68, >=2] landmark pixel coordinates (x right, y down).
         K: [3, 3] intrinsics in pixels.
         init: [4, 4] head-to-camera pose to start from (e.g. the previous frame), or None.
-        ids: landmark ids to fit (default: the canonical model's Procrustes basis).
+        ids: landmark ids to fit (default: :func:`stable_ids`).
 
     Returns:
         ([4, 4] float64 head-to-camera transform (metres), RMS reprojection error in px).
     """
     import cv2
 
-    obj, ids = _object_points(ids)
+    obj, ids = _object_points(landmarks_px, ids)
     img = landmarks_px[ids, :2].astype(np.float64)
     if init is not None:
         rvec0, _ = cv2.Rodrigues(init[:3, :3])
@@ -98,7 +109,7 @@ def search_focal(landmarks_px: np.ndarray, width: int, height: int, lo: float, h
     the best value; each candidate fits the poses of ``n_frames`` evenly spaced frames.
 
     Args:
-        landmarks_px: [N, 478, >=2] landmarks in pixels.
+        landmarks_px: [N, L, >=2] landmarks in pixels (478 or 68 points).
         width, height: image size in pixels.
         lo, hi: search range as multiples of the image size (peers: 600-1400 px at 512 px,
             i.e. about 1.2-2.7).
