@@ -27,7 +27,10 @@ def test_stage_outputs_are_valid(trained_ws):
     n = ws.stage("extract").summary["n_frames"]
     assert n == 75 and ws.stage("extract").summary["split"] == {"train": [0, 68], "test": [68, 75]}
     feats, meta = load_tensors(trained_ws / "extract" / "audio_features.safetensors")
-    assert feats["windows"].shape == (75, 16, 13) and meta["steps_per_second"] == 50
+    # the default front end: 26 CMVN filter-banks + 12 viseme posteriors per 20-ms step
+    assert feats["windows"].shape == (75, 16, 38) and meta["steps_per_second"] == 50
+    assert meta["extractor"] == "fbank+phones" and meta["normalisation"] == "mixed"
+    np.testing.assert_array_equal(feats["mean"].numpy(), 0.0)  # both parts normalise themselves
     tracks, _ = load_tensors(trained_ws / "track" / "tracks.safetensors")
     assert tracks["landmarks"].shape == (75, 478, 3) and tracks["viewmats"].shape == (75, 4, 4)
     assert tracks["blink"].min() >= 0 and tracks["blink"].max() <= 1

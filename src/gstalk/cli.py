@@ -52,6 +52,11 @@ FanWeights = Annotated[Optional[Path], typer.Option(
     "--fan-weights", help="FAN's weights: face-alignment's TorchScript archive 2DFAN4-cd938726ad.zip, a file you "
                           "download yourself (docs/methods.md; gstalk downloads nothing, never unpickles, and loads "
                           "only a file you name). Default: $GSTALK_FAN_WEIGHTS.", show_default=False)]
+ArticulationGain = Annotated[Optional[float], typer.Option(
+    "--articulation-gain", help="How much the mouth moves with the speech: the predicted mouth articulation code is "
+                                "scaled by this (1 = as calibrated on the training frames; >1 more, <1 less; like "
+                                "GeneFace++'s mouth amplitude). Default: the measured default (docs/methods.md).",
+    show_default=False)]
 WorkspaceArg = Annotated[Optional[Path], typer.Argument(
     help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]
 
@@ -160,16 +165,27 @@ def extract(
     size: Annotated[Optional[int], typer.Option(help="Working resolution in pixels (default from the preset: "
                                                      "256 for cpu-quick, 512 for paper).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed recorded for all later stages.")] = 0,
+    audio_features: Annotated[Optional[str], typer.Option(
+        "--audio-features", help="Audio front end: fbank+phones (default: log mel filter-banks normalised per "
+                                 "utterance, and PocketSphinx viseme posteriors), fbank, phones, mfcc (gstalk's "
+                                 "earlier default), or parts joined with '+'. Fine, render and eval use the one "
+                                 "recorded here.")] = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
-    """Decode the video at 25 fps, crop a square around head and shoulders, write frames (PNG), 16 kHz audio and MFCC
+    """Decode the video at 25 fps, crop a square around head and shoulders, write frames (PNG), 16 kHz audio and audio
     features per frame into WORKSPACE/extract/. Prints the workspace path."""
     with _guard(debug):
+        import dataclasses
+
+        from gstalk.audio import get_extractor
         from gstalk.config import override
         from gstalk.stages.extract import run_extract
 
         p = _preset(preset or "cpu-quick")
         cfg = override(p.extract, size=size)
+        if audio_features is not None:
+            get_extractor(audio_features, cfg.audio)  # a UsageError naming the known ones, before any work
+            cfg = dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, features=audio_features))
         ws = run_extract(video, workspace, cfg, preset=p.name, seed=seed, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("extract").summary, as_json)
 
@@ -295,6 +311,7 @@ def render(
                                                      "training resolution is not invented.")] = None,
     blink: Annotated[str, typer.Option(help="Eye blinks: video (those of the training frames the pose comes from) or "
                                             "auto (natural blinks every 2-6 s).")] = "video",
+    articulation_gain: ArticulationGain = None,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
@@ -305,7 +322,7 @@ def render(
 
         root = _workspace(workspace)
         s = run_render(root, audio, output, pose=pose, background=background, alpha=alpha, size=size, blink=blink,
-                       backend=raster, reporter=_reporter(quiet))
+                       backend=raster, articulation_gain=articulation_gain, reporter=_reporter(quiet))
         if str(output) == "-":  # stdout carries the video: the summary goes to stderr
             if not quiet:
                 _reporter(False).log(json.dumps(s) if as_json else f"{s['frames']} frames, {s['fps']:.1f} frames/s")
@@ -325,10 +342,12 @@ def eval_(
     workspaces: Annotated[Optional[list[Path]], typer.Argument(
         help="Workspace folder (default: the current folder, or the one workspace inside it); several with "
              "--compare.", show_default=False)] = None,
-    audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Cross-driven: render this speech (another "
-                                                  "speaker's) and score lip sync with gstalk's proxy against "
-                                                  "mismatched audio and the real video. Writes "
-                                                  "WORKSPACE/eval/cross_STEM/.")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option(
+        "--audio", "-a", help="Cross-driven: render this speech (another speaker's) and score lip sync with gstalk's "
+                              "proxy against mismatched audio and the real video. Repeat it, or give a folder, to "
+                              "score several voices in one run with a summary row. Writes "
+                              "WORKSPACE/eval/cross_STEM/ per voice (and cross_summary.json/.md for several).")] = None,
+    articulation_gain: ArticulationGain = None,
     compare: Annotated[bool, typer.Option("--compare", help="Print one table across the given workspaces (models, "
                                                             "presets, ablations), evaluating those with no "
                                                             "up-to-date eval first.")] = False,
@@ -366,7 +385,7 @@ def eval_(
             raise UsageError("--lpips/--syncnet do not combine with --compare.",
                              hint="evaluate each workspace with `gstalk eval WS --lpips PATH --syncnet PATH` first; "
                                   "--compare then reads their metrics.json")
-        if audio is not None and lpips is not None:
+        if audio and lpips is not None:
             raise UsageError("--lpips needs ground truth, and a cross-driven eval (--audio) has none.",
                              hint="drop --lpips, or run `gstalk eval WS --lpips PATH` without --audio")
         if lmd_landmarks != "mediapipe" and (compare or audio is not None):
@@ -388,10 +407,22 @@ def eval_(
             raise UsageError(f"eval takes one workspace, got {len(workspaces)}.",
                              hint="add --compare to compare several")
         root = _workspace(workspaces[0] if workspaces else None)
-        if audio is not None:
-            from gstalk.stages.crosseval import run_cross_eval
+        if audio:
+            from gstalk.stages.crosseval import expand_audio, run_cross_eval, run_cross_eval_many
 
-            c = run_cross_eval(root, audio, backend=raster, reporter=_reporter(quiet), syncnet=syncnet)
+            files = expand_audio(audio)
+            if len(files) > 1 or audio[0].is_dir():
+                summary = run_cross_eval_many(root, files, backend=raster, reporter=_reporter(quiet),
+                                              syncnet=syncnet, articulation_gain=articulation_gain)
+                if as_json:
+                    _print_json(summary)
+                else:
+                    _cross_table(summary)
+                    print(root / "eval" / "cross_summary.md")
+                return
+            audio_file = files[0]
+            c = run_cross_eval(root, audio_file, backend=raster, reporter=_reporter(quiet), syncnet=syncnet,
+                               articulation_gain=articulation_gain)
             if as_json:
                 _print_json(c)
             elif not quiet:
@@ -401,7 +432,7 @@ def eval_(
                     f"{c['real_video']['sync_corr_best']:.2f}; mouth motion {c['mouth_motion']:.2f}"
                     + (f"; LSE-C {c['lse_c']:.2f}, LSE-D {c['lse_d']:.2f} (real video {c['real_video']['lse_c']:.2f}, "
                        f"{c['real_video']['lse_d']:.2f})" if "lse_c" in c and "lse_c" in c["real_video"] else ""))
-                print(root / "eval" / f"cross_{audio.stem}" / "report.md")
+                print(root / "eval" / f"cross_{audio_file.stem}" / "report.md")
             return
         m = run_eval(str(root), backend=raster, reporter=_reporter(quiet), lpips=lpips, syncnet=syncnet,
                      lmd_landmarks=lmd_landmarks, fan_weights=fan_weights)
@@ -410,6 +441,20 @@ def eval_(
         else:
             _metrics_table(m)
         check_thresholds(m, gates)
+
+
+def _cross_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"gstalk eval --audio: {len(summary['voices'])} voices (lip-sync proxy)")
+    for c in ("voice", "corr lag 0", "best lag", "corr best", "× real", "mouth motion"):
+        t.add_column(c, justify="left" if c == "voice" else "right")
+    for r in [*summary["voices"], summary["summary"]]:
+        t.add_row(r["voice"], f"{r['sync_corr']:.2f}", f"{r['sync_lag']:+d}" if isinstance(r["sync_lag"], int)
+                  else str(r["sync_lag"]), f"{r['sync_corr_best']:.2f}", f"{r['sync_fraction']:.2f}",
+                  f"{r['mouth_motion']:.2f}")
+    Console().print(t)
 
 
 def _compare_table(result: dict[str, Any]) -> None:

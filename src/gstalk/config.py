@@ -17,8 +17,12 @@ from gstalk.errors import UsageError
 
 @dataclass(frozen=True)
 class AudioFeatureConfig:
-    """MFCC features windowed per video frame (``gstalk.audio``)."""
+    """Audio features windowed per video frame (``gstalk.audio``)."""
 
+    # the front end: mfcc (normalised with the training clip's statistics, gstalk <= 0.x), fbank
+    # (log mel filter-bank, per-utterance CMVN), phones (PocketSphinx viseme posteriors), or a
+    # combination joined with '+' (e.g. fbank+phones); see docs/methods.md for the comparison
+    features: str = "fbank+phones"
     sample_rate: int = 16000  # Hz, audio is resampled to this, mono
     winlen: float = 0.025  # s, analysis window
     winstep: float = 0.02  # s, hop: 50 feature steps per second (2 per video frame at 25 fps)
@@ -26,6 +30,9 @@ class AudioFeatureConfig:
     nfilt: int = 26  # mel filters
     nfft: int = 512
     window: int = 16  # feature steps per video frame, centred on the frame (0.32 s)
+    phone_units: str = "visemes"  # phones front end: visemes (12 lip-shape classes) or phones (42)
+    phone_lw: float = 2.0  # PocketSphinx phone language-model weight
+    phone_blur: int = 1  # steps of triangular blur of the phone posteriors (boundary uncertainty)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,15 @@ class FineConfig:
     articulation_steps: int = 1000  # max steps fitting each audio -> articulation regressor
     articulation_smooth: int = 4  # frames the articulation regressor's attention looks at
     articulation_members: int = 5  # regressors averaged (one alone varies a lot with its seed)
+    # the multi-speaker audio -> articulation prior the regressor starts from: "auto" (the one
+    # shipped with gstalk when it matches the workspace's audio features), "none", or a file
+    # written by `python -m gstalk.prior fit`; with a prior, its members and attention span
+    # replace articulation_members / articulation_smooth, and each member is adapted to the
+    # speaker for articulation_adapt_steps at articulation_adapt_lr, with early stopping that
+    # keeps the prior as it is when adapting does not pay on held-out frames
+    articulation_prior: str = "auto"
+    articulation_adapt_steps: int = 300
+    articulation_adapt_lr: float = 3e-4
     av_offset: int | None = None  # frames; None = use the track stage's estimate
     # Audio-Plane (--model audioplane)
     plane_dim: int = 16  # D, features per plane/line/prototype (paper 16)
@@ -162,6 +178,24 @@ class FineConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # NaN/Inf steps in a row (each skipped) before the run stops
+
+
+# The default ``render --articulation-gain``: the predicted articulation code is already
+# calibrated to the tracked code's spread on the training frames (ArticulationEnsemble.gain);
+# this scales it at render time. Measured over five voices in docs/methods.md.
+DEFAULT_ARTICULATION_GAIN = 1.0
+
+
+def check_articulation_gain(gain: float | None) -> float:
+    """``--articulation-gain``, defaulted and checked: a float in (0, 5].
+
+    Raises:
+        UsageError: zero, negative, above 5 or not finite."""
+    g = DEFAULT_ARTICULATION_GAIN if gain is None else float(gain)
+    if not (math.isfinite(g) and 0.0 < g <= 5.0):
+        raise UsageError(f"--articulation-gain {gain} is out of range.",
+                         hint="give a number above 0 and at most 5 (1 = as calibrated; 1.2 = 20% more mouth motion)")
+    return g
 
 
 @dataclass(frozen=True)
@@ -219,6 +253,7 @@ PRESETS: dict[str, Preset] = {
                             log_every=10, checkpoint_every=20),
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
                         hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
+                        articulation_adapt_steps=50,
                         articulation_members=2, plane_res=8, plane_dim=8, feature_dim=16, attention_dim=16,
                         kan_hidden=16, torso_stride=2, densify_from=20, densify_until=31, densify_every=10),
         description="tiny: for the test suite and CI smoke runs (seconds)",

@@ -40,7 +40,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     Raises:
         WorkspaceError: the file is missing or not a valid safetensors file.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -52,7 +52,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             for k in f.keys():
                 out[k] = f.get_tensor(k)
         return out, json.loads(meta.get("gstalk", "{}"))
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
         raise WorkspaceError(f"{path} is not a valid safetensors file ({exc}).",
                              hint="delete it and re-run the stage that writes it", path=path) from None
 

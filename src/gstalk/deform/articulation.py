@@ -203,7 +203,7 @@ def fit_articulation(regressor: ArticulationRegressor, audio: torch.Tensor, targ
 
 def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: torch.Tensor,
                  frame_ids: torch.Tensor, *, steps: int = 1000, val_fraction: float = 0.1, seed: int = 0,
-                 progress: Callable[[int], None] | None = None) -> dict[str, float]:
+                 lr: float = 1e-3, progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Fit each member with :func:`fit_articulation` (member k samples with seed ``seed + k``).
 
     Args: as :func:`fit_articulation`; ``progress(k)`` is called after member k.
@@ -217,21 +217,54 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
         {"members", "val_r2" (the ensemble's held-out R²), "member_val_r2" (the members'
         mean), "fit_r2" (the ensemble's on the fitted frames), "gain"}.
     """
-    member_val = []
-    for k, member in enumerate(ensemble.members):
-        member_val.append(fit_articulation(member, audio, targets, frame_ids, steps=steps,
-                                           val_fraction=val_fraction, seed=seed + k)["val_r2"])
-        if progress is not None:
-            progress(k)
     ids = torch.as_tensor(frame_ids, dtype=torch.long)
     fit, val = _split(ids, val_fraction)
     ref = targets[ids].mean(0)
     n = audio.shape[0]
+    with torch.no_grad():  # before fitting: a prior's score, or an untrained net's
+        start_r2 = r2_score(ensemble(audio[neighbour_indices(val, ensemble.smooth, n)]), targets[val], ref)
+    member_val = []
+    for k, member in enumerate(ensemble.members):
+        member_val.append(fit_articulation(member, audio, targets, frame_ids, steps=steps, lr=lr,
+                                           val_fraction=val_fraction, seed=seed + k)["val_r2"])
+        if progress is not None:
+            progress(k)
     with torch.no_grad():
         pred_val = ensemble(audio[neighbour_indices(val, ensemble.smooth, n)])
         val_r2 = r2_score(pred_val, targets[val], ref)
         fit_r2 = r2_score(ensemble(audio[neighbour_indices(fit, ensemble.smooth, n)]), targets[fit], ref)
         ratio = targets[val].var(0, unbiased=False).sum() / pred_val.var(0, unbiased=False).sum().clamp_min(1e-12)
         ensemble.gain.fill_(float(ratio.sqrt().clamp(1.0, 3.0)) if len(val) > 1 else 1.0)
-    return {"members": float(len(ensemble.members)), "val_r2": val_r2,
-            "member_val_r2": float(np.mean(member_val)), "fit_r2": fit_r2, "gain": float(ensemble.gain)}
+    return {"members": float(len(ensemble.members)), "val_r2": val_r2, "start_val_r2": start_r2,
+            "member_val_r2": float(np.mean(member_val)), "fit_r2": fit_r2, "gain": float(ensemble.gain),
+            "val_frames": float(len(val))}
+
+
+def describe_fit(val_r2: float, seconds: float, prior: bool) -> tuple[str, str]:
+    """What an audio → articulation fit learnt, in words: (level, sentence).
+
+    Args:
+        val_r2: held-out R² of the fit (the last tenth of the training frames).
+        seconds: length of the training clip's training split.
+        prior: whether the regressor started from the multi-speaker prior.
+
+    Returns:
+        level in ``good`` (R² ≥ 0.4), ``fair`` (≥ 0.2), ``weak`` (≥ 0.05), ``none``; and a
+        sentence with what would help.
+    """
+    level = "good" if val_r2 >= 0.4 else "fair" if val_r2 >= 0.2 else "weak" if val_r2 >= 0.05 else "none"
+    what = {"good": "the mouth should follow new speech well",
+            "fair": "the mouth follows new speech, with some misses",
+            "weak": "the mouth follows new speech only loosely",
+            "none": "it learnt almost nothing about how this speaker's mouth follows speech"}[level]
+    helps = []
+    if level != "good":
+        if seconds < 60:
+            helps.append(f"a longer clip ({seconds:.0f} s of training speech now; a minute or more helps most)")
+        if not prior:
+            helps.append("the multi-speaker prior (extract with the default --audio-features and "
+                         "--set articulation_prior=auto)")
+        if not helps:
+            helps.append("a clip with clearer speech and a steadier, frontal face")
+    text = f"audio -> mouth fit: held-out R² {val_r2:.2f} ({level}): {what}"
+    return level, text + (f"; would help: {' and '.join(helps)}" if helps else "")

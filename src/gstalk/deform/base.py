@@ -146,12 +146,14 @@ class DeformationModel(nn.Module):
         with torch.no_grad():
             return self.articulator.predict_sequence(audio_windows) * self.code_scale
 
-    def conditions(self, audio_windows: torch.Tensor) -> torch.Tensor:
+    def conditions(self, audio_windows: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         """The per-frame condition sequence from the audio: windows [N, W, C] of a whole clip,
-        in frame order -> [N, W, C'] (the audio itself, or :meth:`predict_codes` as windows)."""
+        in frame order -> [N, W, C'] (the audio itself, or :meth:`predict_codes` times ``gain``
+        as windows: ``gain`` > 1 moves the mouth more, < 1 less, as GeneFace++'s mouth
+        amplitude; the codes are standardised, so 0 is the speaker's average mouth)."""
         if self.articulator is None:
             return audio_windows
-        return self.code_windows(self.predict_codes(audio_windows))
+        return self.code_windows(self.predict_codes(audio_windows) * gain)
 
     def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:
         """Offsets for one frame: means [N, 3], condition windows [1, K, W, C'], blink [1]."""

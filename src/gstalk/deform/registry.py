@@ -18,17 +18,21 @@ MODELS = ("gstalker", "audioplane", "egstalker")
 
 
 def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cfg: FineConfig,
-               articulation: int = 0) -> dict[str, Any]:
+               articulation: int = 0, prior: dict[str, Any] | None = None) -> dict[str, Any]:
     """JSON-able description of a model: {"name": …, "kwargs": {…}}; ``articulation``: size
-    of the articulation code (used when ``cfg.conditioning == "articulation"``).
+    of the articulation code (used when ``cfg.conditioning == "articulation"``); ``prior``: the
+    metadata of the articulation prior the regressor starts from (its ``members`` and
+    ``smooth`` then size the regressor).
 
     Raises:
         UsageError: unknown model name.
     """
     art = articulation if cfg.conditioning == "articulation" else 0
+    members = int(prior["members"]) if prior else cfg.articulation_members
+    art_smooth = int(prior["smooth"]) if prior else cfg.articulation_smooth
     common = {"aabb": aabb.tolist(), "audio_in_dim": audio_in_dim, "window": window, "audio_dim": cfg.audio_dim,
               "smooth": cfg.audio_smooth_window, "position_scale": cfg.position_scale, "articulation": art,
-              "articulation_members": cfg.articulation_members, "articulation_smooth": cfg.articulation_smooth,
+              "articulation_members": members, "articulation_smooth": art_smooth,
               "appearance": cfg.appearance, "rigid_free": cfg.rigid_free}
     grid = {"levels": cfg.grid_levels, "features": cfg.grid_features, "log2_table": cfg.grid_log2_table,
             "base_res": cfg.grid_base_res, "max_res": cfg.grid_max_res, "grid_init": cfg.grid_init}

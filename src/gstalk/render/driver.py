@@ -137,6 +137,8 @@ class HeadRenderer:
             background plate (``render --background``).
         alpha: render RGBA: the head over the torso over nothing; frames are [H, W, 4] with
             straight (not premultiplied) alpha (``render --alpha``).
+        articulation_gain: scales the predicted mouth articulation code (``render
+            --articulation-gain``; see :meth:`~gstalk.deform.base.DeformationModel.conditions`).
         size: output width/height in pixels (square frames) when not the trained size: the
             Gaussians are re-projected with K scaled by size / trained size (sharp at any
             size, but detail beyond the training resolution is not there), the background and
@@ -145,8 +147,9 @@ class HeadRenderer:
 
     def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
                  backend: str = "auto", cache: int = 64, backdrop: np.ndarray | None = None, alpha: bool = False,
-                 size: int | None = None):
+                 size: int | None = None, articulation_gain: float = 1.0):
         self.ws, self.params, self.model, self.tracks = ws, params, model, tracks
+        self.articulation_gain = articulation_gain
         self.backend = backend
         self.alpha = alpha
         plate = load_background(ws)
@@ -256,7 +259,8 @@ class HeadRenderer:
         """The model's condition sequence for audio windows [N, W, C] (one per frame, in
         order): [N, W, C'] float32 (the predicted articulation code, or the audio)."""
         with torch.no_grad():
-            return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)))
+            return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)),
+                                         self.articulation_gain)
 
     def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None,
                viewmats: np.ndarray | None = None, prefetch_depth: int = 8) -> Iterator[np.ndarray]:

@@ -44,10 +44,13 @@ MOUTH_PLOT = "mouth.png"
 
 
 def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "auto",
-                   reporter: Reporter = SILENT, syncnet: str | Path | None = None) -> dict[str, Any]:
+                   reporter: Reporter = SILENT, syncnet: str | Path | None = None,
+                   articulation_gain: float | None = None) -> dict[str, Any]:
     """Evaluate lip sync with speech the model never heard (see the module docstring).
 
     Args:
+        articulation_gain: scale of the predicted articulation code (``render
+            --articulation-gain``; None: the default).
         syncnet: a safetensors file of SyncNet weights: adds ``lse_c``, ``lse_d``,
             ``syncnet_offset``, ``syncnet_windows`` to the renders, ``mismatched`` and
             ``real_video`` (the real video: its first 60 s).
@@ -61,12 +64,14 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
         WorkspaceError: fine missing or stale. InputError: unreadable or empty audio, or a
         bad SyncNet weights file (checked before rendering).
     """
+    from gstalk.config import check_articulation_gain
     from gstalk.metrics.lipsync import LipSyncProxy, sync_scores
     from gstalk.stages.evaluate import load_weight_files
     from gstalk.tracking.avsync import mouth_opening
     from gstalk.tracking.detector import MediaPipeDetector
 
     t0 = time.perf_counter()
+    gain = check_articulation_gain(articulation_gain)
     ws = Workspace.open(workspace)
     ws.require("eval")
     nets = load_weight_files(None, syncnet)
@@ -83,7 +88,7 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     if n < 25:
         raise InputError(f"{audio} is shorter than 1 s: too short to measure lip sync.", path=audio)
     poses = loop_poses(n, train)
-    renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+    renderer = HeadRenderer(ws, params, model, tracks, backend=backend, articulation_gain=gain)
     opening = np.full(n, np.nan)
     bss: list[np.ndarray] = []
     names: tuple[str, ...] = ()
@@ -134,7 +139,7 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     measured = np.isfinite(opening)
     out = {
         "schema_version": 1, "gstalk_version": __version__, "created": now_iso(), "workspace": str(ws.root),
-        "kind": "cross-driven", "audio": str(audio), "frames": n, "duration_s": n / fps,
+        "kind": "cross-driven", "audio": str(audio), "frames": n, "duration_s": n / fps, "articulation_gain": gain,
         "model_name": meta["spec"]["name"], **scores, **lse["renders"],
         "mismatched": {**mismatched, **lse["mismatched"],
                        "how": "the same renders against the speech reversed in time"},
@@ -183,4 +188,98 @@ def cross_report(m: dict[str, Any]) -> str:
         lines += ["", f"![mouth opening of the renders and the opening the speech predicts]({m['plots']['mouth']})",
                   "", "Mouth opening: MediaPipe's inner-lip gap / face height on the renders, and the opening the "
                   "lip-sync proxy predicts from the speech, each z-scored (gaps: no face found)."]
+    return "\n".join(lines) + "\n"
+
+
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".ogg", ".opus", ".aac")
+
+
+def expand_audio(paths: list[Path]) -> list[Path]:
+    """``eval --audio`` arguments as files: each folder is replaced by the audio files in it
+    (by suffix: .wav .mp3 .flac .m4a .ogg .opus .aac), sorted by name.
+
+    Raises:
+        InputError: a path that does not exist, or a folder with no audio file in it.
+    """
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise InputError(f"{p} holds no audio file ({', '.join(AUDIO_SUFFIXES)}).", path=p,
+                                 hint="give speech files or a folder of them")
+            out.extend(found)
+        elif not p.exists():
+            raise InputError(f"{p} does not exist.", hint="give a speech file or a folder of them", path=p)
+        else:
+            out.append(p)
+    return out
+
+
+def run_cross_eval_many(workspace: str | Path, audios: list[Path], *, backend: str = "auto",
+                        reporter: Reporter = SILENT, syncnet: str | Path | None = None,
+                        articulation_gain: float | None = None) -> dict[str, Any]:
+    """:func:`run_cross_eval` for several voices, and one summary row.
+
+    Each voice's report goes to ``ws/eval/cross_<stem>/`` as for one; the table goes to
+    ``ws/eval/cross_summary.json`` and ``cross_summary.md``.
+
+    Returns:
+        {"voices": [{"voice", "sync_corr" (lag 0), "sync_lag", "sync_corr_best",
+        "sync_fraction", "mouth_motion", "real_corr_best"}], "summary": the means (and "worst"
+        of the lag-0 fraction), "real_video": the training video's own score, "targets": the
+        bounds the issue asks (lag-0 fraction >= 0.8, |lag| <= 1, motion in [0.8, 1.2]) and
+        whether every voice meets them}.
+    """
+    from gstalk.config import check_articulation_gain
+
+    rows = []
+    real = None
+    for a in audios:
+        c = run_cross_eval(workspace, a, backend=backend, reporter=reporter, syncnet=syncnet,
+                           articulation_gain=articulation_gain)
+        real = c["real_video"]
+        rb = real["sync_corr_best"]
+        rows.append({"voice": Path(str(a)).name, "sync_corr": c["sync_corr"], "sync_lag": c["sync_lag"],
+                     "sync_corr_best": c["sync_corr_best"],
+                     "sync_fraction": c["sync_corr"] / rb if rb > 0.05 else float("nan"),
+                     "mouth_motion": c["mouth_motion"], "real_corr_best": rb,
+                     **({"lse_c": c["lse_c"], "lse_d": c["lse_d"]} if "lse_c" in c else {})})
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("sync_corr", "sync_corr_best", "sync_fraction",
+                                                                    "mouth_motion")}
+    ok = {"sync_fraction": all(r["sync_fraction"] >= 0.8 for r in rows),
+          "sync_lag": all(abs(r["sync_lag"]) <= 1 for r in rows),
+          "mouth_motion": all(0.8 <= r["mouth_motion"] <= 1.2 for r in rows)}
+    out = {"schema_version": 1, "gstalk_version": __version__, "created": now_iso(), "workspace": str(Path(workspace)),
+           "voices": rows, "summary": {"voice": "mean", **mean, "sync_lag": "–",
+                                       "worst_sync_fraction": float(np.nanmin([r["sync_fraction"] for r in rows]))},
+           "real_video": real, "articulation_gain": check_articulation_gain(articulation_gain),
+           "targets": {"sync_fraction_min": 0.8, "sync_lag_max": 1, "mouth_motion": [0.8, 1.2], "met": ok,
+                       "all_met": all(ok.values())}}
+    d = Workspace.open(workspace).path("eval")
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "cross_summary.json", out)
+    with atomic_write(d / "cross_summary.md", "w") as f:
+        f.write(cross_summary_report(out))
+    return out
+
+
+def cross_summary_report(s: dict[str, Any]) -> str:
+    """The several-voice table as Markdown."""
+    real = s.get("real_video") or {}
+    lines = [f"# gstalk eval --audio, {len(s['voices'])} voices: {s['workspace']}", "",
+             f"gstalk {s['gstalk_version']}, {s['created']}; articulation gain {s['articulation_gain']}. The real "
+             f"video scores {real.get('sync_corr_best', float('nan')):.2f} against its own audio (best lag "
+             f"{real.get('sync_lag', 0):+d}).", "",
+             "| voice | corr at lag 0 | best lag | corr at best lag | lag-0 corr / real | mouth motion |",
+             "|---|---|---|---|---|---|"]
+    for r in s["voices"]:
+        lines.append(f"| {r['voice']} | {r['sync_corr']:.2f} | {r['sync_lag']:+d} | {r['sync_corr_best']:.2f} | "
+                     f"{r['sync_fraction']:.2f} | {r['mouth_motion']:.2f} |")
+    m = s["summary"]
+    lines.append(f"| **mean** | {m['sync_corr']:.2f} | – | {m['sync_corr_best']:.2f} | {m['sync_fraction']:.2f} | "
+                 f"{m['mouth_motion']:.2f} |")
+    t = s["targets"]
+    lines += ["", "Targets: lag-0 correlation at least 0.8 x the real video's, best lag within ±1 frame, mouth motion "
+              "0.8-1.2 x real: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in t["met"].items()) + "."]
     return "\n".join(lines) + "\n"

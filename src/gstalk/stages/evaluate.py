@@ -111,16 +111,20 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
     renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
-    cond = renderer.conditions(windows)
     t = time.perf_counter()
-    fine = []
-    with reporter.task("rendering test frames", len(test)) as bar:
-        for frame in test:
-            ids = neighbour_indices(frame, model.smooth, cond.shape[0])
-            fine.append(renderer.render(cond[ids], frame))
-            bar.advance()
-    fine_t = torch.stack(fine)
+    fine_t = render_split(renderer, renderer.conditions(windows), test, reporter, "rendering test frames")
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)
+    # where the error is: the same field driven by the *tracked* code (an upper bound: a perfect
+    # audio -> code map) and by the neutral (all-zero, i.e. mean) code (what the field gives
+    # without any speech)
+    code_rows: dict[str, torch.Tensor] = {}
+    if model.articulator is not None and tracks.blendshape_names:
+        from gstalk.deform.articulation import standardise
+
+        tracked = standardise(tracks.articulation(), list(train))  # the units the field trained on
+        for name, codes in (("oracle", tracked), ("neutral", torch.zeros_like(tracked))):
+            code_rows[name] = render_split(renderer, model.code_windows(codes), test, reporter,
+                                           f"rendering test frames ({name} code)")
 
     # baselines; the coarse head over the same background as the model's (its torso field's
     # render when it has one, else the frame's own torso), so the two differ by the head only
@@ -139,6 +143,7 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
             "mean_frame": image_metrics(mean_t, gt, mouth_boxes, face_boxes),
             "coarse": image_metrics(coarse_t, gt, mouth_boxes, face_boxes),
         },
+        "codes": {name: image_metrics(r, gt, mouth_boxes, face_boxes) for name, r in code_rows.items()},
     }
     if "lpips" in nets:
         with reporter.task("LPIPS", 3) as bar:
@@ -156,9 +161,11 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
                               (real_lse, gt)):
                 v.update(lse_metrics(nets["syncnet"], frames, face_boxes, segment, rate, fps))
                 bar.advance()
-    with reporter.task("landmarks of the renders", 2 * len(test)) as bar:
+    with reporter.task("landmarks of the renders", (2 + len(code_rows)) * len(test)) as bar:
         results["model"].update(lip_metrics(fine_t, tracks, list(test), bar.advance, truth=gt))
         results["baselines"]["coarse"].update(lip_metrics(coarse_t, tracks, list(test), bar.advance, truth=gt))
+        for name, r in code_rows.items():
+            results["codes"][name].update(lip_metrics(r, tracks, list(test), bar.advance, truth=gt))
     if "fan" in nets:
         with reporter.task("FAN landmarks (LMD the papers' way)", 3 * len(test)) as bar:
             truth_pts, truth_fallback = fan_points(nets["fan"], gt, face_boxes, bar.advance)
@@ -173,7 +180,7 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     real_open = mouth_opening(tracks.landmarks[sel].numpy())
     if "_truth_opening" in results["model"]:  # FAN tracks: MediaPipe's reading of the real frames, as of the renders
         real_open = fill_nan(results["model"]["_truth_opening"])
-    for v in (results["model"], results["baselines"]["coarse"]):
+    for v in (results["model"], results["baselines"]["coarse"], *results["codes"].values()):
         o = fill_nan(v["_opening"])
         v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
     predicted = LipSyncProxy.load().predict(samples, rate, int(ex["n_frames"]), fps)[list(test)]
@@ -194,13 +201,15 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
                                          "frames: too short for a correlation; see `gstalk eval --audio`")
     if "syncnet" in nets:
         results["model"].setdefault("real_video", {}).update(real_lse)
-    for v in (results["model"], results["baselines"]["coarse"]):
+    for v in (results["model"], results["baselines"]["coarse"], *results["codes"].values()):
         v.pop("_opening")
         v.pop("_truth_opening", None)
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
-        **results["model"], "baselines": results["baselines"],
+        **results["model"], "baselines": results["baselines"], "codes": results["codes"],
+        "error_split": error_split(results["model"], results["codes"]),
+        "articulation_fit": articulation_fit_summary(ws),
         "model_name": meta["spec"]["name"], "render_fps": render_fps,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
         "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
@@ -219,6 +228,42 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     with atomic_write(d / "report.md", "w") as f:
         f.write(report_markdown(out))
     return out
+
+
+def render_split(renderer: HeadRenderer, cond: torch.Tensor, frames: range, reporter: Reporter,
+                 what: str) -> torch.Tensor:
+    """Render workspace ``frames`` with their own poses, blinks and backgrounds from the
+    condition sequence ``cond`` [N_all, W, C'] of the whole clip: [F, H, W, 3] float32 in [0, 1]."""
+    out = []
+    with reporter.task(what, len(frames)) as bar:
+        for frame in frames:
+            ids = neighbour_indices(frame, renderer.model.smooth, cond.shape[0])
+            out.append(renderer.render(cond[ids], frame))
+            bar.advance()
+    return torch.stack(out)
+
+
+def error_split(model: dict[str, Any], codes: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Where the mouth's error is, in mouth-box dB: ``audio_to_code`` (what a perfect audio →
+    code map would gain: oracle − predicted), ``code_to_pixels`` (what the field gains over a
+    neutral mouth when the code is perfect: oracle − neutral), and ``predicted_vs_neutral``
+    ({} for a model without an articulation code)."""
+    if "oracle" not in codes or "neutral" not in codes:
+        return {}
+    o, n = codes["oracle"]["mouth_psnr"], codes["neutral"]["mouth_psnr"]
+    return {"audio_to_code_db": o - model["mouth_psnr"], "code_to_pixels_db": o - n,
+            "predicted_vs_neutral_db": model["mouth_psnr"] - n}
+
+
+def articulation_fit_summary(ws: Workspace) -> dict[str, Any]:
+    """The fine stage's audio → articulation fit as the report states it: held-out R², level,
+    the sentence, and the prior used ({} for a model without one)."""
+    s = ws.stage("fine").summary or {}
+    fit = s.get("articulation_fit") or {}
+    if not fit:
+        return {}
+    return {k: fit[k] for k in ("val_r2", "start_val_r2", "quality", "quality_text", "gain", "code_scale")
+            if k in fit} | {"prior": s.get("articulation_prior", "")}
 
 
 def load_weight_files(lpips: str | Path | None, syncnet: str | Path | None) -> dict[str, Any]:
@@ -432,9 +477,20 @@ def report_markdown(m: dict[str, Any]) -> str:
              f"Self-driven, {m['n_frames']} held-out test frames {m['split']['test'][0]}-{m['split']['test'][1] - 1}; "
              f"model `{m['model_name']}`; gstalk {m['gstalk_version']}, {m['created']}.", "",
              "| | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
-    rows = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+    code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
+    rows = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items()] \
+        + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
     for name, v in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
+    split = m.get("error_split") or {}
+    if split:
+        lines += ["", f"Where the mouth error is: a perfect audio → code map would gain "
+                  f"{split['audio_to_code_db']:+.2f} dB on the mouth box (oracle − predicted); with it, the field "
+                  f"gains {split['code_to_pixels_db']:+.2f} dB over a neutral mouth (oracle − neutral); the "
+                  f"predicted code gains {split['predicted_vs_neutral_db']:+.2f} dB over the neutral one."]
+    fit = m.get("articulation_fit") or {}
+    if fit.get("quality_text"):
+        lines += ["", f"{fit['quality_text'][0].upper()}{fit['quality_text'][1:]}. {fit.get('prior', '')}."]
     if "lpips" in m:
         lines += ["", f"| LPIPS ({m.get('weights', {}).get('lpips', {}).get('net', 'alex')}; lower is better) "
                   "| full frame | face box |", "|---|---|---|"]
@@ -443,7 +499,8 @@ def report_markdown(m: dict[str, Any]) -> str:
                        + [("real video (ground truth)", m.get("real_video", {}))])
     lines += skipped_lines(m)
     lines += lmd_lines(m)
-    motion = [(n, v["mouth_motion"]) for n, v in [("fine model", m), ("coarse", m["baselines"].get("coarse", {}))]
+    motion = [(n, v["mouth_motion"]) for n, v in [("fine model", m), ("coarse", m["baselines"].get("coarse", {})),
+                                                   *[(f"{k} code", v) for k, v in m.get("codes", {}).items()]]
               if "mouth_motion" in v]
     if motion:
         lines += ["", "Mouth motion (std of the mouth opening read on the renders / on the real frames): "
@@ -481,7 +538,9 @@ def report_markdown(m: dict[str, Any]) -> str:
 def lmd_lines(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the LMD table: one row per model and landmark detector, naming the
     detector (MediaPipe always; FAN when ``lmd_fan`` was measured)."""
-    lip = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
+    code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
+    lip = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items() if "lmd" in v] \
+        + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
     lines = ["", "| | landmarks | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
              "|---|---|---|---|---|---|"]
     for name, v in lip:

@@ -4,8 +4,10 @@ Writes ``ws/extract/``:
 
 - ``frames/NNNNNN.png``: RGB frames, ``size`` x ``size`` px, resampled to ``fps``;
 - ``audio.wav``: the audio track, 16 kHz mono PCM-16;
-- ``audio_features.safetensors``: ``steps`` [T, C] normalised MFCC steps (50 Hz),
-  ``windows`` [N, 16, C] the window centred on each frame, ``mean``/``std`` [C];
+- ``audio_features.safetensors``: ``steps`` [T, C] normalised feature steps (50 Hz) of the
+  front end ``audio.features`` (``gstalk.audio``), ``windows`` [N, 16, C] the window centred
+  on each frame, ``mean``/``std`` [C] the training statistics new speech is normalised with
+  (0 / 1 for the columns of front ends that normalise each utterance themselves);
 - ``summary.json``: frame count, fps, size, the crop in source pixels, the train/test split.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from gstalk.audio import frame_windows, get_extractor, normalise
+from gstalk.audio.features import training_statistics
 from gstalk.config import ExtractConfig, to_dict
 from gstalk.errors import InputError, TrackingError
 from gstalk.media import probe, read_audio, read_video_frames, write_wav
@@ -289,13 +292,16 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
                      f"average): resampled by timestamp to {cfg.fps:g} fps, {n} frames")
     samples = read_audio(video, cfg.audio.sample_rate)
     write_wav(out_dir / "audio.wav", samples, cfg.audio.sample_rate)
-    extractor = get_extractor("mfcc", cfg.audio)
-    steps = extractor(samples, cfg.audio.sample_rate)
-    mean, std = steps.mean(0), steps.std(0)
+    extractor = get_extractor(cfg.audio.features, cfg.audio)
+    with reporter.task(f"audio features ({extractor.name})", 1) as bar:
+        steps = extractor(samples, cfg.audio.sample_rate)
+        bar.advance()
+    mean, std = training_statistics(extractor, steps)
     steps_n = normalise(steps, mean, std)
     windows = frame_windows(steps_n, n, cfg.fps, extractor.steps_per_second, cfg.audio.window)
     meta = {"extractor": extractor.name, "dim": extractor.dim, "steps_per_second": extractor.steps_per_second,
-            "window": cfg.audio.window, "fps": cfg.fps, "sample_rate": cfg.audio.sample_rate}
+            "window": cfg.audio.window, "fps": cfg.fps, "sample_rate": cfg.audio.sample_rate,
+            "normalisation": extractor.normalisation}
     save_tensors(out_dir / "audio_features.safetensors",
                  {"steps": steps_n, "windows": windows, "mean": mean, "std": std}, meta)
 

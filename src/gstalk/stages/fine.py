@@ -79,7 +79,15 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                              "code cannot be computed.",
                              hint=f"re-run `gstalk track {ws.root}`, or use --conditioning audio")
     art_dim = 0 if data.articulation is None else int(data.articulation.shape[1])
-    spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, articulation=art_dim)
+    prior, prior_note = None, "no articulation prior (conditioning=audio)"
+    if cfg.conditioning == "articulation":  # on --resume too: the prior sizes the regressor in the spec
+        from gstalk.prior import resolve_prior
+
+        prior, prior_note = resolve_prior(cfg.articulation_prior, af.extractor,
+                                          ws.stage("extract").config.get("audio", {}), af.window)
+        reporter.log(f"  {prior_note}")
+    spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, articulation=art_dim,
+                      prior=prior.meta if prior is not None else None)
     torso = None
     if cfg.torso:  # GSTalker's pose-conditioned torso, seeded from the training frames' torso masks
         from gstalk.deform.torso import init_torso
@@ -97,6 +105,9 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
             spec["torso"] = torso.spec()
     torch.manual_seed(ws.seed)
     model = build_model(spec)
+    if prior is not None and not resume:  # the regressor starts from the multi-speaker prior
+        assert model.articulator is not None
+        model.articulator.load_state_dict(prior.ensemble.state_dict())
     if torso is not None:  # the seeded Gaussians and MLP (drawn before, and apart from, the head)
         model.torso.load_state_dict(torso.state_dict())
     ckpt_path = ws.path("fine", "checkpoint.safetensors")
@@ -108,16 +119,18 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
         start = groups["params"]
         model.load_state_dict(groups["module"])
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in start.items()})
-    trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed)
+    trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed,
+                          from_prior=prior is not None)
     if resume:
         restore_training(trainer, groups, meta)
         trainer.articulation_fit = meta["info"].get("articulation_fit")
+        prior_note = meta["info"].get("prior_note", prior_note)
         reporter.log(f"  resuming at iteration {trainer.step}")
 
     def checkpoint(t: FineTrainer) -> None:
         save_checkpoint(ckpt_path, step=t.step, params=t.params, module=t.model, optimizers=t.optimizers,
                         densify=t.densify_state or None, rng=t.rng,
-                        info={"spec": spec, "articulation_fit": t.articulation_fit})
+                        info={"spec": spec, "articulation_fit": t.articulation_fit, "prior_note": prior_note})
 
     t = time.perf_counter()
     if trainer.step == 0 and model.articulator is not None:
@@ -136,10 +149,22 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                 bar.update(info=f"loss {stats['loss']:.4f}")
         trainer.run(cb, checkpoint)
     fit = trainer.articulation_fit
+    fit_level = None
     if fit is not None:
+        from gstalk.deform.articulation import describe_fit
+
+        start = (f"; the prior alone: {fit['start_val_r2']:.2f}" if prior is not None and "start_val_r2" in fit
+                 else "")
         reporter.log(f"  audio -> articulation: held-out R² {fit['val_r2']:.2f} with {int(fit['members'])} "
-                     f"regressors (one alone: {fit['member_val_r2']:.2f}; on the fitted frames {fit['fit_r2']:.2f}); "
-                     f"code scale {fit['code_scale']:.2f}")
+                     f"regressors (one alone: {fit['member_val_r2']:.2f}; on the fitted frames {fit['fit_r2']:.2f}"
+                     f"{start}); code scale {fit['code_scale']:.2f}")
+        fps = float(ws.stage("extract").summary["fps"])
+        fit_level, fit_text = describe_fit(float(fit["val_r2"]), len(train) / fps, "articulation prior:" in prior_note)
+        fit["quality"], fit["quality_text"] = fit_level, fit_text
+        if fit_level in ("weak", "none"):
+            reporter.warn(fit_text)
+        else:
+            reporter.log(f"  {fit_text}")
     train_s = time.perf_counter() - t
     ms_per_it = 1000 * train_s / max(cfg.iterations - first, 1)  # the steps this process ran
     out = ws.path("fine")
@@ -162,7 +187,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                "n_torso_gaussians": n_torso,
                "train_seconds": train_s, "ms_per_iteration": ms_per_it,
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
-               "conditioning": cfg.conditioning, "articulation_fit": fit,
+               "conditioning": cfg.conditioning, "articulation_fit": fit, "articulation_prior": prior_note,
                "history": trainer.history[-20:]}
     write_json(out / "summary.json", summary)
     return summary

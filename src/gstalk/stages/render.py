@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gstalk.audio import frame_windows
+from gstalk.config import check_articulation_gain
 from gstalk.dataset import (
     load_audio,
     load_audio_features,
@@ -43,7 +44,8 @@ POSE_STRATEGIES = ("loop", "still")
 
 def run_render(workspace: str | Path, audio: str | Path | None = None, output: str | Path | None = None, *,
                pose: str = "loop", background: str = "plate", alpha: bool = False, size: int | None = None,
-               blink: str = "video", backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+               blink: str = "video", backend: str = "auto", articulation_gain: float | None = None,
+               reporter: Reporter = SILENT) -> dict[str, Any]:
     """Render a video.
 
     Args:
@@ -63,6 +65,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
         blink: ``video`` (the eye blinks of the pose frames of the training video) or ``auto``
             (natural blinks generated at random: :func:`gstalk.render.driver.auto_blinks`).
         backend: rasterizer backend.
+        articulation_gain: scale of the predicted mouth articulation code (None:
+            :data:`~gstalk.config.DEFAULT_ARTICULATION_GAIN`); must be in (0, 5].
 
     Returns:
         Summary: output path, frames, duration_s, fps (rendering speed), realtime_factor,
@@ -87,6 +91,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
                          hint="H.264 (yuv420p) needs even sizes, e.g. --size 512")
     if blink not in ("video", "auto"):
         raise UsageError(f"Unknown --blink '{blink}'.", hint="use video or auto")
+    gain = check_articulation_gain(articulation_gain)
     size0 = int(ex.summary["size"])  # square frames
     backdrop = parse_backdrop(background, size0, size0)  # refuse a bad one before any work
     if alpha and output is not None and str(output) == "-":
@@ -140,7 +145,8 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
             from gstalk.render.poses import ping_pong
 
             viewmats = pose_track[ping_pong(len(poses), len(pose_track))]
-        renderer = HeadRenderer(ws, params, model, tracks, backend=backend, backdrop=backdrop, alpha=alpha, size=size)
+        renderer = HeadRenderer(ws, params, model, tracks, backend=backend, backdrop=backdrop, alpha=alpha, size=size,
+                                articulation_gain=gain)
         t = time.perf_counter()
         tmp_out = (Path(tmp) / ("out" if alpha else "out.mp4")) if str(out_path) != "-" else None
         writer_cm = PngSequenceWriter(tmp_out, audio_path=mux) if alpha and tmp_out is not None else \
@@ -166,7 +172,7 @@ def run_render(workspace: str | Path, audio: str | Path | None = None, output: s
                "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
                "pose": pose if pose_track is None else str(pose), "background": background, "alpha": alpha,
-               "size": renderer.width, "blink": blink,
+               "size": renderer.width, "blink": blink, "articulation_gain": gain,
                "backend": backend, "finished": now_iso()}
     _record(ws, name, summary)
     return summary

@@ -35,7 +35,7 @@ from gstalk.dataset import load_audio, load_frame
 from gstalk.errors import TrackingError, UsageError
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
-from gstalk.tracking.avsync import estimate_offset, mouth_opening
+from gstalk.tracking.avsync import AVOffset, estimate_offset, estimate_offset_predicted, mouth_opening
 from gstalk.tracking.detector import DETECTORS, N_BLENDSHAPES, FaceDetection, get_detector
 from gstalk.tracking.masks import MaskWriter, background_plate, face_geometry
 from gstalk.tracking.pose import (
@@ -308,9 +308,16 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
 
     # 3. A/V offset ----------------------------------------------------------------------
     samples, sr = load_audio(ws)
-    av = estimate_offset(lms, samples, sr, fps, cfg.av_max_lag)
-    reporter.log(f"  audio/video offset {av.frames:+d} frames (correlation {av.correlation:.2f}, "
-                 f"{av.correlation_at_zero:.2f} at 0)")
+    av_energy = estimate_offset(lms, samples, sr, fps, cfg.av_max_lag)
+    av = prior_offset(ws, lms, cfg.av_max_lag) or av_energy
+    if av.confident:
+        reporter.log(f"  audio/video offset {av.frames:+d} frames (correlation {av.correlation:.2f}, "
+                     f"{av.correlation_at_zero:.2f} at 0; {av.method}; the loudness alone gave "
+                     f"{av_energy.best_lag:+d} at {av_energy.correlation:.2f})")
+    else:
+        reporter.warn(f"audio/video offset not confident: the best lag, {av.best_lag:+d} frames, correlates only "
+                      f"{av.correlation:.2f} ({av.method}); the audio is left unshifted. If lips and voice look "
+                      "out of step, set it: `gstalk fine WS --av-offset N`")
 
     # 4. background plate ------------------------------------------------------------
     t = time.perf_counter()
@@ -351,8 +358,11 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
         "view_angle_deg_max": [float(np.abs(angles[:, 0]).max()), float(np.abs(angles[:, 1]).max())],
         "turned_away_frames": turned,
         "av_offset_frames": av.frames, "av_correlation": av.correlation,
-        "av_correlation_at_zero": av.correlation_at_zero,
+        "av_correlation_at_zero": av.correlation_at_zero, "av_best_lag": av.best_lag,
+        "av_confident": av.confident, "av_method": av.method,
         "av_curve": {str(k): v for k, v in av.curve.items()},
+        "av_energy": {"best_lag": av_energy.best_lag, "correlation": av_energy.correlation,
+                      "correlation_at_zero": av_energy.correlation_at_zero},
         "background_inpainted_fraction": unseen,
         "blendshape_names": list(names),
     }
@@ -363,6 +373,26 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
                           "differs): landmarks may differ from the papers' detector")
     write_json(out_dir / "summary.json", summary)
     return summary, timings
+
+
+def prior_offset(ws: Workspace, lms: np.ndarray, max_lag: int) -> AVOffset | None:
+    """The A/V offset from the opening the shipped articulation prior predicts from the
+    workspace's audio features (:func:`~gstalk.tracking.avsync.estimate_offset_predicted`);
+    None when the workspace's front end is not the prior's (e.g. ``mfcc``)."""
+    import torch
+
+    from gstalk.audio import frame_windows
+    from gstalk.dataset import load_audio_features
+    from gstalk.prior import resolve_prior
+
+    af = load_audio_features(ws)
+    ex = ws.stage("extract")
+    prior, _ = resolve_prior("auto", af.extractor, ex.config.get("audio", {}), af.window)
+    if prior is None:
+        return None
+    windows = frame_windows(af.steps, len(lms), float(ex.summary["fps"]), af.steps_per_second, af.window, 0)
+    predicted = prior.ensemble.predict_sequence(torch.from_numpy(windows))[:, 0].numpy()
+    return estimate_offset_predicted(lms, predicted, max_lag)
 
 
 def write_preview(ws: Workspace, lms: np.ndarray, poses: np.ndarray, K: np.ndarray, path: Any,

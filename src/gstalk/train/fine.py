@@ -87,6 +87,9 @@ class FineTrainer:
         cfg: :class:`~gstalk.config.FineConfig`.
         scene_scale: head radius in metres.
         seed: frame sampling seed.
+        from_prior: the model's articulation regressor holds the multi-speaker prior
+            (:mod:`gstalk.prior`): :meth:`fit_articulator` adapts it (``articulation_adapt_*``)
+            instead of fitting it from scratch.
     """
 
     params: torch.nn.ParameterDict
@@ -95,6 +98,7 @@ class FineTrainer:
     cfg: FineConfig
     scene_scale: float
     seed: int = 0
+    from_prior: bool = False
     step: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
@@ -141,8 +145,12 @@ class FineTrainer:
         reg = self.model.articulator
         assert reg is not None and self.data.articulation is not None
         reg.requires_grad_(True)
+        c = self.cfg
+        steps, lr = (c.articulation_adapt_steps, c.articulation_adapt_lr) if self.from_prior else \
+            (c.articulation_steps, 1e-3)
         stats = fit_ensemble(reg, self.data.audio, self.data.articulation, self.data.frame_ids,
-                             steps=self.cfg.articulation_steps, seed=self.seed, progress=progress)
+                             steps=steps, lr=lr, seed=self.seed, progress=progress)
+        stats["from_prior"] = float(self.from_prior)
         reg.requires_grad_(False)
         # the field trains on tracked codes + N(0, σ²) (std sqrt(1 + σ²) in standardised units):
         # give the predicted codes the same spread
