@@ -26,11 +26,11 @@ import torch
 
 from gstalk import __version__
 from gstalk.audio import frame_windows
+from gstalk.avatar import Avatar
 from gstalk.dataset import (
     build_frameset,
     load_audio,
     load_audio_features,
-    load_fine_model,
     load_frame,
     load_tracks,
     split_indices,
@@ -86,12 +86,13 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     mouth_boxes, face_boxes = tracks.mouth_box[sel], tracks.face_box[sel]
 
     # the model, driven by the test audio (with the training A/V offset)
-    params, model, meta = load_fine_model(ws)
+    avatar = Avatar.from_workspace(ws)
+    model, meta = avatar.model, avatar.meta
     af = load_audio_features(ws)
     ex = ws.stage("extract").summary
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
-    renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+    renderer = HeadRenderer(avatar, backend=backend)
     cond = renderer.conditions(windows)
     t = time.perf_counter()
     fine = []
