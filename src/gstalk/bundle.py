@@ -137,6 +137,16 @@ class Bundle:
                       fps=float(ameta["fps"]), size=size, plate=plate, audio=settings,
                       provenance=dict(self.info.get("provenance", {})), seed=int(ameta.get("seed", 0)))
 
+    def to_bytes(self) -> bytes:
+        """The bundle as one file's bytes (the same members; e.g. an unpacked folder packed
+        again for Ray's object store)."""
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr(BUNDLE_JSON, self.info_bytes)
+            for k in MEMBERS:
+                z.writestr(k, self.members[k])
+        return buf.getvalue()
+
     def summary(self) -> dict[str, Any]:
         """What ``gstalk inspect`` prints: the bundle's id, version, members and their sizes,
         the avatar summary and the provenance."""

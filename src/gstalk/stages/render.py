@@ -14,6 +14,7 @@ under ``renders``.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -206,7 +207,8 @@ def _scratch(folder: Path | None) -> Iterator[Path]:
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
+        # named with the pid, so `gstalk batch` can remove what a killed render left
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".tmp-render-{os.getpid()}-") as tmp:
             yield Path(tmp)
     finally:
         if made:
