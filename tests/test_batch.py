@@ -257,3 +257,23 @@ def test_batch_train_trains_exports_and_skips_on_rerun(mannequin_clip, tmp_path)
     assert read_bundle(tmp_path / "avatars" / "a.gstalk").info["provenance"]["seed"] == 3
     s = run_batch("train", jobs)
     assert (s["skipped"], s["ok"], s["failed"]) == (1, 0, 1)
+
+
+def test_engine_options_and_a_missing_ray_read_as_one_sentence(monkeypatch, tmp_path):
+    from gstalk.batch.engines import make_engine, plan_workers
+    from gstalk.errors import DependencyError, UsageError
+
+    assert plan_workers(None, None, cores=4) == (4, 1)
+    assert plan_workers(2, None, cores=4) == (2, 2)
+    assert plan_workers(None, 2, cores=4) == (2, 2)
+    assert plan_workers(None, 8, cores=4) == (1, 8)
+    with pytest.raises(UsageError, match="--workers 0"):
+        plan_workers(0, None)
+    with pytest.raises(UsageError, match="--address is for --engine ray"):
+        make_engine("local", address="auto")
+    with pytest.raises(UsageError, match="Unknown --engine"):
+        make_engine("spark")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(DependencyError, match="needs Ray") as e:
+        make_engine("ray")
+    assert "gstalk[ray]" in (e.value.hint or "")

@@ -764,6 +764,8 @@ def bench_render_cmd(
     workspace: WorkspaceArg = None,
     frames: Annotated[int, typer.Option(help="Frames to time (after the warm-up).")] = 100,
     warmup: Annotated[int, typer.Option(help="Frames rendered first and not timed.")] = 10,
+    size: Annotated[Optional[int], typer.Option(help="Output width/height in pixels, as render --size (default: "
+                                                     "the trained size).", show_default=False)] = None,
     raster: Raster = "auto",
     as_json: JsonOut = False, debug: Debug = False,
 ) -> None:
@@ -773,7 +775,7 @@ def bench_render_cmd(
     with _guard(debug):
         from gstalk.render.bench import bench_render
 
-        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster)
+        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster, size=size)
         if as_json:
             _print_json(r)
             return
