@@ -86,6 +86,9 @@ def run_batch(kind: str, jobs_file: str | Path, *, engine: str = "local", worker
             todo.append(job)
         for job in todo:
             _clean_dead_scratch(job)
+        # the rows of one avatar together: a worker keeps the avatars it loaded (a few), so
+        # grouped rows load each avatar about once per worker instead of once per row
+        todo.sort(key=lambda j: str(j.spec.get("avatar", "")))
         reporter.log(f"[bold]batch {kind}[/bold] {len(jobs)} job(s): {counts['skipped']} already done, "
                      f"{counts['failed']} bad row(s), {len(todo)} to run on the {eng.describe()}; results: {res.path}")
         t_run = time.perf_counter()

@@ -8,7 +8,8 @@ training sequence). Without ``--audio`` the test split is re-rendered with its o
 offset applied, as in training), which is what ``eval`` compares with the ground truth.
 
 Writes ``ws/renders/NAME.mp4`` (or the ``-o`` path) and records the render in the manifest
-under ``renders``.
+under ``renders``. An avatar bundle (``NAME.gstalk``, :mod:`gstalk.bundle`) renders the same
+way, read-only: the video goes to ``-o`` (default ``AUDIO_STEM.mp4`` in the current folder).
 """
 
 from __future__ import annotations
