@@ -257,6 +257,12 @@ def test_batch_train_trains_exports_and_skips_on_rerun(mannequin_clip, tmp_path)
     assert read_bundle(tmp_path / "avatars" / "a.gstalk").info["provenance"]["seed"] == 3
     s = run_batch("train", jobs)
     assert (s["skipped"], s["ok"], s["failed"]) == (1, 0, 1)
+    other = tmp_path / "other.jsonl"  # never trains over another video's (or seed's) workspace
+    other.write_text(json.dumps({"video": str(mannequin_clip.path), "workspace": "ws_a", "preset": "test",
+                                 "seed": 4}) + "\n")
+    s = run_batch("train", other)
+    assert s["failed"] == 1 and "made from another seed" in s["failures"][0]["error"]
+    assert Workspace.open(tmp_path / "ws_a").stage("fine").run_id == ok["fine_run_id"]
 
 
 def test_engine_options_and_a_missing_ray_read_as_one_sentence(monkeypatch, tmp_path):

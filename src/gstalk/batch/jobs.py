@@ -52,6 +52,7 @@ class Job:
         line: line of the jobs file where the row starts.
         spec: the job, resolved: absolute paths, typed values, defaults filled in.
         error: why the row cannot run (it fails without running), or None.
+        error_code: the exit code of that error: 3 for a missing input file, 2 otherwise.
         key: SHA-256 over the spec and the inputs' identity (size and modification time of
             the files, the fine run of a workspace): a re-run skips a job only when its key
             and its finished output are unchanged.
@@ -63,6 +64,7 @@ class Job:
     spec: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     key: str = ""
+    error_code: int = 2
 
     @property
     def output(self) -> str | None:
@@ -220,13 +222,13 @@ def _job(kind: str, row: int, line: int, values: dict[str, Any], err: str | None
                                                                         f"{name}.mp4"))
         for k in ("avatar", "audio"):
             if not Path(spec[k]).exists():
-                job.error = f"{k} {spec[k]} does not exist"
+                job.error, job.error_code = f"{k} {spec[k]} does not exist", 3
                 break
     else:
         if not spec.get("workspace"):
             spec["workspace"] = str(base / f"{Path(spec['video']).stem}_ws")
         if not Path(spec["video"]).is_file():
-            job.error = f"video {spec['video']} does not exist"
+            job.error, job.error_code = f"video {spec['video']} does not exist", 3
     job.spec = spec
     return job
 

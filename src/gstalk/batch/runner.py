@@ -73,7 +73,7 @@ def run_batch(kind: str, jobs_file: str | Path, *, engine: str = "local", worker
         for job in jobs:
             if job.error is not None:
                 record({"row": job.row, "line": job.line, "kind": kind, "status": "failed", "output": job.output,
-                        "seconds": 0.0, "error": job.error, "exit_code": 2, "key": job.key})
+                        "seconds": 0.0, "error": job.error, "exit_code": job.error_code, "key": job.key})
                 continue
             prev = previous.get(job.key)
             if prev is not None and output_intact(prev):

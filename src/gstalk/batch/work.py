@@ -130,7 +130,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from gstalk.check import check_workspace
     from gstalk.config import get_preset, override
-    from gstalk.errors import WorkspaceError
+    from gstalk.errors import UsageError, WorkspaceError
     from gstalk.stages.coarse import run_coarse
     from gstalk.stages.extract import run_extract
     from gstalk.stages.fine import run_fine
@@ -141,30 +141,34 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     root = Path(spec["workspace"])
     raster = spec["raster"]
     fine_cfg = override(p.fine, model=spec["model"], raster=raster)
-    ran: list[str] = []
-    redo = True
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file():  # continue this video's workspace; never overwrite another's
         ws = Workspace.open(root)
-        same = (ws.manifest.get("source", {}).get("sha256") == sha256_file(spec["video"])
-                and ws.preset == p.name and ws.seed == spec["seed"])
-        redo = not same
-    if redo:
-        run_extract(spec["video"], root, p.extract, preset=p.name, seed=spec["seed"])
-        ran.append("extract")
+        have = (ws.manifest.get("source", {}).get("sha256"), ws.preset, ws.seed)
+        want = (sha256_file(spec["video"]), p.name, spec["seed"])
+        diff = [k for k, a, b in zip(("video", "preset", "seed"), have, want) if a != b]
+        if diff:
+            raise UsageError(f"Workspace {root} was made from another {' and '.join(diff)} "
+                             f"({', '.join(f'{k} {a}' for k, a in zip(('video sha256', 'preset', 'seed'), have))}).",
+                             hint="give this row its own workspace column, or delete that folder")
+    ran: list[str] = []
     stages: list[tuple[str, Callable[[bool], Any]]] = [
+        ("extract", lambda resume: run_extract(spec["video"], root, p.extract, preset=p.name, seed=spec["seed"])),
         ("track", lambda resume: run_track(str(root), p.track)),
         ("coarse", lambda resume: run_coarse(str(root), override(p.coarse, raster=raster), resume=resume)),
         ("fine", lambda resume: run_fine(str(root), fine_cfg, resume=resume)),
     ]
     for name, fn in stages:
-        ws = Workspace.open(root)
-        ok = {f.stage: f.status == "ok" for f in check_workspace(ws)}
-        if name == "fine" and ws.stage("fine").config.get("model") != spec["model"]:
-            ok["fine"] = False
+        ok: dict[str, bool] = {}
+        resume = False
+        if (root / MANIFEST).is_file():
+            ws = Workspace.open(root)
+            ok = {f.stage: f.status == "ok" for f in check_workspace(ws)}
+            if name == "fine" and ws.stage("fine").config.get("model") != spec["model"]:
+                ok["fine"] = False
+            checkpoint = root / name / "checkpoint.safetensors"
+            resume = name in ("coarse", "fine") and checkpoint.is_file() and ws.stage(name).status != "done"
         if not ran and ok.get(name):
             continue  # kept: done, intact, not stale, and nothing before it re-ran
-        checkpoint = root / name / "checkpoint.safetensors"
-        resume = name in ("coarse", "fine") and checkpoint.is_file() and ws.stage(name).status != "done"
         try:
             fn(resume)
         except WorkspaceError:
