@@ -319,6 +319,10 @@ def read_bundle_bytes(data: bytes, label: str = "<bytes>") -> Bundle:
 
 def _read_folder(p: Path) -> Bundle:
     j = p / BUNDLE_JSON
+    if not j.is_file() and (p / "manifest.json").is_file():
+        raise InputError(f"{p} is a workspace, not an avatar bundle.",
+                         hint=f"`gstalk export {p}` makes a bundle of it; `gstalk check {p}` verifies a workspace",
+                         path=p)
     if not j.is_file():
         raise InputError(f"{p} is a folder but neither an unpacked avatar bundle (no {BUNDLE_JSON}) nor a workspace.",
                          hint="give a .gstalk file, a folder made by `gstalk import`, or a workspace", path=p)
