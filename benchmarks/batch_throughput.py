@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     engines = a.engines.split(",")
+    a.avatar = str(Path(a.avatar).resolve())  # the jobs file lies in a temporary folder
     cores = len(os.sched_getaffinity(0))
     load0 = os.getloadavg()
     out: dict[str, object] = {"jobs": a.jobs, "seconds_of_speech_each": a.seconds, "cores": cores,
