@@ -243,29 +243,36 @@ class RayEngine:
         pending = deque(jobs)
         inflight: dict[Any, Job] = {}
         window = 2 * self._capacity  # queued beyond the running ones: the cluster never waits on the driver
-        while pending or inflight:
-            while pending and len(inflight) < window:
-                job = pending.popleft()
-                avatar = job.spec.get("avatar") if job.kind == "render" else None
-                if avatar is not None and avatar in errors:
-                    e = errors[avatar]
-                    finished(job, failure(job, str(e), e.exit_code))
-                    continue
-                key, ref = refs[avatar] if avatar is not None else (None, None)
-                inflight[task.remote(job.payload(), self.threads, key, [ref] if ref is not None else None)] = job
-                started(job)
-            if not inflight:
-                break
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            for r in done:
-                job = inflight.pop(r)
+        try:
+            while pending or inflight:
+                while pending and len(inflight) < window:
+                    job = pending.popleft()
+                    avatar = job.spec.get("avatar") if job.kind == "render" else None
+                    if avatar is not None and avatar in errors:
+                        e = errors[avatar]
+                        finished(job, failure(job, str(e), e.exit_code))
+                        continue
+                    key, ref = refs[avatar] if avatar is not None else (None, None)
+                    inflight[task.remote(job.payload(), self.threads, key, [ref] if ref is not None else None)] = job
+                    started(job)
+                if not inflight:
+                    break
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                for r in done:
+                    job = inflight.pop(r)
+                    try:
+                        rec = ray.get(r)
+                    except Exception as exc:  # noqa: BLE001 - a worker or node died, the task was cancelled, ...
+                        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                        rec = failure(job, f"Ray task failed ({type(exc).__name__}): {msg}")
+                    finished(job, rec)
+                tick()
+        finally:
+            for r in inflight:  # interrupted (Ctrl-C): stop what this batch queued on the cluster
                 try:
-                    rec = ray.get(r)
-                except Exception as exc:  # noqa: BLE001 - a worker or node died, the task was cancelled, ...
-                    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    rec = failure(job, f"Ray task failed ({type(exc).__name__}): {msg}")
-                finished(job, rec)
-            tick()
+                    ray.cancel(r, force=True)
+                except Exception:  # noqa: BLE001, S110 - best effort while another error propagates
+                    pass
 
 
 def make_engine(name: str, *, workers: int | None = None, threads: int | None = None, address: str | None = None,
