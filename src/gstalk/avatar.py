@@ -204,11 +204,14 @@ def eval_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_bundle_path(path: str | Path) -> bool:
-    """True when ``path`` is an avatar bundle file or an unpacked bundle folder (it holds
-    ``bundle.json``), False for anything else (e.g. a workspace)."""
-    from gstalk.bundle import BUNDLE_JSON
+    """True when ``path`` is an avatar bundle file (any file, or a missing ``*.gstalk``, so
+    that its error names a bundle) or an unpacked bundle folder (it holds ``bundle.json``),
+    False for anything else (e.g. a workspace)."""
+    from gstalk.bundle import BUNDLE_JSON, SUFFIX
 
     p = Path(path)
+    if p.suffix == SUFFIX and not p.is_dir():
+        return True
     return p.is_file() or (p.is_dir() and (p / BUNDLE_JSON).is_file() and not (p / "manifest.json").exists())
 
 
