@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -131,21 +132,23 @@ def run_batch(kind: str, jobs_file: str | Path, *, engine: str = "local", worker
             "ran": ran}
 
 
-_SCRATCH = re.compile(r"^\.tmp-render-(\d+)-")
+_SCRATCH = re.compile(r"^\.tmp-render-(.+)-(\d+)-[a-z0-9_]+$")
 
 
 def _clean_dead_scratch(job: Job) -> None:
-    """Remove ``.tmp-render-PID-*`` folders beside the job's output whose process is gone
-    (a render killed half way; ``gstalk render`` names its scratch folder so)."""
+    """Remove ``.tmp-render-HOST-PID-*`` folders beside the job's output whose process, on this
+    host, is gone (a render killed half way; ``gstalk render`` names its scratch folder so).
+    Other hosts' folders are left alone: on shared storage their renders may be running."""
     out = job.output
     if job.kind != "render" or out is None:
         return
     folder = Path(out).parent
     if not folder.is_dir():
         return
+    host = socket.gethostname()
     for p in folder.iterdir():
         m = _SCRATCH.match(p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
+        if m and m.group(1) == host and p.is_dir() and not _alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -208,8 +209,9 @@ def _scratch(folder: Path | None) -> Iterator[Path]:
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        # named with the pid, so `gstalk batch` can remove what a killed render left
-        with tempfile.TemporaryDirectory(dir=folder, prefix=f".tmp-render-{os.getpid()}-") as tmp:
+        # named with the host and pid, so `gstalk batch` can remove what a killed render left
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".tmp-render-{socket.gethostname()}-{os.getpid()}-") \
+                as tmp:
             yield Path(tmp)
     finally:
         if made:
