@@ -315,17 +315,16 @@ def test_long_speech_is_read_and_featurised_in_bounded_memory(trained_ws, tmp_pa
     samples, ~390 MB peak (docs/reliability.md)."""
     import tracemalloc
 
-    from gstalk.dataset import load_audio_features, read_speech, speech_windows
+    from gstalk.dataset import load_audio_settings, read_speech, speech_windows
     from gstalk.testing.corpus import silent_wav
     from gstalk.workspace import Workspace
 
-    ws = Workspace.open(trained_ws)
-    af = load_audio_features(ws)
+    settings = load_audio_settings(Workspace.open(trained_ws))
     path = silent_wav(tmp_path / "long.wav", 600.0)
     tracemalloc.start()
     try:
-        samples, sr = read_speech(ws, path)
-        windows = speech_windows(ws, af, samples, sr)
+        samples, sr = read_speech(settings, path)
+        windows = speech_windows(settings, samples, sr)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

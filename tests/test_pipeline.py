@@ -124,7 +124,7 @@ def test_still_pose_holds_the_most_frontal_training_pose(trained_ws, tmp_path, m
     ws = Workspace.open(trained_ws)
     tracks = load_tracks(ws)
     train, _ = split_indices(ws)
-    f = frontal_frame(tracks, train)
+    f = frontal_frame(tracks.viewmats, train)
     angles = np.abs(view_angles(tracks.viewmats[list(train)].double().numpy())).max(1)
     assert angles[list(train).index(f)] == pytest.approx(angles.min())
 
@@ -220,15 +220,16 @@ def test_render_background_colour_and_alpha_frames(trained_ws, tmp_path):
     # RGBA = the black-backdrop render, un-premultiplied; the torso (here the torso field's) is opaque
     import torch
 
-    from gstalk.dataset import load_audio_features, load_fine_model, load_tracks
+    from gstalk.avatar import Avatar
+    from gstalk.dataset import load_audio_features
     from gstalk.render.driver import HeadRenderer
 
     ws = Workspace.open(trained_ws)
-    params, model, _ = load_fine_model(ws)
-    tracks = load_tracks(ws)
-    rgba_r = HeadRenderer(ws, params, model, tracks, alpha=True)
+    avatar = Avatar.from_workspace(ws)
+    model = avatar.model
+    rgba_r = HeadRenderer(avatar, alpha=True)
     black = np.zeros((rgba_r.height, rgba_r.width, 3), np.uint8)
-    rgb_r = HeadRenderer(ws, params, model, tracks, backdrop=black)
+    rgb_r = HeadRenderer(avatar, backdrop=black)
     af = load_audio_features(ws)
     cond = rgb_r.conditions(np.zeros((model.smooth, af.window, af.steps.shape[1]), np.float32))[None]
     rgba = rgba_r.render(cond, 3)
@@ -298,16 +299,17 @@ def test_render_size_reprojects_and_auto_blinks(ws_copy, tmp_path):
 def test_head_renderer_size_scales_the_projection(trained_ws):
     import torch
 
-    from gstalk.dataset import load_audio_features, load_fine_model, load_tracks
+    from gstalk.avatar import Avatar
+    from gstalk.dataset import load_audio_features
     from gstalk.render.driver import HeadRenderer
     from gstalk.workspace import Workspace
 
     ws = Workspace.open(trained_ws)
-    params, model, _ = load_fine_model(ws)
-    tracks = load_tracks(ws)
+    avatar = Avatar.from_workspace(ws)
+    model = avatar.model
     af = load_audio_features(ws)
-    r1 = HeadRenderer(ws, params, model, tracks)
-    r2 = HeadRenderer(ws, params, model, tracks, size=2 * r1.width)
+    r1 = HeadRenderer(avatar)
+    r2 = HeadRenderer(avatar, size=2 * r1.width)
     cond = r1.conditions(np.zeros((model.smooth, af.window, af.steps.shape[1]), np.float32))[None]
     a, b = r1.render(cond, 3), r2.render(cond, 3)
     assert b.shape == (2 * a.shape[0], 2 * a.shape[1], 3)

@@ -287,9 +287,24 @@ def fine(
 
 
 # ---------------------------------------------------------------------------- render
+AvatarArg = Annotated[Optional[Path], typer.Argument(
+    help="Workspace folder, avatar bundle (.gstalk, from `gstalk export`) or unpacked bundle folder (default: the "
+         "current folder, or the one workspace inside it).", show_default=False)]
+
+
+def _avatar_path(path: Path | None) -> Path:
+    """An avatar argument: a bundle file or unpacked bundle folder as given, else a workspace
+    (:func:`_workspace`)."""
+    from gstalk.avatar import is_bundle_path
+
+    if path is not None and is_bundle_path(path):
+        return path
+    return _workspace(path)
+
+
 @app.command()
 def render(
-    workspace: WorkspaceArg = None,
+    workspace: AvatarArg = None,
     audio: Annotated[Optional[Path], typer.Option("--audio", "-a", help="Speech to say (wav/mp3/m4a/flac/... any "
                                                   "rate, mono or stereo; - reads it from standard input). Omitted: "
                                                   "re-render the test split with its own audio.")] = None,
@@ -316,11 +331,13 @@ def render(
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Render a lip-synced H.264 video of the trained person saying AUDIO, muxed with it: exactly round(duration x 25)
-    frames. Prints the video path (or, with --json, frames, duration and speed)."""
+    frames. WORKSPACE may also be an avatar bundle (NAME.gstalk); then --audio is needed and the video goes to
+    AUDIO_STEM.mp4 in the current folder unless -o says otherwise. Prints the video path (or, with --json, frames,
+    duration and speed)."""
     with _guard(debug):
         from gstalk.stages.render import run_render
 
-        root = _workspace(workspace)
+        root = _avatar_path(workspace)
         s = run_render(root, audio, output, pose=pose, background=background, alpha=alpha, size=size, blink=blink,
                        backend=raster, articulation_gain=articulation_gain, reporter=_reporter(quiet))
         if str(output) == "-":  # stdout carries the video: the summary goes to stderr
@@ -561,6 +578,185 @@ def run(
             print(r["output"])
 
 
+# ---------------------------------------------------------------------------- bundles
+@app.command("export")
+def export_(
+    workspace: WorkspaceArg = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle to write (default: "
+                                                   "WORKSPACE_NAME.gstalk in the current folder).")] = None,
+    as_json: JsonOut = False, debug: Debug = False,
+) -> None:
+    """Pack a trained workspace's avatar into one portable file, NAME.gstalk: the fine model with its canonical and
+    torso Gaussians, the poses and blinks for idle motion, the background plate, the audio-feature settings and the
+    provenance (source video SHA-256, gstalk version, eval summary), as safetensors and JSON in a plain zip with a
+    checksum per member. `gstalk render`, `batch render` and `serve` take it wherever they take a workspace. A
+    workspace trained with --set torso=false cannot be exported (its renders paste the training frames' torsos).
+    Prints the bundle's path."""
+    with _guard(debug):
+        from gstalk.bundle import export_bundle
+
+        s = export_bundle(_workspace(workspace), output)
+        if as_json:
+            _print_json(s)
+        else:
+            print(s["bundle"])
+
+
+@app.command("inspect")
+def inspect_(
+    bundle: Annotated[Path, typer.Argument(help="Avatar bundle (.gstalk) or unpacked bundle folder.")],
+    as_json: JsonOut = False, debug: Debug = False,
+) -> None:
+    """Verify an avatar bundle (every member's SHA-256 checksum, that its tensors decode and its model builds) and
+    show what is inside: model, Gaussians, size, fps, frames, audio features, provenance and eval summary. Exit code
+    3 with the reason for a damaged, truncated, foreign or newer bundle; nothing in it is ever unpickled."""
+    with _guard(debug):
+        from gstalk.bundle import inspect_bundle
+
+        s = inspect_bundle(bundle)
+        if as_json:
+            _print_json(s)
+        else:
+            _bundle_table(s)
+
+
+@app.command("import")
+def import_(
+    bundle: Annotated[Path, typer.Argument(help="Avatar bundle (.gstalk).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to unpack into (default: the "
+                                                   "bundle's name without .gstalk, in the current folder).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a folder that holds another bundle.")] = False,
+    as_json: JsonOut = False, debug: Debug = False,
+) -> None:
+    """Verify an avatar bundle completely and unpack it into a folder (bundle.json, model.safetensors,
+    avatar.safetensors), atomically; render, batch and serve take the folder like the bundle. Shows what is inside
+    and prints the folder."""
+    with _guard(debug):
+        from gstalk.bundle import import_bundle
+
+        s = import_bundle(bundle, output, force=force)
+        if as_json:
+            _print_json(s)
+        else:
+            _bundle_table(s, stderr=True)
+            print(s["unpacked_to"])
+
+
+def _bundle_table(s: dict[str, Any], stderr: bool = False) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    a, p = s.get("avatar") or {}, s.get("provenance") or {}
+    t = Table(title=f"avatar bundle {escape(str(s['bundle']))}", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    ev = p.get("eval") or {}
+    rows = [
+        ("name", s.get("name")), ("sha256", s.get("sha256")),
+        ("format", f"{s.get('format')} v{s.get('bundle_version')}, made by gstalk {s.get('gstalk_version')} "
+                   f"on {s.get('created')}"),
+        ("model", f"{a.get('model')}: {a.get('n_gaussians')} head + {a.get('n_torso_gaussians')} torso Gaussians"),
+        ("video", f"{a.get('size')} px, {a.get('fps')} fps, {a.get('n_frames')} pose frames"),
+        ("audio features", ", ".join(f"{k} {v}" for k, v in (a.get("audio_features") or {}).items())),
+        ("trained from", f"{p.get('source_name')} (sha256 {str(p.get('source_sha256'))[:16]}...), preset "
+                         f"{p.get('preset')}, seed {p.get('seed')}, gstalk {p.get('trained_with')}"),
+        ("eval", ", ".join(f"{k} {ev[k]:.2f}" for k in ("psnr", "mouth_psnr", "lmd") if isinstance(ev.get(k), float))
+         or "none in the workspace"),
+        ("files", ", ".join(f"{k} ({v.get('bytes')} B)" for k, v in (s.get("files") or {}).items())),
+        ("verified", "all checksums match; the model builds"),
+    ]
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=200)
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------- batch
+batch_app = typer.Typer(help="Many jobs from one jobs file (CSV or JSONL), on this machine or a Ray cluster: "
+                             "`batch render` (one row per video to render), `batch train` (one row per training "
+                             "video). See docs/batch.md.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+Engine = Annotated[str, typer.Option("--engine", help="local (worker processes on this machine) or ray (a Ray "
+                                                      "cluster: pip install 'gstalk[ray]').")]
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray: the cluster to join (e.g. auto, or "
+                                                "ray://HEAD:10001); default: start a local one.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Local: worker processes (default: one per "
+                                                "core).", show_default=False)]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="Threads per job (local: default cores / "
+                                                "workers; ray: the CPUs each task declares, default 1).",
+                                                show_default=False)]
+Gpus = Annotated[float, typer.Option("--gpus-per-job", help="Ray: GPUs each task declares (fractions share "
+                                     "one).")]
+Force = Annotated[bool, typer.Option("--force", help="Run every job, also those whose output is complete from an "
+                                     "earlier run.")]
+ResultsOpt = Annotated[Optional[Path], typer.Option("--results", help="Results file (default: JOBS.results.jsonl "
+                                                    "beside the jobs file).", show_default=False)]
+
+
+def _batch(kind: str, jobs: Path, engine: str, address: str | None, workers: int | None, threads: int | None,
+           gpus: float, force: bool, results: Path | None, quiet: bool, as_json: bool) -> None:
+    from gstalk.batch.runner import run_batch
+    from gstalk.errors import JobsFailedError
+
+    s = run_batch(kind, jobs, engine=engine, workers=workers, threads=threads, address=address, gpus=gpus,
+                  force=force, results=results, reporter=_reporter(quiet))
+    if as_json:
+        _print_json(s)
+    else:
+        if not quiet:
+            rate = f", {s['jobs_per_minute']:.1f} jobs/min" if s["jobs_per_minute"] else ""
+            _reporter(False).log(f"{s['jobs']} job(s): {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped "
+                                 f"(already done) in {s['seconds']:.1f} s{rate}")
+        print(s["results"])
+    if s["failed"]:
+        raise JobsFailedError(f"{s['failed']} of {s['jobs']} job(s) failed (rows "
+                              f"{', '.join(str(f['row']) for f in s['failures'][:10])}"
+                              f"{', ...' if s['failed'] > 10 else ''}); the others finished.",
+                              hint=f"see each row's error in {s['results']}, fix those rows and run the same "
+                                   "command again: finished jobs are skipped")
+
+
+@batch_app.command("render")
+def batch_render(
+    jobs: Annotated[Path, typer.Argument(help="CSV (with a header) or JSONL jobs file; one row per video: avatar "
+                                              "(workspace or .gstalk bundle), audio, and optionally output and any "
+                                              "render option as a column: pose, background, alpha, size, blink, "
+                                              "raster. Relative paths are from the jobs file's folder.")],
+    engine: Engine = "local", address: Address = None, workers: Workers = None, threads: Threads = None,
+    gpus_per_job: Gpus = 0.0, force: Force = False, results: ResultsOpt = None,
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Render every row of JOBS, as `gstalk render AVATAR --audio AUDIO -o OUTPUT [options]` would, on this machine
+    (--engine local) or a Ray cluster (--engine ray): each avatar is loaded once per worker (on Ray: put in the
+    object store once). Appends one line per job to the results file (JSONL: row, status, output, seconds, error)
+    as it ends; a re-run skips jobs whose output is complete and unchanged. A bad row fails alone. Exit code 11
+    when any job failed (the others still finish). Prints the results file."""
+    with _guard(debug):
+        _batch("render", jobs, engine, address, workers, threads, gpus_per_job, force, results, quiet, as_json)
+
+
+@batch_app.command("train")
+def batch_train(
+    videos: Annotated[Path, typer.Argument(help="CSV (with a header) or JSONL jobs file; one row per training video: "
+                                                "video, and optionally workspace (default VIDEO_STEM_ws), preset "
+                                                "(cpu-quick), model (gstalker), seed (0), raster, eval (true) and "
+                                                "bundle (a .gstalk path to export to).")],
+    engine: Engine = "local", address: Address = None, workers: Workers = None, threads: Threads = None,
+    gpus_per_job: Gpus = 0.0, force: Force = False, results: ResultsOpt = None,
+    quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
+) -> None:
+    """Train one avatar per row of VIDEOS (extract, track, coarse, fine, then eval and, with a bundle column, export),
+    as `gstalk run` would, on this machine or a Ray cluster. A workspace left half-trained by a killed batch
+    continues where it stopped (finished stages kept, checkpoints resumed). Results, skipping and exit codes as
+    `batch render`."""
+    with _guard(debug):
+        _batch("train", videos, engine, address, workers, threads, gpus_per_job, force, results, quiet, as_json)
+
+
 # ---------------------------------------------------------------------------- check
 @app.command()
 def check(workspace: WorkspaceArg = None, as_json: JsonOut = False, debug: Debug = False) -> None:
@@ -643,6 +839,8 @@ def bench_render_cmd(
     workspace: WorkspaceArg = None,
     frames: Annotated[int, typer.Option(help="Frames to time (after the warm-up).")] = 100,
     warmup: Annotated[int, typer.Option(help="Frames rendered first and not timed.")] = 10,
+    size: Annotated[Optional[int], typer.Option(help="Output width/height in pixels, as render --size (default: "
+                                                     "the trained size).", show_default=False)] = None,
     raster: Raster = "auto",
     as_json: JsonOut = False, debug: Debug = False,
 ) -> None:
@@ -652,7 +850,7 @@ def bench_render_cmd(
     with _guard(debug):
         from gstalk.render.bench import bench_render
 
-        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster)
+        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster, size=size)
         if as_json:
             _print_json(r)
             return

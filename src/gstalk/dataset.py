@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from gstalk.errors import WorkspaceError
 from gstalk.tensorio import load_tensors
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import Workspace
+
+if TYPE_CHECKING:
+    from gstalk.avatar import AudioSettings
 
 
 def frame_path(ws: Workspace, i: int) -> Path:
@@ -146,39 +149,52 @@ def load_audio(ws: Workspace) -> tuple[np.ndarray, int]:
     return (samples.mean(1) if samples.ndim > 1 else samples), int(sr)
 
 
-def read_speech(ws: Workspace, path: str | Path) -> tuple[np.ndarray, int]:
+def load_audio_settings(ws: Workspace) -> AudioSettings:
+    """The workspace's audio-feature settings (:class:`~gstalk.avatar.AudioSettings`): the
+    extract stage's audio config, and the metadata and small tensors of
+    ``extract/audio_features.safetensors`` (all but the clip's own ``steps``/``windows``)."""
+    from gstalk.avatar import PER_FRAME_AUDIO_TENSORS, AudioSettings
+
+    t, meta = load_tensors(ws.path("extract", "audio_features.safetensors"))
+    ex = ws.stage("extract")
+    return AudioSettings(config=dict(ex.config.get("audio", {})), metadata=meta,
+                         tensors={k: v.numpy() for k, v in t.items() if k not in PER_FRAME_AUDIO_TENSORS},
+                         fps=float(ex.summary["fps"]))
+
+
+def read_speech(audio: AudioSettings, path: str | Path) -> tuple[np.ndarray, int]:
     """Any audio file ffmpeg reads (wav, mp3, m4a, flac, ...; any rate; stereo is mixed to
-    mono), resampled to the rate of the workspace's audio features: ([S] float32, Hz).
+    mono), resampled to the rate of the avatar's audio features ``audio``: ([S] float32, Hz).
     Memory is the output's (an hour at 16 kHz: 230 MB), whatever the input's format.
 
     Raises:
         InputError: missing or unreadable, no audio stream, or no samples (0 s).
     """
-    from gstalk.config import AudioFeatureConfig, from_dict
     from gstalk.errors import InputError
     from gstalk.media import read_audio
 
-    acfg = from_dict(AudioFeatureConfig, ws.stage("extract").config.get("audio", {}))
-    samples = read_audio(path, acfg.sample_rate)  # streamed: memory ~4 bytes per output sample
+    rate = audio.sample_rate
+    samples = read_audio(path, rate)  # streamed: memory ~4 bytes per output sample
     if samples.size == 0:
         raise InputError(f"{path} contains no audio samples (0 s).",
                          hint="give a file with speech in it (check that it plays)", path=path)
-    return samples, acfg.sample_rate
+    return samples, rate
 
 
-def speech_windows(ws: Workspace, af: AudioFeatures, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+def speech_windows(audio: AudioSettings, samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Feature windows of new speech for the model, one per output video frame (A/V offset 0):
     [N, W, C] float32 with N = round(duration · fps), normalised with the training clip's
-    statistics ``af``. ``samples`` [S] at ``sample_rate`` Hz (from :func:`read_speech`)."""
+    statistics (``audio.tensors["mean"]``/``["std"]``). ``samples`` [S] at ``sample_rate`` Hz
+    (from :func:`read_speech`); ``audio``: the avatar's settings (:func:`load_audio_settings`,
+    or a bundle's)."""
     from gstalk.audio import frame_windows, get_extractor, n_video_frames, normalise
     from gstalk.config import AudioFeatureConfig, from_dict
 
-    ex = ws.stage("extract")
-    fps = float(ex.summary["fps"])
-    extractor = get_extractor(af.extractor, from_dict(AudioFeatureConfig, ex.config.get("audio", {})))
-    steps = normalise(extractor(samples, sample_rate), af.mean, af.std)
+    fps = audio.fps
+    extractor = get_extractor(audio.extractor, from_dict(AudioFeatureConfig, audio.config))
+    steps = normalise(extractor(samples, sample_rate), audio.tensors["mean"], audio.tensors["std"])
     n = n_video_frames(samples.size, sample_rate, fps)
-    return frame_windows(steps, n, fps, extractor.steps_per_second, af.window, 0)
+    return frame_windows(steps, n, fps, extractor.steps_per_second, audio.window, 0)
 
 
 def split_indices(ws: Workspace) -> tuple[range, range]:
@@ -197,8 +213,33 @@ def composite_background(frame: np.ndarray, masks: np.ndarray, plate: np.ndarray
     Returns:
         [H, W, 3] uint8.
     """
-    torso = masks[..., 2:3].astype(np.float32) / 255.0
+    return composite_torso(frame, masks[..., 2], plate)
+
+
+def composite_torso(frame: np.ndarray, torso_mask: np.ndarray, plate: np.ndarray) -> np.ndarray:
+    """A frame's torso over a plate: frame [H, W, 3] uint8, torso_mask [H, W] uint8 (0..255,
+    the torso's coverage), plate [H, W, 3] uint8 -> [H, W, 3] uint8."""
+    torso = torso_mask[..., None].astype(np.float32) / 255.0
     return (frame * torso + plate * (1.0 - torso)).round().astype(np.uint8)
+
+
+class PoseFrameTorso:
+    """The background source of a workspace trained without the torso field: frame ``i``'s
+    own torso, read from disk. Calling it gives (rgb [H, W, 3] uint8, torso mask [H, W] uint8).
+
+    Args:
+        root: the workspace folder (kept as a path, so the object pickles small).
+
+    Raises:
+        WorkspaceError: (on call) the frame or its mask is missing or unreadable.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        ws = Workspace(self.root)
+        return load_frame(ws, i), load_masks(ws, [i])[0][..., 2]
 
 
 def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: int | None = None) -> FrameSet:
@@ -243,11 +284,23 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
 
 def load_fine_model(ws: Workspace) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
     """(canonical Gaussians, deformation model in eval mode, metadata) from ``fine/model.safetensors``."""
+    t, meta = load_tensors(ws.path("fine", "model.safetensors"))
+    params, model = fine_model_from_tensors(t, meta)
+    return params, model, meta
+
+
+def fine_model_from_tensors(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    """(canonical Gaussians, deformation model in eval mode) from the tensors and metadata of
+    a ``fine/model.safetensors`` file (``params.*``, ``module.*``, ``meta["spec"]``).
+
+    Raises:
+        KeyError, RuntimeError, UsageError: the spec or the weights do not fit together
+            (callers name the file).
+    """
     from gstalk.deform.registry import build_model
 
-    t, meta = load_tensors(ws.path("fine", "model.safetensors"))
     params = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("params.")}
     model = build_model(meta["spec"])
     model.load_state_dict({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("module.")})
     model.eval()
-    return params, model, meta
+    return params, model

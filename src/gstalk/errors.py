@@ -85,6 +85,13 @@ class QualityError(GstalkError):
     exit_code = 10
 
 
+class JobsFailedError(GstalkError):
+    """``gstalk batch``: one or more jobs failed; the others finished (exit 11). The results
+    file names each failed row and its error."""
+
+    exit_code = 11
+
+
 DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (quota exceeded)
 NOT_WRITABLE_ERRNOS = frozenset({1, 13, 30})  # EPERM, EACCES, EROFS
 
@@ -121,5 +128,6 @@ EXIT_CODES: dict[int, str] = {
     8: "workspace locked by another gstalk process",
     9: "resource error (disk full, not writable)",
     10: "quality gate failed (a metric below `gstalk eval --fail-under`)",
+    11: "batch: some jobs failed, the others finished (see the results file)",
     130: "interrupted (Ctrl-C)",
 }

@@ -374,7 +374,7 @@ def clip_from_workspace(path: str | Path, features: str, *, speaker: str | None 
         raise WorkspaceError(f"Stage 'track' is not done in {ws.root}; the prior needs its mouth landmarks.",
                              hint=f"run `gstalk track {ws.root}` first")
     tracks = load_tracks(ws)
-    if not tracks.blendshape_names:
+    if not tracks.has_articulation:
         raise WorkspaceError(f"{ws.root}: the tracks have no blendshape names.",
                              hint=f"re-run `gstalk track {ws.root}`")
     ex = ws.stage("extract")

@@ -26,18 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from gstalk.audio import frame_windows, get_extractor, normalise
-from gstalk.config import AudioFeatureConfig, from_dict
-from gstalk.dataset import load_audio, load_audio_features, load_fine_model, load_tracks, split_indices
+from gstalk.avatar import Avatar
+from gstalk.dataset import load_audio, speech_windows
 from gstalk.deform.audio import neighbour_indices
 from gstalk.media import VideoWriter
 from gstalk.render.driver import HeadRenderer, loop_poses
 from gstalk.workspace import Workspace
 
 
-def bench_render(workspace: str | Path, *, frames: int = 100, warmup: int = 10, backend: str = "auto"
-                 ) -> dict[str, Any]:
-    """Time ``frames`` frames of a trained workspace driven by its own audio.
+def bench_render(workspace: str | Path, *, frames: int = 100, warmup: int = 10, backend: str = "auto",
+                 size: int | None = None) -> dict[str, Any]:
+    """Time ``frames`` frames of a trained workspace driven by its own audio (``size``: output
+    pixels when not the trained size, as ``render --size``: the Gaussians re-projected).
 
     Returns:
         {"frames", "size", "backend", "ms_per_frame": {step: ms}, "render_fps_median",
@@ -50,22 +50,17 @@ def bench_render(workspace: str | Path, *, frames: int = 100, warmup: int = 10, 
     ws.require("render")
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
-    params, model, _ = load_fine_model(ws)
-    tracks = load_tracks(ws)
-    af = load_audio_features(ws)
-    train, _ = split_indices(ws)
-    acfg = from_dict(AudioFeatureConfig, ex.config.get("audio", {}))
+    avatar = Avatar.from_workspace(ws)
+    params, model, train = avatar.params, avatar.model, avatar.train
     samples, sr = load_audio(ws)
     n = min(frames + warmup, int(ex.summary["n_frames"]))
     samples = samples[: int(round(n / fps * sr))]
 
     ms: dict[str, float] = {}
     t = time.perf_counter()
-    extractor = get_extractor(af.extractor, acfg)
-    steps = normalise(extractor(samples, sr), af.mean, af.std)
-    windows = frame_windows(steps, n, fps, extractor.steps_per_second, af.window, 0)
+    windows = speech_windows(avatar.audio, samples, sr)
     ms["features"] = (time.perf_counter() - t) * 1000 / n
-    renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+    renderer = HeadRenderer(avatar, backend=backend, size=size)
     t = time.perf_counter()
     cond = renderer.conditions(windows)
     ms["conditions"] = (time.perf_counter() - t) * 1000 / n

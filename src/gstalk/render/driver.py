@@ -1,12 +1,15 @@
-"""Per-frame rendering of a trained workspace: audio windows + pose -> RGB frame.
+"""Per-frame rendering of a trained avatar: audio windows + pose -> RGB frame.
 
 The spatial encoding of the canonical Gaussians does not depend on the audio, so
 :class:`HeadRenderer` computes it once; each frame then costs the audio encoder, the
 deformation MLP, one rasterization and the composite over the pose frame's background:
 the torso over the background plate, where the torso is the torso field
 (:mod:`gstalk.deform.torso`) rendered for the frame's head pose or, in a workspace trained
-without one, the pose frame's own torso. Backgrounds are made on a worker thread a few
-frames ahead (:func:`prefetch`), so a long render streams in constant memory.
+without one, the pose frame's own torso (from the avatar's background source, which reads
+it from the workspace: :class:`gstalk.dataset.PoseFrameTorso`). The renderer takes an
+:class:`~gstalk.avatar.Avatar` (tensors and arrays) and reads no file itself. Backgrounds
+are made on a worker thread a few frames ahead (:func:`prefetch`), so a long render streams
+in constant memory.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from gstalk.dataset import Tracks, composite_background, load_background, load_frame, load_masks
+from gstalk.avatar import Avatar
+from gstalk.dataset import composite_torso
 from gstalk.deform.audio import neighbour_indices
-from gstalk.deform.base import DeformationModel, apply_deltas
+from gstalk.deform.base import apply_deltas
 from gstalk.gaussians.splat import composite, splat
-from gstalk.workspace import Workspace
 
 
 def _clock(timings: dict | None) -> float:
@@ -110,25 +113,29 @@ def auto_blinks(n: int, fps: float, seed: int = 0, every_s: tuple[float, float] 
     return [float(x) for x in out]
 
 
-def frontal_frame(tracks: Tracks, frames: range | list[int]) -> int:
-    """``--pose still``: the workspace frame among ``frames`` whose head faces the camera
-    most directly (smallest max(|yaw|, |pitch|) of
-    :func:`~gstalk.tracking.pose.view_angles`)."""
+def frontal_frame(viewmats: torch.Tensor, frames: range | list[int]) -> int:
+    """``--pose still``: the frame among ``frames`` whose head faces the camera most directly
+    (smallest max(|yaw|, |pitch|) of :func:`~gstalk.tracking.pose.view_angles`).
+
+    Args:
+        viewmats: [N, 4, 4] float32 W2C head poses of the clip (``Avatar.viewmats``,
+            ``Tracks.viewmats``).
+        frames: the candidate frame numbers.
+    """
     from gstalk.tracking.pose import view_angles
 
     f = list(frames)
-    angles = view_angles(tracks.viewmats[f].double().numpy())
+    angles = view_angles(viewmats[f].double().numpy())
     return f[int(np.abs(angles).max(1).argmin())]
 
 
 class HeadRenderer:
-    """Render frames of a trained model.
+    """Render frames of a trained avatar.
 
     Args:
-        ws: the workspace (for frames, masks and the background plate).
-        params: canonical Gaussians (raw).
-        model: the deformation model (eval mode).
-        tracks: the track stage's per-frame data.
+        avatar: the trained avatar (:class:`~gstalk.avatar.Avatar`: canonical Gaussians,
+            deformation model in eval mode, per-frame poses, blinks, K, background plate and,
+            without a torso field, the background source of the pose frames' torsos).
         backend: rasterizer backend.
         cache: how many composited backgrounds :meth:`background` keeps in memory (uint8,
             H·W·3 bytes each); :meth:`frames` streams them instead (a bounded prefetch queue),
@@ -143,25 +150,34 @@ class HeadRenderer:
             Gaussians are re-projected with K scaled by size / trained size (sharp at any
             size, but detail beyond the training resolution is not there), the background and
             torso are resized (bilinear up, area down).
+
+    Raises:
+        ValueError: a backdrop of the wrong size, or an avatar with neither a torso field
+            nor a background source.
     """
 
-    def __init__(self, ws: Workspace, params: dict[str, torch.Tensor], model: DeformationModel, tracks: Tracks, *,
-                 backend: str = "auto", cache: int = 64, backdrop: np.ndarray | None = None, alpha: bool = False,
-                 size: int | None = None, articulation_gain: float = 1.0):
-        self.ws, self.params, self.model, self.tracks = ws, params, model, tracks
+    def __init__(self, avatar: Avatar, *, backend: str = "auto", cache: int = 64,
+                 backdrop: np.ndarray | None = None, alpha: bool = False, size: int | None = None,
+                 articulation_gain: float = 1.0):
+        self.avatar = avatar
+        self.params, self.model = avatar.params, avatar.model
+        self.viewmats, self.blink = avatar.viewmats, avatar.blink
         self.articulation_gain = articulation_gain
         self.backend = backend
         self.alpha = alpha
-        plate = load_background(ws)
+        plate = avatar.plate
         native_h, native_w = plate.shape[:2]
         self.scale = 1.0 if size is None else size / native_w
         self.width, self.height = round(native_w * self.scale), round(native_h * self.scale)
-        self.K = tracks.K.clone()
+        self.K = avatar.K.clone()
         self.K[:2] *= self.scale  # principal point at the image centre stays there
         if backdrop is not None and backdrop.shape[:2] != (native_h, native_w):
             raise ValueError(f"backdrop must be [{native_h}, {native_w}, 3], got {list(backdrop.shape)}")
         self.plate = plate if backdrop is None else backdrop
-        self.torso = model.torso  # GSTalker's torso field, or None: paste the pose frame's torso
+        self.torso = self.model.torso  # GSTalker's torso field, or None: paste the pose frame's torso
+        self.torso_frames = avatar.torso_frames
+        if self.torso is None and self.torso_frames is None:
+            raise ValueError(f"avatar '{avatar.name}' has no torso field and no background source for its torso")
         if self.torso is not None:
             import cv2
 
@@ -172,22 +188,23 @@ class HeadRenderer:
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_size = cache
         with torch.no_grad():
-            self.spatial = model.spatial(params["means"])
+            self.spatial = self.model.spatial(self.params["means"])
 
     def load_background(self, frame: int, viewmat: torch.Tensor | None = None) -> torch.Tensor:
         """[1, H, W, 3] uint8 (``alpha``: [1, H, W, 4], the premultiplied torso and its alpha):
         the torso over the background plate or the backdrop. With a torso field, the torso is
         rendered for the head pose ``viewmat`` [1, 4, 4] W2C (default: frame ``frame``'s);
-        without one it is frame ``frame``'s torso, read from disk."""
+        without one it is frame ``frame``'s torso, from the avatar's background source."""
         if self.torso is not None:
-            return self.render_torso(self.tracks.viewmats[frame:frame + 1] if viewmat is None else viewmat)
-        masks = load_masks(self.ws, [frame])[0]
+            return self.render_torso(self.viewmats[frame:frame + 1] if viewmat is None else viewmat)
+        assert self.torso_frames is not None
+        rgb_frame, torso_mask = self.torso_frames(frame)
         if self.alpha:  # the torso, premultiplied, with its alpha
-            torso = masks[..., 2:3].astype(np.float32) / 255.0
-            rgb = (load_frame(self.ws, frame) * torso).round().astype(np.uint8)
-            img = np.concatenate([rgb, masks[..., 2:3]], axis=-1)
+            torso = torso_mask[..., None].astype(np.float32) / 255.0
+            rgb = (rgb_frame * torso).round().astype(np.uint8)
+            img = np.concatenate([rgb, torso_mask[..., None]], axis=-1)
         else:
-            img = composite_background(load_frame(self.ws, frame), masks, self.plate)
+            img = composite_torso(rgb_frame, torso_mask, self.plate)
         if self.scale != 1.0:
             import cv2
 
@@ -226,7 +243,7 @@ class HeadRenderer:
                timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None,
                bg: torch.Tensor | None = None) -> torch.Tensor:
         """One frame: condition windows [1, K, W, C'] of the K frames around it (from
-        :meth:`conditions`), the workspace frame whose camera, blink and background to use.
+        :meth:`conditions`), the clip frame whose camera, blink and background to use.
         Returns [H, W, 3] float32 in [0, 1] ([H, W, 4] RGBA, straight alpha, with ``alpha``).
 
         ``timings``: when given, the seconds of each step (``background``, ``deform``,
@@ -237,10 +254,10 @@ class HeadRenderer:
         bg = self.background(pose_frame) if bg is None else bg.float() / 255.0
         t1 = _clock(timings)
         code = self.model.encode_audio(windows)[0]
-        e = torch.tensor([float(self.tracks.blink[pose_frame]) if blink is None else blink])
+        e = torch.tensor([float(self.blink[pose_frame]) if blink is None else blink])
         deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
         t2 = _clock(timings)
-        vm = self.tracks.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
+        vm = self.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
         colors, alphas, _ = splat(deformed, vm, self.K, self.width, self.height, backend=self.backend)
         t3 = _clock(timings)
         if self.alpha:
@@ -265,7 +282,7 @@ class HeadRenderer:
     def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None,
                viewmats: np.ndarray | None = None, prefetch_depth: int = 8) -> Iterator[np.ndarray]:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
-        [N] workspace frames (background, torso and, unless ``viewmats`` [N, 4, 4] is given,
+        [N] clip frames (background, torso and, unless ``viewmats`` [N, 4, 4] is given,
         the head's camera), ``blinks`` [N] in [0, 1] (default: the pose frames' own).
         Yields [H, W, 3] uint8 ([H, W, 4] with ``alpha``).
 

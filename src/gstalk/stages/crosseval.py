@@ -20,15 +20,13 @@ from typing import Any
 import numpy as np
 
 from gstalk import __version__
+from gstalk.avatar import Avatar
 from gstalk.dataset import (
     load_audio,
-    load_audio_features,
-    load_fine_model,
     load_frame,
     load_tracks,
     read_speech,
     speech_windows,
-    split_indices,
 )
 from gstalk.errors import InputError
 from gstalk.metrics.plots import mouth_plot
@@ -77,18 +75,17 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     nets = load_weight_files(None, syncnet)
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
-    train, _ = split_indices(ws)
-    params, model, meta = load_fine_model(ws)
+    avatar = Avatar.from_workspace(ws)
+    train, meta = avatar.train, avatar.meta
     tracks = load_tracks(ws)
-    af = load_audio_features(ws)
-    samples, rate = read_speech(ws, audio)
+    samples, rate = read_speech(avatar.audio, audio)
     samples = samples[:int(MAX_SECONDS * rate)]
-    windows = speech_windows(ws, af, samples, rate)
+    windows = speech_windows(avatar.audio, samples, rate)
     n = len(windows)
     if n < 25:
         raise InputError(f"{audio} is shorter than 1 s: too short to measure lip sync.", path=audio)
     poses = loop_poses(n, train)
-    renderer = HeadRenderer(ws, params, model, tracks, backend=backend, articulation_gain=gain)
+    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=gain)
     opening = np.full(n, np.nan)
     bss: list[np.ndarray] = []
     names: tuple[str, ...] = ()

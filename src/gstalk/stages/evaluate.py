@@ -28,11 +28,11 @@ import torch
 
 from gstalk import __version__
 from gstalk.audio import frame_windows
+from gstalk.avatar import Avatar
 from gstalk.dataset import (
     build_frameset,
     load_audio,
     load_audio_features,
-    load_fine_model,
     load_frame,
     load_tracks,
     split_indices,
@@ -105,12 +105,13 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     mouth_boxes, face_boxes = tracks.mouth_box[sel], tracks.face_box[sel]
 
     # the model, driven by the test audio (with the training A/V offset)
-    params, model, meta = load_fine_model(ws)
+    avatar = Avatar.from_workspace(ws)
+    model, meta = avatar.model, avatar.meta
     af = load_audio_features(ws)
     ex = ws.stage("extract").summary
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
-    renderer = HeadRenderer(ws, params, model, tracks, backend=backend)
+    renderer = HeadRenderer(avatar, backend=backend)
     t = time.perf_counter()
     fine_t = render_split(renderer, renderer.conditions(windows), test, reporter, "rendering test frames")
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)
@@ -118,7 +119,7 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     # audio -> code map) and by the neutral (all-zero, i.e. mean) code (what the field gives
     # without any speech)
     code_rows: dict[str, torch.Tensor] = {}
-    if model.articulator is not None and tracks.blendshape_names:
+    if model.articulator is not None and tracks.has_articulation:
         from gstalk.deform.articulation import standardise
 
         tracked = standardise(tracks.articulation(), list(train))  # the units the field trained on
