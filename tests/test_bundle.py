@@ -55,7 +55,7 @@ def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
     ws = Workspace.open(trained_ws)
     avatar = Avatar.from_workspace(ws)
     r = HeadRenderer(avatar)
-    windows = np.random.default_rng(0).standard_normal((5, avatar.audio.window, 13)).astype(np.float32)
+    windows = np.random.default_rng(0).standard_normal((5, avatar.audio.window, avatar.audio.dim)).astype(np.float32)
     cond = r.conditions(windows)
     ids = neighbour_indices(2, avatar.model.smooth, 5)
     got = r.render(cond[ids], 4)

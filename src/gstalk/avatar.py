@@ -63,6 +63,11 @@ class AudioSettings:
         return int(self.metadata["window"])
 
     @property
+    def dim(self) -> int:
+        """Features per step (C)."""
+        return int(self.metadata["dim"])
+
+    @property
     def sample_rate(self) -> int:
         """Hz the speech is resampled to before feature extraction."""
         from gstalk.config import AudioFeatureConfig, from_dict

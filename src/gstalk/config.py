@@ -125,6 +125,10 @@ class FineConfig:
     deform_reg: float = 0.01  # weight of the mean |offset| penalty (position in cm)
     conditioning: str = "articulation"  # "articulation" (audio -> mouth code -> field) or "audio"
     articulation_noise: float = 0.6  # std of the noise on the tracked code during training (std units)
+    # how the field reads the articulation code of a frame: mlp (a two-layer MLP on the code,
+    # gstalk.deform.audio.CodeNet) or audionet (AudioNet's convolutions over W copies of it,
+    # as models trained before CodeNet do); see docs/methods.md for the comparison
+    code_encoder: str = "mlp"
     articulation_steps: int = 1000  # max steps fitting each audio -> articulation regressor
     articulation_smooth: int = 4  # frames the articulation regressor's attention looks at
     articulation_members: int = 5  # regressors averaged (one alone varies a lot with its seed)

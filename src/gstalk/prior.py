@@ -395,6 +395,16 @@ def clip_from_workspace(path: str | Path, features: str, *, speaker: str | None 
                      targets=targets.astype(np.float32), sha256=str(ws.manifest.get("source", {}).get("sha256", "")))
 
 
+def workspace_audio_config(path: str | Path, features: str) -> dict[str, Any]:
+    """The extract stage's audio settings of a workspace, with the front end ``features``:
+    the settings a prior fitted on it expects (:meth:`ArticulationPrior.compatible`)."""
+    from gstalk.config import AudioFeatureConfig, from_dict
+    from gstalk.workspace import Workspace
+
+    cfg = from_dict(AudioFeatureConfig, Workspace.open(path).stage("extract").config.get("audio", {}))
+    return dataclasses.asdict(dataclasses.replace(cfg, features=features))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m gstalk.prior fit WS [WS ...] -o FILE`` and ``python -m gstalk.prior info [FILE]``."""
     import argparse
@@ -422,7 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         print(json.dumps(ArticulationPrior.load(args.file).meta, indent=2))
         return 0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     speakers = dict(s.split("=", 1) for s in args.speaker)
     clips = [clip_from_workspace(p, args.features, speaker=speakers.get(p.name) or speakers.get(str(p)),
                                  train_only=not args.all_frames) for p in args.workspaces]
@@ -430,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in clips:
         c.offset = int(offsets[c.name]["offset"])
     settings = PriorSettings(members=args.members, steps=args.steps, seed=args.seed)
-    prior = fit_prior(clips, settings, args.features, dataclasses.asdict(
-        dataclasses.replace(AudioFeatureConfig(), features=args.features)))
+    prior = fit_prior(clips, settings, args.features, workspace_audio_config(args.workspaces[0], args.features))
     prior.meta["offsets"] = offsets
     prior.save(args.output)
     print(json.dumps({"output": args.output, "clips": len(clips), "frames": prior.meta["frames"],

@@ -44,6 +44,45 @@ class AudioNet(nn.Module):
         return self.head(h.flatten(1))
 
 
+class CodeNet(nn.Module):
+    """One frame's articulation code -> condition code: a small MLP on the code itself.
+
+    Articulation-conditioned models receive "windows" whose W steps all repeat the frame's
+    code (:meth:`~gstalk.deform.base.DeformationModel.code_windows`); running AudioNet's four
+    strided convolutions over W identical rows is a deep, poorly conditioned path to a
+    7-number input. CodeNet reads the middle step and maps it with two linear layers.
+
+    Args:
+        in_dim: D, the code size; window: W (checked, as AudioNet does); dim: output size.
+
+    Input: [B, W, D] float32. Output: [B, dim].
+    """
+
+    def __init__(self, in_dim: int, window: int = 16, dim: int = 32, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.02), nn.Linear(hidden, dim))
+        self.window, self.in_dim, self.dim = window, in_dim, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1:] != (self.window, self.in_dim):
+            raise ValueError(f"CodeNet expects [B, {self.window}, {self.in_dim}], got {list(x.shape)}")
+        return self.net(x[:, self.window // 2])
+
+
+def frame_net(kind: str, in_dim: int, window: int, dim: int) -> nn.Module:
+    """The per-frame condition encoder called ``kind``: ``audionet`` (:class:`AudioNet`, for
+    audio windows, and articulation codes in models trained before gstalk had CodeNet) or
+    ``code`` (:class:`CodeNet`, articulation codes).
+
+    Raises:
+        ValueError: an unknown kind."""
+    if kind == "audionet":
+        return AudioNet(in_dim, window, dim)
+    if kind == "code":
+        return CodeNet(in_dim, window, dim)
+    raise ValueError(f"unknown frame encoder '{kind}' (use audionet or code)")
+
+
 class AudioAttNet(nn.Module):
     """Temporal smoothing: attention over the codes of ``seq_len`` neighbouring frames.
 
@@ -68,18 +107,20 @@ class AudioAttNet(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """AudioNet per frame + optional AudioAttNet smoothing over neighbouring frames.
+    """AudioNet (or CodeNet, ``net="code"``) per frame + optional AudioAttNet smoothing over
+    neighbouring frames.
 
     Args:
-        in_dim: C; window: W steps; dim: code size; smooth: K frames (0 or 1 = off).
+        in_dim: C; window: W steps; dim: code size; smooth: K frames (0 or 1 = off);
+        net: the per-frame encoder (:func:`frame_net`).
 
     Input: [B, K, W, C] windows of K frames centred on each target frame (K = 1 when
     smoothing is off). Output: [B, dim].
     """
 
-    def __init__(self, in_dim: int, window: int = 16, dim: int = 32, smooth: int = 8):
+    def __init__(self, in_dim: int, window: int = 16, dim: int = 32, smooth: int = 8, net: str = "audionet"):
         super().__init__()
-        self.net = AudioNet(in_dim, window, dim)
+        self.net = frame_net(net, in_dim, window, dim)
         self.smooth = smooth if smooth > 1 else 1
         self.att = AudioAttNet(dim, self.smooth) if self.smooth > 1 else None
         self.dim = dim

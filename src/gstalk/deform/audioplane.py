@@ -43,11 +43,11 @@ class AudioPlaneDeformation(DeformationModel):
                  smooth: int = 8, plane_dim: int = 16, plane_res: int = 64, scales: int = 4, hidden: int = 64,
                  layers: int = 2, position_scale: float = 0.01, articulation: int = 0, articulation_members: int = 5,
                  articulation_smooth: int = 4, appearance: bool = True, rigid_free: bool = False,
-                 dynamic: bool = True):
+                 dynamic: bool = True, code_encoder: str = "audionet"):
         super().__init__()
         cond_dim = self.setup_conditioning(audio_in_dim, window, articulation, articulation_members,
-                                           articulation_smooth)
-        self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth)
+                                           articulation_smooth, code_encoder)
+        self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth, self.frame_net)
         self.smooth = self.audio.smooth
         self.plane = AudioFactorizationPlane(aabb, audio_dim, plane_dim, plane_res, tuple(range(1, scales + 1)))
         self.head = SplitInputMLP(self.plane.out_dim, 1, hidden, layers, 14 if appearance else 10)  # D1

@@ -103,7 +103,7 @@ class DeformationModel(nn.Module):
         self.window = 16
 
     def setup_conditioning(self, audio_in_dim: int, window: int, articulation: int, members: int,
-                           smooth: int) -> int:
+                           smooth: int, code_encoder: str = "audionet") -> int:
         """Create the frozen audio -> articulation regressor when ``articulation`` > 0 (and
         the ``code_scale`` buffer); returns the feature size of the condition windows the
         model's own audio encoder reads (``articulation`` or ``audio_in_dim``).
@@ -111,13 +111,23 @@ class DeformationModel(nn.Module):
         Every model calls it first in its constructor, before drawing any weights of its
         own, so that under one seed all models get the same regressor (its held-out R² varies
         with the initial weights: 0.47-0.54 on ``obama.mp4``) and their scores compare.
-        ``tests/test_fine_models.py`` checks it."""
+        ``tests/test_fine_models.py`` checks it. ``code_encoder``: ``mlp`` reads articulation
+        codes with :class:`~gstalk.deform.audio.CodeNet`, ``audionet`` with AudioNet (the
+        models trained before CodeNet). The regressor draws its weights from a fork
+        of the random generator, so the field's own weights do not depend on the regressor's
+        size (the audio front end, the prior): under one seed a model's field starts the
+        same whatever the audio features."""
         from gstalk.deform.articulation import ArticulationEnsemble
 
         self.window = window
+        # the per-frame encoder of the condition windows (gstalk.deform.audio.frame_net):
+        # CodeNet for articulation codes (``code_encoder="mlp"``), AudioNet for audio and for
+        # the codes of models trained before CodeNet (their specs lack the key)
+        self.frame_net = "code" if articulation > 0 and code_encoder == "mlp" else "audionet"
         if articulation > 0:
             self.register_buffer("code_scale", torch.ones(()))
-            self.articulator = ArticulationEnsemble(audio_in_dim, window, 32, smooth, articulation, members)
+            with torch.random.fork_rng(devices=[]):
+                self.articulator = ArticulationEnsemble(audio_in_dim, window, 32, smooth, articulation, members)
             return articulation
         return audio_in_dim
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gstalk.deform.attention import SpatialAudioAttention
-from gstalk.deform.audio import AudioEncoder, AudioNet
+from gstalk.deform.audio import AudioEncoder, frame_net
 from gstalk.deform.base import MLP, DeformationModel, Deltas
 from gstalk.deform.encoders import TriPlaneHash
 from gstalk.deform.kan import KAN, KANLinear
@@ -49,23 +49,23 @@ class EGSTalkerDeformation(DeformationModel):
                  pe_levels: int = 4, hidden: int = 32, layers: int = 1, kan_grid: int = 5, head: str = "kan",
                  fusion: str = "attention", position_scale: float = 0.01, articulation: int = 0,
                  articulation_members: int = 5, articulation_smooth: int = 4, appearance: bool = True,
-                 rigid_free: bool = False):
+                 rigid_free: bool = False, code_encoder: str = "audionet"):
         super().__init__()
         if head not in ("kan", "mlp") or fusion not in ("attention", "concat"):
             raise ValueError(f"head must be kan|mlp and fusion attention|concat, got {head!r}, {fusion!r}")
         cond_dim = self.setup_conditioning(audio_in_dim, window, articulation, articulation_members,
-                                           articulation_smooth)
+                                           articulation_smooth, code_encoder)
         self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
         self.encoder = KANLinear(self.triplane.out_dim, feature_dim, kan_grid) if head == "kan" else \
             nn.Sequential(nn.Linear(self.triplane.out_dim, feature_dim), nn.ReLU())
         self.fusion = fusion
         if fusion == "attention":
-            self.audio = AudioNet(cond_dim, window, audio_dim)
+            self.audio = frame_net(self.frame_net, cond_dim, window, audio_dim)
             self.smooth = max(smooth, 1)
             self.esaa = SpatialAudioAttention(feature_dim, audio_dim, self.smooth, attention_dim, pe_levels)
             fused = feature_dim + attention_dim
         else:
-            self.audio_encoder = AudioEncoder(cond_dim, window, audio_dim, smooth)
+            self.audio_encoder = AudioEncoder(cond_dim, window, audio_dim, smooth, self.frame_net)
             self.smooth = self.audio_encoder.smooth
             fused = feature_dim + audio_dim + 1
         self.norm = nn.LayerNorm(fused)

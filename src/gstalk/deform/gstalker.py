@@ -46,12 +46,13 @@ class GSTalkerDeformation(DeformationModel):
                  smooth: int = 8, levels: int = 12, features: int = 2, log2_table: int = 14, base_res: int = 16,
                  max_res: int = 512, hidden: int = 64, layers: int = 2, position_scale: float = 0.01,
                  grid_init: float = 1e-4, articulation: int = 0, articulation_members: int = 5,
-                 articulation_smooth: int = 4, appearance: bool = True, rigid_free: bool = False):
+                 articulation_smooth: int = 4, appearance: bool = True, rigid_free: bool = False,
+                 code_encoder: str = "audionet"):
         super().__init__()
         cond_dim = self.setup_conditioning(audio_in_dim, window, articulation, articulation_members,
-                                           articulation_smooth)  # first, as in every model (see there)
+                                           articulation_smooth, code_encoder)  # first, as in every model
         self.triplane = TriPlaneHash(aabb, levels, features, log2_table, base_res, max_res, grid_init)
-        self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth)
+        self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth, self.frame_net)
         self.appearance = appearance
         self.rigid_free = rigid_free
         self.head = SplitInputMLP(self.triplane.out_dim, audio_dim + 1, hidden, layers, 14 if appearance else 10)

@@ -33,7 +33,7 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
     common = {"aabb": aabb.tolist(), "audio_in_dim": audio_in_dim, "window": window, "audio_dim": cfg.audio_dim,
               "smooth": cfg.audio_smooth_window, "position_scale": cfg.position_scale, "articulation": art,
               "articulation_members": members, "articulation_smooth": art_smooth,
-              "appearance": cfg.appearance, "rigid_free": cfg.rigid_free}
+              "appearance": cfg.appearance, "rigid_free": cfg.rigid_free, "code_encoder": cfg.code_encoder}
     grid = {"levels": cfg.grid_levels, "features": cfg.grid_features, "log2_table": cfg.grid_log2_table,
             "base_res": cfg.grid_base_res, "max_res": cfg.grid_max_res, "grid_init": cfg.grid_init}
     if name == "gstalker":
