@@ -137,12 +137,24 @@ def test_set_changes_fine_settings_and_refuses_unknown_keys():
     from gstalk.config import FineConfig, parse_assignments
     from gstalk.errors import UsageError
 
-    c = parse_assignments(FineConfig(av_offset=3), ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=5",
-                                                    "av_offset=none", "head=mlp"])
-    assert (c.dynamic, c.mask_lambda, c.audio_smooth_window, c.av_offset, c.head) == (False, 0.5, 5, None, "mlp")
+    c = parse_assignments(FineConfig(av_offset=3, model="audioplane"),
+                          ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=5", "av_offset=none"])
+    assert (c.audioplane.dynamic, c.audioplane.mask_lambda, c.audio_smooth_window, c.av_offset) == (False, 0.5, 5, None)
+    c = parse_assignments(FineConfig(), ["model=egstalker", "head=mlp", "egstalker.pe_levels=0"])
+    assert (c.model, c.egstalker.head, c.egstalker.pe_levels) == ("egstalker", "mlp", 0)
+    audioplane = FineConfig(model="audioplane")
     for bad, msg in (("nope=1", "unknown setting"), ("dynamic=maybe", "not a valid"), ("iterations=1.5", "not a valid"),
-                     ("mask_lambda=nan", "not a valid"), ("iterations", "KEY=VALUE")):
+                     ("mask_lambda=nan", "not a valid"), ("iterations", "KEY=VALUE"),
+                     ("head=mlp", "a setting of --model egstalker"), ("conditioning=lips", "not one of"),
+                     ("gstalker.plane_res=3", "unknown setting")):
         with pytest.raises(UsageError, match=msg):
-            parse_assignments(FineConfig(), [bad])
+            parse_assignments(audioplane, [bad])
+    with pytest.raises(UsageError, match="'banana' is not one of kan, mlp"):
+        parse_assignments(FineConfig(model="egstalker"), ["head=banana"])
     r = runner.invoke(app, ["fine", "/nonexistent_ws", "--set", "nope=1"])
     assert r.exit_code == 2 and "unknown setting" in r.output
+    # a choice is a one-line usage error at parse time, never a ValueError from inside the model
+    r = runner.invoke(app, ["fine", "/nonexistent_ws", "--model", "egstalker", "--set", "head=banana"])
+    assert r.exit_code == 2 and "not one of kan, mlp" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["fine", "/nonexistent_ws", "--model", "banana"])
+    assert r.exit_code == 2 and "not one of gstalker, audioplane, egstalker" in r.output
