@@ -10,6 +10,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``cuda`` tests, with the reason, where torch sees no GPU (they run on a GPU
+    machine, first thing in ``benchmarks/gpu_check.sh``)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no CUDA GPU"
+    skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU ({why}); benchmarks/gpu_check.sh runs it on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 SHARED_DATA = Path(os.environ.get("GSTALK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

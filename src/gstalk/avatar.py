@@ -193,7 +193,7 @@ def workspace_provenance(ws: Workspace, meta: dict[str, Any]) -> dict[str, Any]:
     """Where a workspace's model comes from: the training video's name and SHA-256, the gstalk
     version that trained it (and created the workspace), preset, seed, model, the fine run's id
     and time, and the eval summary when ``eval/metrics.json`` exists (scalar metrics only)."""
-    from gstalk.workspace import read_json
+    from gstalk.workspace import EVAL_METRICS, read_json
 
     src = ws.manifest.get("source", {})
     fine = ws.stage("fine")
@@ -203,7 +203,7 @@ def workspace_provenance(ws: Workspace, meta: dict[str, Any]) -> dict[str, Any]:
         "workspace_created_with": ws.manifest.get("gstalk_version"), "preset": ws.preset, "seed": ws.seed,
         "model": meta.get("spec", {}).get("name"), "fine_run_id": fine.run_id, "trained": fine.data.get("finished"),
     }
-    metrics = ws.path("eval", "metrics.json")
+    metrics = ws.path(EVAL_METRICS)
     if metrics.is_file():
         try:
             m = read_json(metrics)

@@ -43,7 +43,7 @@ import torch
 from gstalk import __version__
 from gstalk.avatar import AudioSettings, Avatar
 from gstalk.errors import InputError, UsageError, WorkspaceError
-from gstalk.workspace import Workspace, atomic_dir, atomic_write, now_iso
+from gstalk.workspace import FINE_MODEL, Workspace, atomic_dir, atomic_write, now_iso
 
 BUNDLE_FORMAT = "gstalk-avatar"
 BUNDLE_VERSION = 1  # raised when a member or field changes meaning; readers refuse newer ones
@@ -211,7 +211,7 @@ def workspace_bundle_bytes(ws: Workspace) -> bytes:
             (the message names the fix).
     """
     ws.require("render")
-    model_bytes = ws.path("fine", "model.safetensors").read_bytes()
+    model_bytes = ws.path(FINE_MODEL).read_bytes()
     avatar = Avatar.from_workspace(ws)
     if not avatar.has_torso_field:
         raise WorkspaceError(

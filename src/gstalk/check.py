@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gstalk.workspace import REQUIRES, STAGES, Workspace
+from gstalk.workspace import CHECKPOINTS, REQUIRES, STAGES, Workspace
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def check_workspace(ws: Workspace) -> list[Finding]:
 
 
 def _resumable(ws: Workspace, stage: str) -> bool:
-    return stage in ("coarse", "fine") and ws.path(stage, "checkpoint.safetensors").exists()
+    return stage in ("coarse", "fine") and ws.path(CHECKPOINTS[stage]).exists()
 
 
 def first_fix(findings: list[Finding]) -> str | None:

@@ -86,6 +86,8 @@ EVAL_REPORT = "eval/report.md"
 EVAL_SAMPLES = "eval/samples.png"
 EVAL_PSNR_PLOT = "eval/psnr.png"
 EVAL_MOUTH_PLOT = "eval/mouth.png"
+# the training checkpoint a stopped stage resumes from (deleted when the stage finishes)
+CHECKPOINTS = {"coarse": COARSE_CHECKPOINT, "fine": FINE_CHECKPOINT}
 # the outputs each stage records in the manifest (with their checksums)
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "extract": (EXTRACT_FRAMES, EXTRACT_AUDIO, AUDIO_FEATURES, EXTRACT_SUMMARY),

@@ -137,7 +137,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     from gstalk.stages.extract import run_extract
     from gstalk.stages.fine import run_fine
     from gstalk.stages.track import run_track
-    from gstalk.workspace import MANIFEST, Workspace, sha256_file, sha256_output
+    from gstalk.workspace import CHECKPOINTS, MANIFEST, Workspace, sha256_file, sha256_output
 
     p = get_preset(spec["preset"])
     root = Path(spec["workspace"])
@@ -168,8 +168,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
             ok = {f.stage: f.status == "ok" for f in check_workspace(ws)}
             if name == "fine" and ws.stage("fine").config.get("model") != spec["model"]:
                 ok["fine"] = False
-            checkpoint = root / name / "checkpoint.safetensors"
-            resume = name in ("coarse", "fine") and checkpoint.is_file() and ws.stage(name).status != "done"
+            resume = name in CHECKPOINTS and ws.path(CHECKPOINTS[name]).is_file() and ws.stage(name).status != "done"
         if not ran and ok.get(name):
             continue  # kept: done, intact, not stale, and nothing before it re-ran
         try:

@@ -87,9 +87,8 @@ class FrameSet:
         big = {k: getattr(self, k) for k in FRAME_TENSORS if getattr(self, k) is not None}
         nbytes = sum(t.numel() * t.element_size() for t in big.values())
         if resident_bytes is None:
-            free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
-            resident_bytes = free // 2
-        resident = nbytes <= resident_bytes
+            resident_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else nbytes
+        resident = nbytes <= resident_bytes or device.type != "cuda"  # pinned memory is CUDA's
         moved = {k: (t.to(device) if resident else t.pin_memory()) for k, t in big.items()}
         for k in ("viewmats", "K", "mouth_boxes", "blink", "audio", "articulation", "plate"):
             t = getattr(self, k)
