@@ -35,7 +35,7 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
             (``auto``: CUDA with gsplat when there is a GPU, else the C++ CPU backend).
 
     Returns:
-        {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device"}.
+        {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device", "preset"}.
 
     Raises:
         Whatever the stages raise; a bad device, rasterizer or FAN weights file before
@@ -73,7 +73,7 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
     m = run_eval(root, EvalConfig(raster=raster, device=dev, lmd_landmarks=track_cfg.detector,  # type: ignore[arg-type]
                                   fan_weights=track_cfg.fan_weights), reporter=reporter)
     times["eval"] = time.perf_counter() - t
-    return {"workspace": root, "video": r["output"], "seconds": times, "metrics": m, "device": dev}
+    return {"workspace": root, "video": r["output"], "seconds": times, "metrics": m, "device": dev, "preset": p.name}
 
 
 def evaluate_stale(paths: list[Path], *, raster: str = "auto", device: str = "auto",
