@@ -54,18 +54,34 @@ def load_frame(ws: Workspace, i: int) -> np.ndarray:
     return np.ascontiguousarray(_imread(frame_path(ws, i), cv2.IMREAD_COLOR)[:, :, ::-1])
 
 
+def _decoded(fn: Any, indices: range | list[int]) -> list[np.ndarray]:
+    """``[fn(i) for i in indices]``, the PNGs decoded on a few worker threads (OpenCV releases
+    the GIL while decoding), in order; the first error is raised."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    idx = list(indices)
+    workers = min(8, os.cpu_count() or 1, max(1, len(idx) // 16))
+    if workers <= 1:
+        return [fn(i) for i in idx]
+    with ThreadPoolExecutor(workers, thread_name_prefix="gstalk-decode") as pool:
+        return list(pool.map(fn, idx))
+
+
 def load_frames(ws: Workspace, indices: range | list[int] | None = None) -> np.ndarray:
-    """Extracted frames as [F, H, W, 3] uint8 RGB (all when ``indices`` is None)."""
+    """Extracted frames as [F, H, W, 3] uint8 RGB (all when ``indices`` is None), decoded on
+    worker threads."""
     if indices is None:
         indices = range(ws.stage("extract").summary["n_frames"])
-    return np.stack([load_frame(ws, i) for i in indices])
+    return np.stack(_decoded(lambda i: load_frame(ws, i), indices))
 
 
 def load_masks(ws: Workspace, indices: range | list[int]) -> np.ndarray:
-    """Track masks as [F, H, W, 4] uint8 {0, 255}, channels head, mouth, torso, person."""
+    """Track masks as [F, H, W, 4] uint8 {0, 255}, channels head, mouth, torso, person
+    (decoded on worker threads)."""
     import cv2
 
-    return np.stack([_imread(mask_path(ws, i), cv2.IMREAD_UNCHANGED) for i in indices])
+    return np.stack(_decoded(lambda i: _imread(mask_path(ws, i), cv2.IMREAD_UNCHANGED), indices))
 
 
 def load_background(ws: Workspace) -> np.ndarray:
