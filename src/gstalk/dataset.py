@@ -331,5 +331,6 @@ def fine_model_from_tensors(t: dict[str, torch.Tensor], meta: dict[str, Any], de
     params = {k.split(".", 1)[1]: v.to(device) for k, v in t.items() if k.startswith("params.")}
     model = build_model(meta["spec"])
     model.load_state_dict({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("module.")})
-    model.to(device).eval()
+    model.to(device)
+    model.eval()
     return params, model
