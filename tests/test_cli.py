@@ -31,6 +31,7 @@ def test_version():
     assert r.exit_code == 0 and __version__ in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, code, message", [
     (None, 3, "does not exist"),
     (b"", 3, "is empty"),
