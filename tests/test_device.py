@@ -284,3 +284,20 @@ def test_a_trained_model_loads_onto_another_device(trained_ws):
     assert moved is avatar.on(META) and avatar.on("cpu") is avatar
     assert all(t.device == META for t in [*moved.params.values(), *moved.model.parameters(), *moved.model.buffers()])
     assert avatar.device.type == "cpu" and all(t.device.type == "cpu" for t in avatar.model.parameters())
+
+
+def test_render_and_eval_take_a_config_or_its_fields_as_keywords():
+    from pathlib import Path
+
+    from gstalk.config import EvalConfig, RenderConfig, with_options
+
+    cfg = with_options(RenderConfig, None, {"backend": "torch", "pose": "still", "device": "cpu"}, "render")
+    assert (cfg.raster, cfg.pose, cfg.device) == ("torch", "still", "cpu")  # `backend` is raster's older name
+    e = with_options(EvalConfig, EvalConfig(device="cpu"), {"lpips": Path("w.safetensors")}, "eval")
+    assert (e.lpips, e.device) == ("w.safetensors", "cpu")
+    with pytest.raises(UsageError, match="Unknown render option"):
+        with_options(RenderConfig, None, {"colour": "red"}, "render")
+    with pytest.raises(UsageError, match="--blink 'sometimes' is not one of video, auto"):
+        with_options(RenderConfig, None, {"blink": "sometimes"}, "render")
+    with pytest.raises(UsageError, match="--lmd-landmarks 'dlib'"):
+        with_options(EvalConfig, None, {"lmd_landmarks": "dlib"}, "eval")

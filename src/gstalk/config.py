@@ -385,6 +385,30 @@ def settable_keys(cfg: Any) -> dict[str, str | None]:
     return keys
 
 
+def with_options(cls: type, cfg: Any, options: dict[str, Any], what: str) -> Any:
+    """``cfg`` (default ``cls()``) with ``options`` applied: the keyword form of a stage
+    function that takes a config (``run_render(..., pose="still")``). ``backend`` is accepted
+    for ``raster`` (its older name), paths become strings, and the choices are checked.
+
+    Raises:
+        UsageError: an option that is not a field of ``cls`` (``what`` names the stage), or a
+            value that is not one of its choices.
+    """
+    from pathlib import Path
+
+    cfg = cfg or cls()
+    options = dict(options)
+    if "backend" in options:
+        options["raster"] = options.pop("backend")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"Unknown {what} option(s): {', '.join(unknown)}.", hint=f"use: {', '.join(sorted(names))}")
+    cfg = dataclasses.replace(cfg, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})
+    check_choices(cfg, "flag")
+    return cfg
+
+
 def with_settings(cfg: FineConfig, **values: Any) -> FineConfig:
     """``cfg`` with settings changed by their ``--set`` names, shared or of any model
     (``with_settings(FineConfig(), iterations=10, plane_res=8, head="mlp")``): the library

@@ -75,32 +75,6 @@ def mean_frame(ws: Workspace, frames: range) -> torch.Tensor:
 LMD_LANDMARKS = ("mediapipe", "fan")
 
 
-def eval_config(cfg: EvalConfig | None, options: dict[str, Any]) -> EvalConfig:
-    """``cfg`` (default :class:`~gstalk.config.EvalConfig`) with ``options`` applied (the
-    keyword form of :func:`run_eval`; ``backend`` is accepted for ``raster``; paths become
-    strings).
-
-    Raises:
-        UsageError: an option that is not an eval setting, or not one of its choices.
-    """
-    import dataclasses
-
-    from gstalk.config import check_choices
-    from gstalk.errors import UsageError
-
-    cfg = cfg or EvalConfig()
-    if "backend" in options:
-        options = {**options, "raster": options.pop("backend")}
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise UsageError(f"Unknown eval option(s): {', '.join(unknown)}.", hint=f"use: {', '.join(sorted(names))}")
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    cfg = dataclasses.replace(cfg, **options)
-    check_choices(cfg, "flag")
-    return cfg
-
-
 def run_eval(workspace: str | Path, cfg: EvalConfig | None = None, *, reporter: Reporter = SILENT,
              **options: Any) -> dict[str, Any]:
     """Evaluate a workspace whose fine stage is done, on ``cfg.device``; returns the metrics
@@ -126,13 +100,13 @@ def run_eval(workspace: str | Path, cfg: EvalConfig | None = None, *, reporter: 
         LockError: another process uses the workspace.
     """
     from gstalk.avatar import eval_summary
-    from gstalk.config import to_dict
+    from gstalk.config import to_dict, with_options
     from gstalk.device import stage_device
     from gstalk.metrics.weights import load_metric_nets
     from gstalk.workspace import run_stage
 
     t0 = time.perf_counter()
-    cfg = eval_config(cfg, options)
+    cfg = with_options(EvalConfig, cfg, options, "eval")
     ws = Workspace.open(workspace)
     ws.require("eval")
     device = stage_device(cfg.device, cfg.raster)

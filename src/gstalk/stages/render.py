@@ -26,7 +26,7 @@ from typing import Any
 
 from gstalk.audio import frame_windows
 from gstalk.avatar import Avatar, is_bundle_path, load_avatar
-from gstalk.config import RenderConfig, check_articulation_gain
+from gstalk.config import RenderConfig, check_articulation_gain, with_options
 from gstalk.dataset import load_audio, load_audio_features, read_speech, speech_windows
 from gstalk.errors import InputError, UsageError
 from gstalk.media import VideoWriter, write_wav
@@ -84,7 +84,7 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
     from gstalk.device import stage_device
 
     t0 = time.perf_counter()
-    cfg = render_config(cfg, options)
+    cfg = with_options(RenderConfig, cfg, options, "render")
     pose, background, alpha, size, blink = cfg.pose, cfg.background, cfg.alpha, cfg.size, cfg.blink
     backend, articulation_gain = cfg.raster, cfg.articulation_gain
     device = stage_device(cfg.device, backend)
@@ -208,29 +208,6 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
     else:
         summary["avatar"] = avatar.name
     return summary
-
-
-def render_config(cfg: RenderConfig | None, options: dict[str, Any]) -> RenderConfig:
-    """``cfg`` (default :class:`~gstalk.config.RenderConfig`) with ``options`` applied (the
-    keyword form of :func:`run_render`; ``backend`` is accepted for ``raster``).
-
-    Raises:
-        UsageError: an option that is not a render setting, or not one of its choices.
-    """
-    import dataclasses
-
-    from gstalk.config import check_choices
-
-    cfg = cfg or RenderConfig()
-    if "backend" in options:
-        options = {**options, "raster": options.pop("backend")}
-    names = {f.name for f in dataclasses.fields(RenderConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise UsageError(f"Unknown render option(s): {', '.join(unknown)}.", hint=f"use: {', '.join(sorted(names))}")
-    cfg = dataclasses.replace(cfg, **options)
-    check_choices(cfg, "flag")
-    return cfg
 
 
 @contextlib.contextmanager
