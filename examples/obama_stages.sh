@@ -5,7 +5,8 @@
 # machine-readable results. Re-running a finished stage redoes it; `gstalk fine --resume`
 # continues an interrupted fine stage.
 set -euo pipefail
-video=${1:-../shared/data/video/obama.mp4}
+here=$(dirname "$0")
+video=${1:-$here/obama.mp4}
 ws=${2:-obama_ws}
 
 gstalk extract "$video" --workspace "$ws" --preset cpu-quick | xargs gstalk track | xargs gstalk coarse \
@@ -16,7 +17,7 @@ python -c "import json,sys; m=json.load(open(sys.argv[1])); \
 print(f\"mouth-box PSNR: fine {m['mouth_psnr']:.2f} dB, coarse {m['baselines']['coarse']['mouth_psnr']:.2f} dB\")" \
     "$ws/eval.json"
 
-for speech in ../shared/data/audio/*.wav; do
+for speech in "$here"/grid_bbaf2n.wav ../shared/data/audio/*.wav; do
     [ -e "$speech" ] || continue
     gstalk render "$ws" --audio "$speech" --json
 done

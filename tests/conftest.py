@@ -10,6 +10,30 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# fixtures that train a model, run the real pipeline or read the real clips: a test that uses
+# one is training-heavy and gets the `slow` marker (`python -m pytest -q` runs it;
+# `-m "not slow"` is the quick loop)
+HEAVY_FIXTURES = {"trained_ws", "ws_copy", "fan_ws", "mannequin_clip", "shared_data"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that use a :data:`HEAVY_FIXTURES` fixture ``slow``; skip the ``cuda``
+    tests, with the reason, where torch sees no GPU (they run on a GPU machine, first thing
+    in ``benchmarks/gpu_check.sh``)."""
+    import torch
+
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    if torch.cuda.is_available():
+        return
+    why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no CUDA GPU"
+    skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU ({why}); benchmarks/gpu_check.sh runs it on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 SHARED_DATA = Path(os.environ.get("GSTALK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -89,6 +89,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, file, code, message, ok", CASES, ids=[c[0] for c in CASES])
 def test_extract_bad_and_odd_inputs(corpus, tmp_path, name, file, code, message, ok):
     ws = tmp_path / "ws"
@@ -151,6 +152,7 @@ def _summary(ws: Path) -> dict:
     return json.loads((ws / "manifest.json").read_text())["stages"]["extract"]["summary"]
 
 
+@pytest.mark.slow
 def test_variable_frame_rate_is_resampled_by_timestamp(tmp_path):
     from gstalk.media import probe
     from gstalk.testing.corpus import vfr_clip
@@ -173,6 +175,7 @@ def test_variable_frame_rate_is_resampled_by_timestamp(tmp_path):
            "yes")
 
 
+@pytest.mark.slow
 def test_rotated_phone_video_is_turned_upright(tmp_path):
     """Pixels stored sideways with display-matrix rotation: extract shows them as displayed
     (frames equal to the same picture stored upright, not upside down)."""
@@ -201,6 +204,7 @@ def test_rotated_phone_video_is_turned_upright(tmp_path):
            f"{rot_line}; frames equal the upright recording's (mean abs diff {err:.1f}/255)", "yes")
 
 
+@pytest.mark.slow
 def test_two_faces_crop_around_one_and_say_which(tmp_path):
     from gstalk.testing.corpus import two_faces_clip
 
@@ -219,6 +223,7 @@ def test_two_faces_crop_around_one_and_say_which(tmp_path):
            first_line(r.stderr).replace(str(tmp_path) + "/", ""), "yes")
 
 
+@pytest.mark.slow
 def test_face_too_small_names_file_frame_and_size(tmp_path):
     from gstalk.testing.corpus import small_face_clip
 
@@ -244,6 +249,7 @@ def test_face_too_small_names_file_frame_and_size(tmp_path):
     assert crop[0] < 320 < crop[0] + crop[2] and crop[1] < 240 < crop[1] + crop[3]
 
 
+@pytest.mark.slow
 def test_4k_input_is_downscaled_in_bounded_memory(tmp_path):
     """3840x2160, 2 s: decoded by ffmpeg straight to the crop at 128 px; peak memory of the
     gstalk process and of its ffmpeg children stays far below a 4K clip held in memory

@@ -31,6 +31,7 @@ def test_version():
     assert r.exit_code == 0 and __version__ in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, code, message", [
     (None, 3, "does not exist"),
     (b"", 3, "is empty"),
@@ -63,8 +64,20 @@ def test_unknown_preset_is_a_usage_error(tmp_path):
     assert r.exit_code == 2 and "Unknown preset 'fast'" in r.output
 
 
+@pytest.mark.slow
 def test_track_prints_workspace_for_pipelines(ws_copy):
-    # re-running a finished stage is allowed and prints the workspace path only on stdout
+    # re-running a finished stage is allowed, and stdout carries the workspace path and
+    # nothing else (progress goes to stderr), so `gstalk extract v.mp4 | xargs gstalk track` works
+    r = subprocess.run([sys.executable, "-m", "gstalk", "track", str(ws_copy)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{ws_copy}\n"
+    from gstalk.workspace import Workspace
+
+    assert Workspace.open(ws_copy).stage("track").status == "done"
+
+
+@pytest.mark.slow
+def test_eval_json_prints_the_metrics_on_stdout(ws_copy):
     r = subprocess.run([sys.executable, "-m", "gstalk", "eval", str(ws_copy), "--json", "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -133,16 +146,64 @@ def test_eval_compare_table_and_usage_errors(ws_copy, tmp_path):
     assert r.exit_code == 2 and "--compare" in r.output
 
 
+@pytest.mark.slow
+def test_eval_is_recorded_and_compare_judges_freshness_from_the_manifest(ws_copy):
+    """eval runs as a stage: its record names the fine and coarse runs it read, so compare
+    knows a stale eval by the manifest, not by file times."""
+    import os
+
+    from gstalk.errors import WorkspaceError
+    from gstalk.pipeline import evaluate_stale
+    from gstalk.stages.compare import compare, needs_eval
+    from gstalk.workspace import EVAL_METRICS, FINE_MODEL, Workspace
+
+    assert needs_eval(ws_copy)  # the fixture never evaluated
+    with pytest.raises(WorkspaceError, match="no eval of its current model"):
+        compare([ws_copy])
+    assert evaluate_stale([ws_copy]) == [ws_copy]
+    ws = Workspace.open(ws_copy)
+    rec = ws.stage("eval")
+    assert rec.status == "done" and rec.data["inputs"]["fine"] == ws.stage("fine").run_id
+    assert EVAL_METRICS in rec.data["outputs"] and "psnr" in rec.summary and "per_frame" not in rec.summary
+    # file times say nothing any more: a model file newer than the metrics is still evaluated
+    m = ws_copy / EVAL_METRICS
+    os.utime(m, (1_000_000, 1_000_000))
+    os.utime(ws_copy / FINE_MODEL, None)
+    assert not needs_eval(ws_copy) and evaluate_stale([ws_copy]) == []
+    assert compare([ws_copy])["rows"][-1]["model"] == "gstalker"
+    # a fine stage re-run since (another run id) makes the eval stale
+    ws.manifest["stages"]["fine"]["run_id"] = "rerun"
+    ws.save()
+    assert needs_eval(ws_copy)
+    evaluate_stale([ws_copy])
+    assert not needs_eval(ws_copy)
+    # so does a metrics.json changed after eval wrote it
+    m.write_text(m.read_text().replace('"psnr"', '"psnr_edited"', 1))
+    assert needs_eval(ws_copy)
+
+
 def test_set_changes_fine_settings_and_refuses_unknown_keys():
     from gstalk.config import FineConfig, parse_assignments
     from gstalk.errors import UsageError
 
-    c = parse_assignments(FineConfig(av_offset=3), ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=5",
-                                                    "av_offset=none", "head=mlp"])
-    assert (c.dynamic, c.mask_lambda, c.audio_smooth_window, c.av_offset, c.head) == (False, 0.5, 5, None, "mlp")
+    c = parse_assignments(FineConfig(av_offset=3, model="audioplane"),
+                          ["dynamic=false", "mask_lambda=0.5", "audio-smooth-window=5", "av_offset=none"])
+    assert (c.audioplane.dynamic, c.audioplane.mask_lambda, c.audio_smooth_window, c.av_offset) == (False, 0.5, 5, None)
+    c = parse_assignments(FineConfig(), ["model=egstalker", "head=mlp", "egstalker.pe_levels=0"])
+    assert (c.model, c.egstalker.head, c.egstalker.pe_levels) == ("egstalker", "mlp", 0)
+    audioplane = FineConfig(model="audioplane")
     for bad, msg in (("nope=1", "unknown setting"), ("dynamic=maybe", "not a valid"), ("iterations=1.5", "not a valid"),
-                     ("mask_lambda=nan", "not a valid"), ("iterations", "KEY=VALUE")):
+                     ("mask_lambda=nan", "not a valid"), ("iterations", "KEY=VALUE"),
+                     ("head=mlp", "a setting of --model egstalker"), ("conditioning=lips", "not one of"),
+                     ("gstalker.plane_res=3", "unknown setting")):
         with pytest.raises(UsageError, match=msg):
-            parse_assignments(FineConfig(), [bad])
+            parse_assignments(audioplane, [bad])
+    with pytest.raises(UsageError, match="'banana' is not one of kan, mlp"):
+        parse_assignments(FineConfig(model="egstalker"), ["head=banana"])
     r = runner.invoke(app, ["fine", "/nonexistent_ws", "--set", "nope=1"])
     assert r.exit_code == 2 and "unknown setting" in r.output
+    # a choice is a one-line usage error at parse time, never a ValueError from inside the model
+    r = runner.invoke(app, ["fine", "/nonexistent_ws", "--model", "egstalker", "--set", "head=banana"])
+    assert r.exit_code == 2 and "not one of kan, mlp" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["fine", "/nonexistent_ws", "--model", "banana"])
+    assert r.exit_code == 2 and "not one of gstalker, audioplane, egstalker" in r.output

@@ -104,17 +104,23 @@ def test_gstalker_starts_at_zero_and_learns():
     out = apply_deltas(params, d)
     for k, v in params.items():
         torch.testing.assert_close(out[k], v)
-    # a few steps move the means towards a target offset that depends on the audio
+    # a few steps teach it an offset that depends on the audio: window a moves the points up
+    # by 2 mm, window b down by 2 mm
+    other = torch.randn(1, 4, 16, 13)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
-    for _ in range(60):
-        d = m(means, windows, torch.tensor([0.3]))
-        loss = (d.means - 0.002).square().mean()
+    for _ in range(80):
+        da, db = m(means, windows, torch.tensor([0.3])), m(means, other, torch.tensor([0.3]))
+        loss = (da.means - 0.002).square().mean() + (db.means + 0.002).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0] and math.isfinite(losses[-1])
+    with torch.no_grad():
+        up, down = m(means, windows, torch.tensor([0.3])).means, m(means, other, torch.tensor([0.3])).means
+    # the same points, the same blink: only the audio differs, and the offsets follow it
+    assert up.mean() > 0.001 and down.mean() < -0.001
 
 
 def test_remove_rigid_cache_follows_in_place_changes_of_the_means():

@@ -96,14 +96,14 @@ def test_every_model_draws_the_same_articulation_regressor():
     # the regressor's held-out R² depends on its initial weights (0.53 for GSTalker against
     # 0.47 for the others on obama.mp4 when GSTalker drew its tri-plane first), so under one
     # seed every model must start from the same regressor for their scores to compare
-    from gstalk.config import FineConfig
+    from gstalk.config import FineConfig, with_settings
     from gstalk.deform.registry import build_model, model_spec
 
     aabb = torch.tensor([[-0.1, -0.1, -0.1], [0.1, 0.1, 0.1]])
     states = {}
     for name in MODELS:
         torch.manual_seed(3)
-        cfg = dataclasses.replace(FineConfig(), grid_levels=2, grid_max_res=32, plane_res=8, plane_scales=1)
+        cfg = with_settings(FineConfig(), grid_levels=2, grid_max_res=32, plane_res=8, plane_scales=1)
         model = build_model(model_spec(name, aabb, 13, 16, cfg, articulation=7))
         states[name] = model.articulator.state_dict()
     first = states[MODELS[0]]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gstalk.config import FineConfig
+from gstalk.config import FineConfig, with_settings
 from gstalk.deform.attention import SpatialAudioAttention, periodic_encoding
 from gstalk.deform.base import apply_deltas
 from gstalk.deform.kan import KAN, KANLinear, bspline_basis, uniform_cubic_basis
@@ -124,10 +124,9 @@ def test_mask_margin_loss_and_dilation():
 
 
 def _spec(name: str, **cfg):
-    c = FineConfig(grid_levels=3, grid_log2_table=8, grid_max_res=32, hidden=16, audio_dim=6, audio_smooth_window=4,
-                   plane_smooth_window=4,
-                   plane_res=4, plane_dim=4, feature_dim=8, attention_dim=8, attention_window=4, kan_hidden=8,
-                   **cfg)
+    c = with_settings(FineConfig(), grid_levels=3, grid_log2_table=8, grid_max_res=32, hidden=16, audio_dim=6,
+                      audio_smooth_window=4, plane_smooth_window=4, plane_res=4, plane_dim=4, feature_dim=8,
+                      attention_dim=8, attention_window=4, kan_hidden=8, **cfg)
     return model_spec(name, AABB, audio_in_dim=13, window=16, cfg=c)
 
 

@@ -141,6 +141,7 @@ def test_compiler_failure_fallback(monkeypatch, tmp_path):
         build.reset()
 
 
+@pytest.mark.slow
 def test_concurrent_first_builds_share_one_library(cpu_backend, tmp_path):
     """Two processes building into an empty cache: one compiles, the other waits for it."""
     code = textwrap.dedent(

@@ -36,6 +36,7 @@ LIB_SETTINGS = {"gsplat": RasterSettings(alpha_max=0.999), "inria": RasterSettin
 
 # ---- real libraries on a GPU ----------------------------------------------------------
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
 @pytest.mark.parametrize("kind", ["rgb", "channels5", "sh3", "two_cameras"])
 def test_cuda_parity(name, kind):

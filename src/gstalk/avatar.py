@@ -121,6 +121,30 @@ class Avatar:
     provenance: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     torso_frames: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+    _on_devices: dict[str, Avatar] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the Gaussians and the model are (the CPU when loaded)."""
+        return self.params["means"].device
+
+    def on(self, device: torch.device | str) -> Avatar:
+        """This avatar with its Gaussians and deformation model on ``device``: itself when
+        they are there already, else a copy, made once per device and kept (the avatar a
+        batch worker shares between jobs is never moved under them). Poses, blinks, K and the
+        plate stay on the CPU; the renderer moves what it draws with."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        key = str(device)
+        if key not in self._on_devices:
+            import copy
+            import dataclasses
+
+            self._on_devices[key] = dataclasses.replace(
+                self, params={k: v.to(device) for k, v in self.params.items()},
+                model=copy.deepcopy(self.model).to(device))
+        return self._on_devices[key]
 
     @property
     def n_frames(self) -> int:
@@ -174,7 +198,7 @@ def workspace_provenance(ws: Workspace, meta: dict[str, Any]) -> dict[str, Any]:
     """Where a workspace's model comes from: the training video's name and SHA-256, the gstalk
     version that trained it (and created the workspace), preset, seed, model, the fine run's id
     and time, and the eval summary when ``eval/metrics.json`` exists (scalar metrics only)."""
-    from gstalk.workspace import read_json
+    from gstalk.workspace import EVAL_METRICS, read_json
 
     src = ws.manifest.get("source", {})
     fine = ws.stage("fine")
@@ -184,7 +208,7 @@ def workspace_provenance(ws: Workspace, meta: dict[str, Any]) -> dict[str, Any]:
         "workspace_created_with": ws.manifest.get("gstalk_version"), "preset": ws.preset, "seed": ws.seed,
         "model": meta.get("spec", {}).get("name"), "fine_run_id": fine.run_id, "trained": fine.data.get("finished"),
     }
-    metrics = ws.path("eval", "metrics.json")
+    metrics = ws.path(EVAL_METRICS)
     if metrics.is_file():
         try:
             m = read_json(metrics)

@@ -43,7 +43,7 @@ import torch
 from gstalk import __version__
 from gstalk.avatar import AudioSettings, Avatar
 from gstalk.errors import InputError, UsageError, WorkspaceError
-from gstalk.workspace import Workspace, atomic_dir, atomic_write, now_iso
+from gstalk.workspace import FINE_MODEL, Workspace, atomic_dir, atomic_write, now_iso
 
 BUNDLE_FORMAT = "gstalk-avatar"
 BUNDLE_VERSION = 1  # raised when a member or field changes meaning; readers refuse newer ones
@@ -211,7 +211,7 @@ def workspace_bundle_bytes(ws: Workspace) -> bytes:
             (the message names the fix).
     """
     ws.require("render")
-    model_bytes = ws.path("fine", "model.safetensors").read_bytes()
+    model_bytes = ws.path(FINE_MODEL).read_bytes()
     avatar = Avatar.from_workspace(ws)
     if not avatar.has_torso_field:
         raise WorkspaceError(
@@ -436,3 +436,33 @@ def _changed(folder: Path, b: Bundle) -> bool:
         if not f.is_file() or f.stat().st_size != len(data) or f.read_bytes() != data:
             return True
     return False
+
+
+def bundle_table(s: dict[str, Any]) -> Any:
+    """:func:`inspect_bundle` / :func:`import_bundle`'s result as a rich Table (what ``gstalk
+    inspect`` and ``gstalk import`` print)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    a, p = s.get("avatar") or {}, s.get("provenance") or {}
+    t = Table(title=f"avatar bundle {escape(str(s['bundle']))}", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    ev = p.get("eval") or {}
+    rows = [
+        ("name", s.get("name")), ("sha256", s.get("sha256")),
+        ("format", f"{s.get('format')} v{s.get('bundle_version')}, made by gstalk {s.get('gstalk_version')} "
+                   f"on {s.get('created')}"),
+        ("model", f"{a.get('model')}: {a.get('n_gaussians')} head + {a.get('n_torso_gaussians')} torso Gaussians"),
+        ("video", f"{a.get('size')} px, {a.get('fps')} fps, {a.get('n_frames')} pose frames"),
+        ("audio features", ", ".join(f"{k} {v}" for k, v in (a.get("audio_features") or {}).items())),
+        ("trained from", f"{p.get('source_name')} (sha256 {str(p.get('source_sha256'))[:16]}...), preset "
+                         f"{p.get('preset')}, seed {p.get('seed')}, gstalk {p.get('trained_with')}"),
+        ("eval", ", ".join(f"{k} {ev[k]:.2f}" for k in ("psnr", "mouth_psnr", "lmd") if isinstance(ev.get(k), float))
+         or "none in the workspace"),
+        ("files", ", ".join(f"{k} ({v.get('bytes')} B)" for k, v in (s.get("files") or {}).items())),
+        ("verified", "all checksums match; the model builds"),
+    ]
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    return t

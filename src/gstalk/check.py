@@ -8,8 +8,9 @@ since). Reading only, never changing anything.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from gstalk.workspace import REQUIRES, STAGES, Workspace
+from gstalk.workspace import CHECKPOINTS, REQUIRES, STAGES, Workspace
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def check_workspace(ws: Workspace) -> list[Finding]:
 
 
 def _resumable(ws: Workspace, stage: str) -> bool:
-    return stage in ("coarse", "fine") and ws.path(stage, "checkpoint.safetensors").exists()
+    return stage in ("coarse", "fine") and ws.path(CHECKPOINTS[stage]).exists()
 
 
 def first_fix(findings: list[Finding]) -> str | None:
@@ -69,3 +70,17 @@ def first_fix(findings: list[Finding]) -> str | None:
         if f.status == "problem":
             return f.fix
     return None
+
+
+def findings_table(root: Any, findings: list[Finding]) -> Any:
+    """The findings as a rich Table (what ``gstalk check`` prints)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"gstalk check {root}")
+    for col in ("stage", "status", "detail", "fix"):
+        table.add_column(col, overflow="fold")
+    style = {"ok": "green", "not run": "dim", "problem": "bold red"}
+    for f in findings:
+        table.add_row(f.stage, f"[{style[f.status]}]{f.status}[/]", escape(f.detail), escape(f.fix))
+    return table

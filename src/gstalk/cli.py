@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -39,7 +38,10 @@ app = typer.Typer(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and warnings (no progress).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-Raster = Annotated[str, typer.Option("--raster", help="Rasterizer backend: auto, cpu, torch, gsplat or inria.")]
+Raster = Annotated[str, typer.Option("--raster", help="Rasterizer backend: auto (the C++ cpu backend on the CPU, "
+                                                      "gsplat on CUDA), cpu, torch, gsplat or inria.")]
+Device = Annotated[str, typer.Option("--device", help="Where to compute: auto (CUDA when torch sees a GPU and the "
+                                                      "rasterizer draws there, else the CPU), cpu, cuda or cuda:N.")]
 Preset = Annotated[Optional[str], typer.Option(
     "--preset", help="cpu-quick (256 px, minutes on a CPU), cpu-long (256 px, the papers' fine architecture, "
                      "about an hour per model on a CPU), paper (512 px, the papers' iterations) or test. "
@@ -228,8 +230,9 @@ def coarse(
     preset: Preset = None,
     iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
     raster: Raster = "auto",
+    device: Device = "auto",
     resume: Annotated[bool, typer.Option(
-        help="Continue an interrupted run from coarse/checkpoint.safetensors.")] = False,
+        help="Continue an interrupted run from coarse/checkpoint.safetensors (also on another device).")] = False,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density
@@ -240,7 +243,7 @@ def coarse(
         from gstalk.stages.coarse import run_coarse
 
         root = _workspace(workspace)
-        cfg = override(_preset(preset, root).coarse, iterations=iterations, raster=raster)
+        cfg = override(_preset(preset, root).coarse, iterations=iterations, raster=raster, device=device)
         ws = run_coarse(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("coarse").summary, as_json)
 
@@ -250,9 +253,10 @@ def coarse(
 def fine(
     workspace: WorkspaceArg = None,
     preset: Preset = None,
-    model: Annotated[str, typer.Option(help="Deformation model: gstalker (hash tri-plane + MLP), audioplane (audio "
-                                            "factorization plane + dynamic splatting) or egstalker (hash tri-plane + "
-                                            "KAN + spatial-audio attention). See docs/methods.md.")] = "gstalker",
+    model: Annotated[Optional[str], typer.Option(
+        help="Deformation model: gstalker (hash tri-plane + MLP; the default), audioplane (audio factorization plane + "
+             "dynamic splatting) or egstalker (hash tri-plane + KAN + spatial-audio attention). See docs/methods.md.",
+        show_default=False)] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Training iterations (default from the preset).")] = None,
     av_offset: Annotated[Optional[int], typer.Option(
         "--av-offset", help="Audio/video offset in frames (positive: audio late). Default: the track stage's "
@@ -260,11 +264,15 @@ def fine(
     conditioning: Annotated[Optional[str], typer.Option(
         help="What drives the deformation: articulation (audio -> a 7-number mouth code fitted to the tracked "
              "lips, then the field; default) or audio (the audio features directly, as in the papers).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from fine/checkpoint.safetensors.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from fine/checkpoint.safetensors (also on "
+                                              "another device).")] = False,
     settings: Annotated[Optional[list[str]], typer.Option(
-        "--set", metavar="KEY=VALUE", help="Change one fine setting, e.g. --set mask_lambda=0.2 --set dynamic=false "
-                                           "(repeatable; the keys are FineConfig's fields, docs/methods.md).")] = None,
+        "--set", metavar="KEY=VALUE", help="Change one fine setting, e.g. --set deform_reg=0.02, or one of the model's "
+                                           "own: --model audioplane --set mask_lambda=0.2 --set dynamic=false "
+                                           "(repeatable; the keys are FineConfig's fields and those of the model's "
+                                           "config, docs/methods.md; choices are checked).")] = None,
     raster: Raster = "auto",
+    device: Device = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Train the audio-driven deformation of the canonical Gaussians: GSTalker (hash-grid tri-plane + audio encoder
@@ -278,10 +286,11 @@ def fine(
         from gstalk.config import FineConfig, override, parse_assignments
         from gstalk.stages.fine import run_fine
 
-        parse_assignments(FineConfig(), settings)  # refuse a bad --set before touching the workspace
+        parse_assignments(override(FineConfig(), model=model), settings)  # refuse a bad --set before any work
         root = _workspace(workspace)
-        cfg = override(parse_assignments(_preset(preset, root).fine, settings), model=model, iterations=iterations,
-                       av_offset=av_offset, conditioning=conditioning, raster=raster)
+        cfg = parse_assignments(override(_preset(preset, root).fine, model=model), settings)
+        cfg = override(cfg, iterations=iterations, av_offset=av_offset, conditioning=conditioning, raster=raster,
+                       device=device)
         ws = run_fine(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("fine").summary, as_json)
 
@@ -328,6 +337,7 @@ def render(
                                             "auto (natural blinks every 2-6 s).")] = "video",
     articulation_gain: ArticulationGain = None,
     raster: Raster = "auto",
+    device: Device = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Render a lip-synced H.264 video of the trained person saying AUDIO, muxed with it: exactly round(duration x 25)
@@ -335,11 +345,13 @@ def render(
     AUDIO_STEM.mp4 in the current folder unless -o says otherwise. Prints the video path (or, with --json, frames,
     duration and speed)."""
     with _guard(debug):
+        from gstalk.config import RenderConfig, override
         from gstalk.stages.render import run_render
 
+        cfg = override(RenderConfig(), pose=pose, background=background, alpha=alpha, size=size, blink=blink,
+                       articulation_gain=articulation_gain, raster=raster, device=device)
         root = _avatar_path(workspace)
-        s = run_render(root, audio, output, pose=pose, background=background, alpha=alpha, size=size, blink=blink,
-                       backend=raster, articulation_gain=articulation_gain, reporter=_reporter(quiet))
+        s = run_render(root, audio, output, cfg, reporter=_reporter(quiet))
         if str(output) == "-":  # stdout carries the video: the summary goes to stderr
             if not quiet:
                 _reporter(False).log(json.dumps(s) if as_json else f"{s['frames']} frames, {s['fps']:.1f} frames/s")
@@ -385,6 +397,7 @@ def eval_(
                                 "TalkingGaussian compute it; needs --fan-weights). Self-driven only.")] = "mediapipe",
     fan_weights: FanWeights = None,
     raster: Raster = "auto",
+    device: Device = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Evaluate on the held-out test frames: PSNR/SSIM of the full frame, face box and mouth box, LMD and blendshape
@@ -409,37 +422,42 @@ def eval_(
             raise UsageError("--lmd-landmarks fan needs one self-driven eval: it does not combine with --compare or "
                              "--audio.", hint="run `gstalk eval WS --lmd-landmarks fan --fan-weights PATH` alone")
         if compare:
+            from gstalk.pipeline import evaluate_stale
+            from gstalk.progress import print_table
             from gstalk.stages.compare import compare as compare_workspaces
+            from gstalk.stages.compare import compare_table
 
             if not workspaces:
                 raise UsageError("--compare needs the workspaces to compare.", hint="gstalk eval --compare ws1/ ws2/")
-            result = compare_workspaces([_workspace(w) for w in workspaces], backend=raster,
-                                        reporter=_reporter(quiet))
+            roots = [_workspace(w) for w in workspaces]
+            evaluate_stale(roots, raster=raster, device=device, reporter=_reporter(quiet))
+            result = compare_workspaces(roots)
             if as_json:
                 _print_json(result)
             else:
-                _compare_table(result)
+                print_table(compare_table(result))
             return
         if workspaces and len(workspaces) > 1:
             raise UsageError(f"eval takes one workspace, got {len(workspaces)}.",
                              hint="add --compare to compare several")
         root = _workspace(workspaces[0] if workspaces else None)
         if audio:
-            from gstalk.stages.crosseval import expand_audio, run_cross_eval, run_cross_eval_many
+            from gstalk.progress import print_table
+            from gstalk.stages.crosseval import cross_table, expand_audio, run_cross_eval, run_cross_eval_many
 
             files = expand_audio(audio)
             if len(files) > 1 or audio[0].is_dir():
                 summary = run_cross_eval_many(root, files, backend=raster, reporter=_reporter(quiet),
-                                              syncnet=syncnet, articulation_gain=articulation_gain)
+                                              syncnet=syncnet, articulation_gain=articulation_gain, device=device)
                 if as_json:
                     _print_json(summary)
                 else:
-                    _cross_table(summary)
+                    print_table(cross_table(summary))
                     print(root / "eval" / "cross_summary.md")
                 return
             audio_file = files[0]
             c = run_cross_eval(root, audio_file, backend=raster, reporter=_reporter(quiet), syncnet=syncnet,
-                               articulation_gain=articulation_gain)
+                               articulation_gain=articulation_gain, device=device)
             if as_json:
                 _print_json(c)
             elif not quiet:
@@ -451,72 +469,22 @@ def eval_(
                        f"{c['real_video']['lse_d']:.2f})" if "lse_c" in c and "lse_c" in c["real_video"] else ""))
                 print(root / "eval" / f"cross_{audio_file.stem}" / "report.md")
             return
-        m = run_eval(str(root), backend=raster, reporter=_reporter(quiet), lpips=lpips, syncnet=syncnet,
-                     lmd_landmarks=lmd_landmarks, fan_weights=fan_weights)
+        from gstalk.config import EvalConfig
+        from gstalk.progress import print_table
+        from gstalk.stages.evaluate import metrics_table
+
+        cfg = EvalConfig(lpips=_str(lpips), syncnet=_str(syncnet), lmd_landmarks=lmd_landmarks,  # type: ignore[arg-type]
+                         fan_weights=_str(fan_weights), raster=raster, device=device)
+        m = run_eval(root, cfg, reporter=_reporter(quiet))
         if as_json:
             _print_json(m)
         else:
-            _metrics_table(m)
+            print_table(metrics_table(m))
         check_thresholds(m, gates)
 
 
-def _cross_table(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"gstalk eval --audio: {len(summary['voices'])} voices (lip-sync proxy)")
-    for c in ("voice", "corr lag 0", "best lag", "corr best", "× real", "mouth motion"):
-        t.add_column(c, justify="left" if c == "voice" else "right")
-    for r in [*summary["voices"], summary["summary"]]:
-        t.add_row(r["voice"], f"{r['sync_corr']:.2f}", f"{r['sync_lag']:+d}" if isinstance(r["sync_lag"], int)
-                  else str(r["sync_lag"]), f"{r['sync_corr_best']:.2f}", f"{r['sync_fraction']:.2f}",
-                  f"{r['mouth_motion']:.2f}")
-    Console().print(t)
-
-
-def _compare_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from gstalk.stages.compare import fmt_metric
-
-    t = Table(title="gstalk eval --compare: test split")
-    for c in ("model", *result["columns"], "Gaussians", "fine s", "render FPS"):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for r in result["rows"]:
-        t.add_row(r["name"], *[fmt_metric(k, r.get(k)) for k in result["columns"]],
-                  str(r["n_gaussians"] or "–"), f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
-                  f"{r['render_fps']:.1f}" if r["render_fps"] else "–")
-    console = Console()
-    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(width=200)
-    console.print(t)
-
-
-def _metrics_table(m: dict[str, Any], stderr: bool = False) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from gstalk.stages.evaluate import KEYS
-
-    t = Table(title=f"gstalk eval: {m['n_frames']} test frames")
-    t.add_column("")
-    cols = (*KEYS, "lmd", *[k for k in ("lmd_fan",) if k in m], "aue",
-            *[k for k in ("lpips", "lse_c", "lse_d") if k in m])
-    for k in cols:
-        t.add_column(k, justify="right")
-
-    def cell(v: dict[str, Any], k: str) -> str:
-        if k not in v:
-            return "–"
-        return f"{v[k]:.4f}" if "ssim" in k or k in ("aue", "lpips") else f"{v[k]:.2f}"
-
-    for name, v in [("fine model", m)] + [(f"baseline: {k}", b) for k, b in m["baselines"].items()]:
-        t.add_row(name, *[cell(v, k) for k in cols])
-    console = Console(stderr=stderr)
-    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(stderr=stderr, width=200)
-    console.print(t)
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 # ---------------------------------------------------------------------------- run
@@ -533,49 +501,27 @@ def run(
     detector: Detector = None,
     fan_weights: FanWeights = None,
     raster: Raster = "auto",
+    device: Device = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
-    """Run every stage on VIDEO: extract, track, coarse, fine, render and eval. Prints the rendered video's path (with
-    --json: per-stage times, the video and the metrics). With --detector fan, track uses FAN and eval adds FAN's
-    LMD."""
+    """Run every stage on VIDEO: extract, track, coarse, fine, render and eval, on one device (--device). Prints the
+    rendered video's path (with --json: per-stage times, the video and the metrics). With --detector fan, track uses
+    FAN and eval adds FAN's LMD."""
     with _guard(debug):
-        from gstalk.config import get_preset, override
-        from gstalk.stages.coarse import run_coarse
-        from gstalk.stages.evaluate import run_eval
-        from gstalk.stages.extract import run_extract
-        from gstalk.stages.fine import run_fine
-        from gstalk.stages.render import run_render
-        from gstalk.stages.track import load_detector_model, run_track
+        from gstalk.pipeline import run_all
+        from gstalk.progress import print_table
+        from gstalk.stages.evaluate import metrics_table
 
         rep = _reporter(quiet)
-        p = get_preset(preset)
-        track_cfg = override(p.track, detector=detector, fan_weights=str(fan_weights) if fan_weights else None)
-        load_detector_model(track_cfg)  # refuse missing or bad FAN weights before extracting anything
-        times: dict[str, float] = {}
-        t = time.perf_counter()
-        ws = run_extract(video, workspace, p.extract, preset=p.name, seed=seed, reporter=rep)
-        times["extract"] = time.perf_counter() - t
-        root = str(ws.root)
-        for name, fn in (("track", lambda: run_track(root, track_cfg, reporter=rep)),
-                         ("coarse", lambda: run_coarse(root, override(p.coarse, raster=raster), reporter=rep)),
-                         ("fine", lambda: run_fine(root, override(p.fine, raster=raster), reporter=rep))):
-            t = time.perf_counter()
-            fn()
-            times[name] = time.perf_counter() - t
-        t = time.perf_counter()
-        r = run_render(root, audio, output, backend=raster, reporter=rep)
-        times["render"] = time.perf_counter() - t
-        t = time.perf_counter()
-        m = run_eval(root, backend=raster, reporter=rep, lmd_landmarks=track_cfg.detector,
-                     fan_weights=track_cfg.fan_weights)
-        times["eval"] = time.perf_counter() - t
+        r = run_all(video, workspace, preset=preset, audio=audio, output=output, seed=seed, detector=detector,
+                    fan_weights=fan_weights, raster=raster, device=device, reporter=rep)
         if as_json:
-            _print_json({"workspace": root, "video": r["output"], "seconds": times, "metrics": m})
+            _print_json(r)
         else:
             if not quiet:
-                _metrics_table(m, stderr=True)
-                rep.log("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-            print(r["output"])
+                print_table(metrics_table(r["metrics"]), stderr=True)
+                rep.log("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items()))
+            print(r["video"])
 
 
 # ---------------------------------------------------------------------------- bundles
@@ -617,7 +563,10 @@ def inspect_(
         if as_json:
             _print_json(s)
         else:
-            _bundle_table(s)
+            from gstalk.bundle import bundle_table
+            from gstalk.progress import print_table
+
+            print_table(bundle_table(s))
 
 
 @app.command("import")
@@ -638,40 +587,11 @@ def import_(
         if as_json:
             _print_json(s)
         else:
-            _bundle_table(s, stderr=True)
+            from gstalk.bundle import bundle_table
+            from gstalk.progress import print_table
+
+            print_table(bundle_table(s), stderr=True)
             print(s["unpacked_to"])
-
-
-def _bundle_table(s: dict[str, Any], stderr: bool = False) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    a, p = s.get("avatar") or {}, s.get("provenance") or {}
-    t = Table(title=f"avatar bundle {escape(str(s['bundle']))}", show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("")
-    ev = p.get("eval") or {}
-    rows = [
-        ("name", s.get("name")), ("sha256", s.get("sha256")),
-        ("format", f"{s.get('format')} v{s.get('bundle_version')}, made by gstalk {s.get('gstalk_version')} "
-                   f"on {s.get('created')}"),
-        ("model", f"{a.get('model')}: {a.get('n_gaussians')} head + {a.get('n_torso_gaussians')} torso Gaussians"),
-        ("video", f"{a.get('size')} px, {a.get('fps')} fps, {a.get('n_frames')} pose frames"),
-        ("audio features", ", ".join(f"{k} {v}" for k, v in (a.get("audio_features") or {}).items())),
-        ("trained from", f"{p.get('source_name')} (sha256 {str(p.get('source_sha256'))[:16]}...), preset "
-                         f"{p.get('preset')}, seed {p.get('seed')}, gstalk {p.get('trained_with')}"),
-        ("eval", ", ".join(f"{k} {ev[k]:.2f}" for k in ("psnr", "mouth_psnr", "lmd") if isinstance(ev.get(k), float))
-         or "none in the workspace"),
-        ("files", ", ".join(f"{k} ({v.get('bytes')} B)" for k, v in (s.get("files") or {}).items())),
-        ("verified", "all checksums match; the model builds"),
-    ]
-    for k, v in rows:
-        t.add_row(k, escape(str(v)))
-    console = Console(stderr=stderr)
-    if not console.is_terminal:
-        console = Console(stderr=stderr, width=200)
-    console.print(t)
 
 
 # ---------------------------------------------------------------------------- batch
@@ -776,16 +696,11 @@ def check(workspace: WorkspaceArg = None, as_json: JsonOut = False, debug: Debug
         else:
             from rich.console import Console
             from rich.markup import escape
-            from rich.table import Table
 
-            table = Table(title=f"gstalk check {root}")
-            for col in ("stage", "status", "detail", "fix"):
-                table.add_column(col, overflow="fold")
-            style = {"ok": "green", "not run": "dim", "problem": "bold red"}
-            for f in findings:
-                table.add_row(f.stage, f"[{style[f.status]}]{f.status}[/]", escape(f.detail), escape(f.fix))
+            from gstalk.check import findings_table
+
             console = Console()
-            console.print(table)
+            console.print(findings_table(root, findings))
             if fix:
                 console.print(f"re-run first: [bold]{escape(fix)}[/]")
         if fix:
@@ -807,16 +722,10 @@ def doctor(as_json: JsonOut = False, debug: Debug = False) -> None:
             _print_json({"ok": not failed, "checks": [c.to_dict() for c in checks]})
         else:
             from rich.console import Console
-            from rich.markup import escape
-            from rich.table import Table
 
-            table = Table(title="gstalk doctor", show_lines=False)
-            for col in ("check", "status", "found", "fix"):
-                table.add_column(col, overflow="fold")
-            style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
-            for c in checks:
-                table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
-            Console(stderr=False).print(table)
+            from gstalk.doctor import checks_table
+
+            Console(stderr=False).print(checks_table(checks))
         if failed:
             raise typer.Exit(6)
 
@@ -828,7 +737,8 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("raster", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_raster(ctx: typer.Context) -> None:
     """Time the rasterizer backends (forward, forward+backward, FPS) at 256²/10k, 512²/10k and 512²/50k Gaussians.
-    Options: --quick, --json, --sizes WxHxN,..., --backends cpu,torch, --repeats N."""
+    Options: --quick, --json, --sizes WxHxN,..., --backends cpu,torch, --repeats N, --device cpu|cuda|auto (where the
+    torch backend runs)."""
     from gstalk.raster.bench import main as bench_main
 
     raise typer.Exit(bench_main(ctx.args))
@@ -842,30 +752,22 @@ def bench_render_cmd(
     size: Annotated[Optional[int], typer.Option(help="Output width/height in pixels, as render --size (default: "
                                                      "the trained size).", show_default=False)] = None,
     raster: Raster = "auto",
+    device: Device = "auto",
     as_json: JsonOut = False, debug: Debug = False,
 ) -> None:
     """Time a trained workspace's rendering step by step (audio features, articulation, deformation, rasterization,
     compositing, H.264 encoding), driven by its own audio: ms per frame, median and 10th-percentile render FPS,
     end-to-end FPS. Nothing is written to the workspace."""
     with _guard(debug):
-        from gstalk.render.bench import bench_render
+        from gstalk.render.bench import bench_render, bench_table
 
-        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster, size=size)
+        r = bench_render(_workspace(workspace), frames=frames, warmup=warmup, backend=raster, size=size, device=device)
         if as_json:
             _print_json(r)
             return
         from rich.console import Console
-        from rich.table import Table
 
-        t = Table(title=f"gstalk bench render: {r['frames']} frames at {r['size'][0]}x{r['size'][1]}, "
-                        f"{r['n_gaussians']} Gaussians, {r['threads']} threads")
-        t.add_column("step")
-        t.add_column("ms / frame", justify="right")
-        for k, v in r["ms_per_frame"].items():
-            t.add_row(k, f"{v:.2f}")
-        t.add_row("render FPS (median / p10)", f"{r['render_fps_median']:.1f} / {r['render_fps_p10']:.1f}")
-        t.add_row("end-to-end FPS", f"{r['end_to_end_fps']:.1f}")
-        Console().print(t)
+        Console().print(bench_table(r))
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gstalk.errors import UsageError
 
@@ -90,13 +91,63 @@ class CoarseConfig:
     lr_shN: float = 1.25e-4
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     raster: str = "auto"
+    device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50
     checkpoint_every: int = 1000  # iterations between coarse/checkpoint.safetensors writes (0 = never)
 
 
+ModelName = Literal["gstalker", "audioplane", "egstalker"]
+Conditioning = Literal["articulation", "audio"]
+CodeEncoder = Literal["mlp", "audionet"]
+
+
+@dataclass(frozen=True)
+class GSTalkerConfig:
+    """GSTalker (``--model gstalker``) has no settings of its own: it reads the shared ones
+    of :class:`FineConfig` (the hash tri-plane ``grid_*``, the fusion MLP ``hidden``/``layers``,
+    the temporal smoothing ``audio_smooth_window``)."""
+
+
+@dataclass(frozen=True)
+class AudioPlaneConfig:
+    """Audio-Plane (``--model audioplane``): the audio factorization plane, dynamic
+    splatting and its mask loss (Audio-Plane Eq. 4-9)."""
+
+    plane_dim: int = 16  # D, features per plane/line/prototype (paper 16)
+    plane_res: int = 32  # H, base resolution of planes, lines and the prototype grid (paper 64)
+    plane_scales: int = 2  # s = 1..plane_scales (paper 4)
+    dynamic: bool = True  # dynamic splatting: per-Gaussian dynamism weight d held to the mouth mask
+    # frames Audio-Plane's audio attention smooths over (its own, as audio_smooth_window is
+    # GSTalker's): on obama.mp4 at cpu-quick sizes 1 frame missed the static head's mouth box
+    # twice (-0.15 dB) and 8 frames beat it (+0.47 dB). See docs/methods.md.
+    plane_smooth_window: int = 8
+    mask_lambda: float = 0.1  # λ_mask of L_mask (paper 0.1)
+    mask_margin: float = 0.2  # margin of L_mask (paper 0.2)
+    mask_dilate: float = 0.03  # the reference mask: mouth mask dilated by this x image size
+
+
+@dataclass(frozen=True)
+class EGSTalkerConfig:
+    """EGSTalker (``--model egstalker``): KAN encoder and head, spatial-audio attention
+    (ESAA) with periodic encoding; ``head=mlp`` and ``fusion=concat`` are the ablations."""
+
+    feature_dim: int = 32  # spatial feature h = KAN(tri-plane)
+    attention_dim: int = 32  # ESAA width
+    attention_window: int = 8  # audio frames ESAA attends to (its tokens)
+    pe_levels: int = 4  # periodic encoding levels of the audio tokens' time offsets (0 = off)
+    kan_grid: int = 5  # B-spline intervals of the KAN layers
+    kan_hidden: int = 32
+    head: Literal["kan", "mlp"] = "kan"  # kan (paper) or mlp (ablation)
+    fusion: Literal["attention", "concat"] = "attention"  # attention (ESAA, paper) or concat (ablation)
+
+
 @dataclass(frozen=True)
 class FineConfig:
-    model: str = "gstalker"
+    """The fine stage: settings every model shares, and one small dataclass per model
+    (:attr:`gstalker`, :attr:`audioplane`, :attr:`egstalker`; :meth:`model_config` is the
+    one ``model`` reads)."""
+
+    model: ModelName = "gstalker"
     iterations: int = 1500
     # hash-grid tri-plane (Instant-NGP style, per plane)
     grid_levels: int = 6
@@ -123,12 +174,12 @@ class FineConfig:
     ssim_lambda: float = 0.2
     mouth_weight: float = 2.0  # extra L1 weight on the mouth mask
     deform_reg: float = 0.01  # weight of the mean |offset| penalty (position in cm)
-    conditioning: str = "articulation"  # "articulation" (audio -> mouth code -> field) or "audio"
+    conditioning: Conditioning = "articulation"  # "articulation" (audio -> mouth code -> field) or "audio"
     articulation_noise: float = 0.6  # std of the noise on the tracked code during training (std units)
     # how the field reads the articulation code of a frame: mlp (a two-layer MLP on the code,
     # gstalk.deform.audio.CodeNet) or audionet (AudioNet's convolutions over W copies of it,
     # as models trained before CodeNet do); see docs/methods.md for the comparison
-    code_encoder: str = "mlp"
+    code_encoder: CodeEncoder = "mlp"
     articulation_steps: int = 1000  # max steps fitting each audio -> articulation regressor
     articulation_smooth: int = 4  # frames the articulation regressor's attention looks at
     articulation_members: int = 5  # regressors averaged (one alone varies a lot with its seed)
@@ -142,27 +193,10 @@ class FineConfig:
     articulation_adapt_steps: int = 300
     articulation_adapt_lr: float = 3e-4
     av_offset: int | None = None  # frames; None = use the track stage's estimate
-    # Audio-Plane (--model audioplane)
-    plane_dim: int = 16  # D, features per plane/line/prototype (paper 16)
-    plane_res: int = 32  # H, base resolution of planes, lines and the prototype grid (paper 64)
-    plane_scales: int = 2  # s = 1..plane_scales (paper 4)
-    dynamic: bool = True  # dynamic splatting: per-Gaussian dynamism weight d held to the mouth mask
-    # frames Audio-Plane's audio attention smooths over (its own, as audio_smooth_window is
-    # GSTalker's): on obama.mp4 at cpu-quick sizes 1 frame missed the static head's mouth box
-    # twice (-0.15 dB) and 8 frames beat it (+0.47 dB). See docs/methods.md.
-    plane_smooth_window: int = 8
-    mask_lambda: float = 0.1  # λ_mask of L_mask (paper 0.1)
-    mask_margin: float = 0.2  # margin of L_mask (paper 0.2)
-    mask_dilate: float = 0.03  # the reference mask: mouth mask dilated by this x image size
-    # EGSTalker (--model egstalker)
-    feature_dim: int = 32  # spatial feature h = KAN(tri-plane)
-    attention_dim: int = 32  # ESAA width
-    attention_window: int = 8  # audio frames ESAA attends to (its tokens)
-    pe_levels: int = 4  # periodic encoding levels of the audio tokens' time offsets (0 = off)
-    kan_grid: int = 5  # B-spline intervals of the KAN layers
-    kan_hidden: int = 32
-    head: str = "kan"  # egstalker's head: kan (paper) or mlp (ablation)
-    fusion: str = "attention"  # egstalker's fusion: attention (ESAA, paper) or concat (ablation)
+    # the settings of one model each (``--set KEY=VALUE`` reaches them by their own names)
+    gstalker: GSTalkerConfig = field(default_factory=GSTalkerConfig)
+    audioplane: AudioPlaneConfig = field(default_factory=AudioPlaneConfig)
+    egstalker: EGSTalkerConfig = field(default_factory=EGSTalkerConfig)
     # Densification continued in the fine stage (3DGS clone/split/prune of the canonical
     # Gaussians, driven by the deformed renders' screen-space gradients); 0 = off (cpu-quick:
     # not shown to pay on a 20 s clip; the paper preset densifies up to 15k iterations)
@@ -179,9 +213,14 @@ class FineConfig:
     torso_hidden: int = 64
     lr_torso: float = 1e-3  # the torso field's MLP (its Gaussians use the coarse stage's rates)
     raster: str = "auto"
+    device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # NaN/Inf steps in a row (each skipped) before the run stops
+
+    def model_config(self) -> GSTalkerConfig | AudioPlaneConfig | EGSTalkerConfig:
+        """The settings of the model this run trains (``model``)."""
+        return getattr(self, self.model)
 
 
 # The default ``render --articulation-gain``: the predicted articulation code is already
@@ -200,6 +239,34 @@ def check_articulation_gain(gain: float | None) -> float:
         raise UsageError(f"--articulation-gain {gain} is out of range.",
                          hint="give a number above 0 and at most 5 (1 = as calibrated; 1.2 = 20% more mouth motion)")
     return g
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """``gstalk render``: how a video is made from a trained avatar and speech."""
+
+    # head poses: loop (the training poses, back and forth), still (the most frontal one, held),
+    # or a pose file / workspace (gstalk.render.poses.read_pose_file)
+    pose: str = "loop"
+    background: str = "plate"  # plate, a colour (black, white, green, blue, grey, #rrggbb) or an image file
+    alpha: bool = False  # RGBA PNG frames (head and torso over nothing) into a folder instead of an mp4
+    size: int | None = None  # px, output width/height (even, 32-4096); None = the trained size
+    blink: Literal["video", "auto"] = "video"  # the pose frames' own blinks, or natural ones at random
+    articulation_gain: float | None = None  # scale of the predicted mouth code; None = DEFAULT_ARTICULATION_GAIN
+    raster: str = "auto"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``gstalk eval``: the self-driven evaluation on the test split."""
+
+    lpips: str | None = None  # LPIPS weights (safetensors) for lpips / face_lpips
+    syncnet: str | None = None  # SyncNet weights (safetensors) for LSE-C / LSE-D
+    lmd_landmarks: Literal["mediapipe", "fan"] = "mediapipe"  # fan: also the papers' LMD (FAN, points 48-67)
+    fan_weights: str | None = None  # FAN's TorchScript archive (default $GSTALK_FAN_WEIGHTS)
+    raster: str = "auto"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -231,7 +298,8 @@ PRESETS: dict[str, Preset] = {
         track=TrackConfig(),
         coarse=CoarseConfig(iterations=6000, densify=DensifyConfig(stop=3000)),
         fine=FineConfig(iterations=3000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
-                        plane_res=64, plane_scales=4, plane_smooth_window=1, checkpoint_every=1000),
+                        checkpoint_every=1000,
+                        audioplane=AudioPlaneConfig(plane_res=64, plane_scales=4, plane_smooth_window=1)),
         description="256 px, the papers' fine architecture, 2x cpu-quick's iterations: about an hour "
                     "per model on a 2-core CPU",
     ),
@@ -243,8 +311,9 @@ PRESETS: dict[str, Preset] = {
                             densify=DensifyConfig(start=500, stop=10000, every=100,
                                                   reset_opacity_every=3000, max_gaussians=150000)),
         fine=FineConfig(iterations=30000, grid_levels=12, grid_max_res=1024, audio_dim=32, hidden=128,
-                        plane_res=64, plane_scales=4, audio_smooth_window=8, checkpoint_every=2000,
-                        densify_from=1000, densify_until=15000, densify_max=100000),
+                        audio_smooth_window=8, checkpoint_every=2000,
+                        densify_from=1000, densify_until=15000, densify_max=100000,
+                        audioplane=AudioPlaneConfig(plane_res=64, plane_scales=4)),
         description="512 px and the papers' iteration counts: for a GPU (hours on a CPU)",
     ),
     "test": Preset(
@@ -258,8 +327,9 @@ PRESETS: dict[str, Preset] = {
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
                         hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
                         articulation_adapt_steps=50,
-                        articulation_members=2, plane_res=8, plane_dim=8, feature_dim=16, attention_dim=16,
-                        kan_hidden=16, torso_stride=2, densify_from=20, densify_until=31, densify_every=10),
+                        articulation_members=2, torso_stride=2, densify_from=20, densify_until=31, densify_every=10,
+                        audioplane=AudioPlaneConfig(plane_res=8, plane_dim=8),
+                        egstalker=EGSTalkerConfig(feature_dim=16, attention_dim=16, kan_hidden=16)),
         description="tiny: for the test suite and CI smoke runs (seconds)",
     ),
 }
@@ -302,45 +372,173 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def parse_assignments(cfg: Any, items: list[str] | None) -> Any:
-    """``cfg`` (a config dataclass) with ``KEY=VALUE`` assignments applied (``--set``); values
-    are converted to the field's type (int, float, bool: true/false/1/0/yes/no, str, or
-    none for optional fields).
+_SCALARS = (int, float, str, bool, type(None))
+MODEL_SETTINGS = ("gstalker", "audioplane", "egstalker")  # FineConfig's per-model dataclass fields
+
+
+def _scalar_fields(cfg: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), _SCALARS)]
+
+
+def settable_keys(cfg: Any) -> dict[str, str | None]:
+    """Every key ``--set`` takes for ``cfg``: name -> the per-model field it lives in (None
+    for the shared ones). A :class:`FineConfig`'s model settings are reached by their own
+    names (``plane_res``, ``head``) or written out (``audioplane.plane_res``)."""
+    keys: dict[str, str | None] = {k: None for k in _scalar_fields(cfg)}
+    for sub in MODEL_SETTINGS if isinstance(cfg, FineConfig) else ():
+        keys.update({k: sub for k in _scalar_fields(getattr(cfg, sub))})
+    return keys
+
+
+def with_options(cls: type, cfg: Any, options: dict[str, Any], what: str) -> Any:
+    """``cfg`` (default ``cls()``) with ``options`` applied: the keyword form of a stage
+    function that takes a config (``run_render(..., pose="still")``). ``backend`` is accepted
+    for ``raster`` (its older name), paths become strings, and the choices are checked.
 
     Raises:
-        UsageError: malformed item, unknown key (the message lists the keys), or a value
-            that does not convert.
+        UsageError: an option that is not a field of ``cls`` (``what`` names the stage), or a
+            value that is not one of its choices.
+    """
+    from pathlib import Path
+
+    cfg = cfg or cls()
+    options = dict(options)
+    if "backend" in options:
+        options["raster"] = options.pop("backend")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"Unknown {what} option(s): {', '.join(unknown)}.", hint=f"use: {', '.join(sorted(names))}")
+    cfg = dataclasses.replace(cfg, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})
+    check_choices(cfg, "flag")
+    return cfg
+
+
+def with_settings(cfg: FineConfig, **values: Any) -> FineConfig:
+    """``cfg`` with settings changed by their ``--set`` names, shared or of any model
+    (``with_settings(FineConfig(), iterations=10, plane_res=8, head="mlp")``): the library
+    form of ``--set``, without its string parsing and its check of the trained model.
+
+    Raises:
+        UsageError: an unknown name, or a value that is not one of its field's choices.
+    """
+    keys = settable_keys(cfg)
+    shared: dict[str, Any] = {}
+    per_model: dict[str, dict[str, Any]] = {}
+    for k, v in values.items():
+        if k not in keys:
+            raise UsageError(f"unknown fine setting '{k}'.", hint=f"settable: {', '.join(sorted(keys))}")
+        if keys[k] is None:
+            shared[k] = v
+        else:
+            per_model.setdefault(str(keys[k]), {})[k] = v
+    out = dataclasses.replace(cfg, **shared, **{m: dataclasses.replace(getattr(cfg, m), **kv)
+                                                for m, kv in per_model.items()})
+    check_choices(out)
+    return out
+
+
+def parse_assignments(cfg: Any, items: list[str] | None) -> Any:
+    """``cfg`` (a config dataclass) with ``KEY=VALUE`` assignments applied (``--set``); values
+    are converted to the field's type (int, float, bool: true/false/1/0/yes/no, str, one of
+    a ``Literal``'s choices, or none for optional fields).
+
+    For a :class:`FineConfig` a key may also name a setting of the model being trained
+    (``cfg.model``): ``plane_res`` for audioplane, ``head`` for egstalker (or
+    ``audioplane.plane_res``); a setting of another model is refused, since it would do
+    nothing.
+
+    Raises:
+        UsageError: malformed item, unknown key (the message lists the keys), a setting of
+            another model, or a value that does not convert or is not one of the choices.
     """
     if not items:
         return cfg
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes: dict[str, Any] = {}
+    keys = settable_keys(cfg)
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got '{item}'.", hint="e.g. --set mask_lambda=0.2")
-        if key not in fields or not isinstance(getattr(cfg, key), (int, float, str, bool, type(None))):
-            settable = sorted(k for k in fields if isinstance(getattr(cfg, k), (int, float, str, bool, type(None))))
-            raise UsageError(f"--set: unknown setting '{key}'.", hint=f"settable: {', '.join(settable)}")
-        changes[key] = _convert(key, raw.strip(), getattr(cfg, key), str(fields[key].type))
-    return dataclasses.replace(cfg, **changes)
+        owner, _, name = key.rpartition(".")
+        if owner and (owner not in MODEL_SETTINGS or keys.get(name) != owner or not isinstance(cfg, FineConfig)):
+            raise UsageError(f"--set: unknown setting '{key}'.", hint=f"settable: {', '.join(sorted(keys))}")
+        if name not in keys:
+            raise UsageError(f"--set: unknown setting '{key}'.", hint=f"settable: {', '.join(sorted(keys))}")
+        sub = keys[name]
+        if sub is None:
+            cfg = dataclasses.replace(cfg, **{name: _convert(key, raw.strip(), cfg, name)})
+            continue
+        if sub != cfg.model:
+            raise UsageError(f"--set {key}: a setting of --model {sub}, and this run trains {cfg.model}.",
+                             hint=f"add --model {sub}, or drop --set {key}")
+        part = getattr(cfg, sub)
+        cfg = dataclasses.replace(cfg, **{sub: dataclasses.replace(part, **{name: _convert(key, raw.strip(), part,
+                                                                                            name)})})
+    check_choices(cfg)
+    return cfg
 
 
-def _convert(key: str, raw: str, current: Any, type_name: str) -> Any:
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    """The values of a ``Literal[...]`` type (also inside ``X | None``), else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    for arg in typing.get_args(tp):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def check_choices(cfg: Any, style: str = "set") -> None:
+    """Check every ``Literal``-typed field of the config dataclass ``cfg`` (and of its
+    nested dataclasses) against its choices.
+
+    Args:
+        style: how the message names a setting: ``set`` (``--set head``) or ``flag``
+            (``--blink``).
+
+    Raises:
+        UsageError: one line naming the setting, the value and the choices.
+    """
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            check_choices(v, style)
+            continue
+        choices = _choices(_field_type(type(cfg), f.name))
+        if choices is not None and v not in choices and v is not None:
+            name = f"--set {f.name}:" if style == "set" else f"--{f.name.replace('_', '-')}"
+            raise UsageError(f"{name} '{v}' is not one of {', '.join(map(str, choices))}.",
+                             hint=f"e.g. {name.rstrip(':')} {choices[0]}")
+
+
+def _convert(key: str, raw: str, cfg: Any, name: str) -> Any:
+    current = getattr(cfg, name)
+    tp = _field_type(type(cfg), name)
+    type_name = str(tp)
     low = raw.lower()
     if low in ("none", "null") and "None" in type_name:
         return None
+    choices = _choices(tp)
+    if choices is not None:
+        if raw not in choices:
+            raise UsageError(f"--set {key}: '{raw}' is not one of {', '.join(map(str, choices))}.",
+                             hint=f"current value: {current}")
+        return raw
     try:
-        if isinstance(current, bool) or type_name == "bool":
+        if isinstance(current, bool) or tp is bool:
             if low in ("true", "1", "yes", "on"):
                 return True
             if low in ("false", "0", "no", "off"):
                 return False
             raise ValueError(raw)
-        if isinstance(current, int) or type_name.startswith("int"):
+        if isinstance(current, int) or type_name.startswith("int") or "int |" in type_name:
             return int(raw)
-        if isinstance(current, float) or type_name.startswith("float"):
+        if isinstance(current, float) or type_name.startswith("float") or "float |" in type_name:
             value = float(raw)
             if not math.isfinite(value):
                 raise ValueError(raw)
@@ -352,7 +550,31 @@ def _convert(key: str, raw: str, current: Any, type_name: str) -> Any:
     return raw
 
 
+def flat_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A fine config as the manifest records it (:func:`to_dict`), flattened to the ``--set``
+    names: the shared settings and those of the model it trained (older, flat records are
+    returned as they are)."""
+    out = {k: v for k, v in cfg.items() if k not in MODEL_SETTINGS}
+    model = cfg.get("model")
+    if isinstance(cfg.get(model), dict):
+        out.update(cfg[model])
+    return out
+
+
 def override(cfg: Any, **changes: Any) -> Any:
-    """``cfg`` with the non-None ``changes`` applied (flags that the user set)."""
+    """``cfg`` with the non-None ``changes`` applied (flags that the user set), its
+    ``Literal`` choices checked.
+
+    Raises:
+        UsageError: a change that is not one of its field's choices (e.g. ``--model banana``).
+    """
     changes = {k: v for k, v in changes.items() if v is not None}
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    if not changes:
+        return cfg
+    out = dataclasses.replace(cfg, **changes)
+    for k, v in changes.items():
+        choices = _choices(_field_type(type(cfg), k))
+        if choices is not None and v not in choices:
+            raise UsageError(f"--{k.replace('_', '-')} '{v}' is not one of {', '.join(map(str, choices))}.",
+                             hint=f"e.g. --{k.replace('_', '-')} {choices[0]}")
+    return out

@@ -15,18 +15,27 @@ import torch
 from gstalk.errors import WorkspaceError
 from gstalk.tensorio import load_tensors
 from gstalk.train.frames import FrameSet
-from gstalk.workspace import Workspace
+from gstalk.workspace import (
+    AUDIO_FEATURES,
+    EXTRACT_AUDIO,
+    EXTRACT_FRAMES,
+    FINE_MODEL,
+    PLATE,
+    TRACK_MASKS,
+    TRACKS,
+    Workspace,
+)
 
 if TYPE_CHECKING:
     from gstalk.avatar import AudioSettings
 
 
 def frame_path(ws: Workspace, i: int) -> Path:
-    return ws.path("extract", "frames", f"{i:06d}.png")
+    return ws.path(EXTRACT_FRAMES, f"{i:06d}.png")
 
 
 def mask_path(ws: Workspace, i: int) -> Path:
-    return ws.path("track", "masks", f"{i:06d}.png")
+    return ws.path(TRACK_MASKS, f"{i:06d}.png")
 
 
 def _imread(path: Path, flags: int) -> np.ndarray:
@@ -45,25 +54,41 @@ def load_frame(ws: Workspace, i: int) -> np.ndarray:
     return np.ascontiguousarray(_imread(frame_path(ws, i), cv2.IMREAD_COLOR)[:, :, ::-1])
 
 
+def _decoded(fn: Any, indices: range | list[int]) -> list[np.ndarray]:
+    """``[fn(i) for i in indices]``, the PNGs decoded on a few worker threads (OpenCV releases
+    the GIL while decoding), in order; the first error is raised."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    idx = list(indices)
+    workers = min(8, os.cpu_count() or 1, max(1, len(idx) // 16))
+    if workers <= 1:
+        return [fn(i) for i in idx]
+    with ThreadPoolExecutor(workers, thread_name_prefix="gstalk-decode") as pool:
+        return list(pool.map(fn, idx))
+
+
 def load_frames(ws: Workspace, indices: range | list[int] | None = None) -> np.ndarray:
-    """Extracted frames as [F, H, W, 3] uint8 RGB (all when ``indices`` is None)."""
+    """Extracted frames as [F, H, W, 3] uint8 RGB (all when ``indices`` is None), decoded on
+    worker threads."""
     if indices is None:
         indices = range(ws.stage("extract").summary["n_frames"])
-    return np.stack([load_frame(ws, i) for i in indices])
+    return np.stack(_decoded(lambda i: load_frame(ws, i), indices))
 
 
 def load_masks(ws: Workspace, indices: range | list[int]) -> np.ndarray:
-    """Track masks as [F, H, W, 4] uint8 {0, 255}, channels head, mouth, torso, person."""
+    """Track masks as [F, H, W, 4] uint8 {0, 255}, channels head, mouth, torso, person
+    (decoded on worker threads)."""
     import cv2
 
-    return np.stack([_imread(mask_path(ws, i), cv2.IMREAD_UNCHANGED) for i in indices])
+    return np.stack(_decoded(lambda i: _imread(mask_path(ws, i), cv2.IMREAD_UNCHANGED), indices))
 
 
 def load_background(ws: Workspace) -> np.ndarray:
     """The background plate [H, W, 3] uint8 RGB."""
     import cv2
 
-    return np.ascontiguousarray(_imread(ws.path("track", "background.png"), cv2.IMREAD_COLOR)[:, :, ::-1])
+    return np.ascontiguousarray(_imread(ws.path(PLATE), cv2.IMREAD_COLOR)[:, :, ::-1])
 
 
 @dataclass
@@ -114,7 +139,7 @@ class Tracks:
 
 
 def load_tracks(ws: Workspace) -> Tracks:
-    t, meta = load_tensors(ws.path("track", "tracks.safetensors"))
+    t, meta = load_tensors(ws.path(TRACKS))
     return Tracks(viewmats=t["viewmats"].float(), K=t["K"].float(), landmarks=t["landmarks"].float(),
                   blendshapes=t["blendshapes"].float(), blink=t["blink"].float(), valid=t["valid"].bool(),
                   mouth_box=t["mouth_box"].float(), face_box=t["face_box"].float(),
@@ -135,7 +160,7 @@ class AudioFeatures:
 
 
 def load_audio_features(ws: Workspace) -> AudioFeatures:
-    t, meta = load_tensors(ws.path("extract", "audio_features.safetensors"))
+    t, meta = load_tensors(ws.path(AUDIO_FEATURES))
     return AudioFeatures(steps=t["steps"].numpy(), mean=t["mean"].numpy(), std=t["std"].numpy(),
                          steps_per_second=float(meta["steps_per_second"]), window=int(meta["window"]),
                          extractor=str(meta["extractor"]))
@@ -145,7 +170,7 @@ def load_audio(ws: Workspace) -> tuple[np.ndarray, int]:
     """The extracted audio ``extract/audio.wav``: ([S] float32 mono in [-1, 1], sample rate Hz)."""
     import soundfile as sf
 
-    samples, sr = sf.read(str(ws.path("extract", "audio.wav")), dtype="float32")
+    samples, sr = sf.read(str(ws.path(EXTRACT_AUDIO)), dtype="float32")
     return (samples.mean(1) if samples.ndim > 1 else samples), int(sr)
 
 
@@ -155,7 +180,7 @@ def load_audio_settings(ws: Workspace) -> AudioSettings:
     ``extract/audio_features.safetensors`` (all but the clip's own ``steps``/``windows``)."""
     from gstalk.avatar import PER_FRAME_AUDIO_TENSORS, AudioSettings
 
-    t, meta = load_tensors(ws.path("extract", "audio_features.safetensors"))
+    t, meta = load_tensors(ws.path(AUDIO_FEATURES))
     ex = ws.stage("extract")
     return AudioSettings(config=dict(ex.config.get("audio", {})), metadata=meta,
                          tensors={k: v.numpy() for k, v in t.items() if k not in PER_FRAME_AUDIO_TENSORS},
@@ -282,16 +307,20 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
     )
 
 
-def load_fine_model(ws: Workspace) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
-    """(canonical Gaussians, deformation model in eval mode, metadata) from ``fine/model.safetensors``."""
-    t, meta = load_tensors(ws.path("fine", "model.safetensors"))
-    params, model = fine_model_from_tensors(t, meta)
+def load_fine_model(ws: Workspace, device: torch.device | str = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+    """(canonical Gaussians, deformation model in eval mode, metadata) from
+    ``fine/model.safetensors``, on ``device`` (whatever device trained it)."""
+    t, meta = load_tensors(ws.path(FINE_MODEL))
+    params, model = fine_model_from_tensors(t, meta, device)
     return params, model, meta
 
 
-def fine_model_from_tensors(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+def fine_model_from_tensors(t: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device | str = "cpu"
+                            ) -> tuple[dict[str, torch.Tensor], Any]:
     """(canonical Gaussians, deformation model in eval mode) from the tensors and metadata of
-    a ``fine/model.safetensors`` file (``params.*``, ``module.*``, ``meta["spec"]``).
+    a ``fine/model.safetensors`` file (``params.*``, ``module.*``, ``meta["spec"]``), on
+    ``device`` (``map_location``: the file holds CPU tensors whatever device trained it).
 
     Raises:
         KeyError, RuntimeError, UsageError: the spec or the weights do not fit together
@@ -299,8 +328,9 @@ def fine_model_from_tensors(t: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     """
     from gstalk.deform.registry import build_model
 
-    params = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("params.")}
+    params = {k.split(".", 1)[1]: v.to(device) for k, v in t.items() if k.startswith("params.")}
     model = build_model(meta["spec"])
     model.load_state_dict({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("module.")})
+    model.to(device)
     model.eval()
     return params, model

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 MIN_FREE_GB = 2.0
 
@@ -170,3 +171,17 @@ def run_checks(checks: tuple[Callable[[], Check], ...] = CHECKS) -> list[Check]:
             out.append(Check(name, "fail", f"{type(exc).__name__}: {exc}",
                              "reinstall gstalk: pip install -e '.[dev]' (see README.md)"))
     return out
+
+
+def checks_table(checks: list[Check]) -> Any:
+    """The checks as a rich Table with a fix per problem (what ``gstalk doctor`` prints)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="gstalk doctor", show_lines=False)
+    for col in ("check", "status", "found", "fix"):
+        table.add_column(col, overflow="fold")
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    for c in checks:
+        table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
+    return table

@@ -79,3 +79,14 @@ class Reporter:
 
 
 SILENT = Reporter(quiet=True, console=None)
+
+
+def print_table(table: Any, *, stderr: bool = False) -> None:
+    """Print a rich Table on stdout (or stderr); piped or captured output gets 200 columns
+    instead of being squeezed into 80."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=200)
+    console.print(table)

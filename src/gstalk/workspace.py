@@ -20,7 +20,8 @@ stays ``done``; the failure is recorded under ``last_failure``), see :meth:`Work
 
 A stage requires earlier ones through :meth:`Workspace.require`: missing, unfinished or
 stale (re-run since) stages raise :class:`~gstalk.errors.WorkspaceError` with the command
-that fixes it.
+that fixes it. Every stage, eval included, runs through :func:`run_stage` (lock, begin,
+fail, finish), and the files each writes are named once, here (:data:`OUTPUTS`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,45 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "fine": ("extract", "track", "coarse"),
     "render": ("extract", "track", "fine"),
     "eval": ("extract", "track", "coarse", "fine"),
+}
+
+
+# What each stage writes, relative to the workspace root: the one place these names are spelled
+# (docs/workspace.md describes each file).
+EXTRACT_FRAMES = "extract/frames"
+EXTRACT_AUDIO = "extract/audio.wav"
+AUDIO_FEATURES = "extract/audio_features.safetensors"
+EXTRACT_SUMMARY = "extract/summary.json"
+TRACKS = "track/tracks.safetensors"
+TRACK_MASKS = "track/masks"
+PLATE = "track/background.png"
+TRACK_PREVIEW = "track/preview.png"
+TRACK_SUMMARY = "track/summary.json"
+COARSE_GAUSSIANS = "coarse/gaussians.safetensors"
+COARSE_PLY = "coarse/point_cloud.ply"
+COARSE_PREVIEW = "coarse/preview.png"
+COARSE_SUMMARY = "coarse/summary.json"
+COARSE_CHECKPOINT = "coarse/checkpoint.safetensors"
+FINE_MODEL = "fine/model.safetensors"
+FINE_PLY = "fine/point_cloud.ply"
+FINE_PREVIEW = "fine/preview.png"
+FINE_SUMMARY = "fine/summary.json"
+FINE_CHECKPOINT = "fine/checkpoint.safetensors"
+RENDERS = "renders"
+EVAL_METRICS = "eval/metrics.json"
+EVAL_REPORT = "eval/report.md"
+EVAL_SAMPLES = "eval/samples.png"
+EVAL_PSNR_PLOT = "eval/psnr.png"
+EVAL_MOUTH_PLOT = "eval/mouth.png"
+# the training checkpoint a stopped stage resumes from (deleted when the stage finishes)
+CHECKPOINTS = {"coarse": COARSE_CHECKPOINT, "fine": FINE_CHECKPOINT}
+# the outputs each stage records in the manifest (with their checksums)
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "extract": (EXTRACT_FRAMES, EXTRACT_AUDIO, AUDIO_FEATURES, EXTRACT_SUMMARY),
+    "track": (TRACKS, TRACK_MASKS, PLATE, TRACK_PREVIEW, TRACK_SUMMARY),
+    "coarse": (COARSE_GAUSSIANS, COARSE_PLY, COARSE_PREVIEW, COARSE_SUMMARY),
+    "fine": (FINE_MODEL, FINE_PLY, FINE_PREVIEW, FINE_SUMMARY),
+    "eval": (EVAL_METRICS, EVAL_REPORT, EVAL_SAMPLES, EVAL_PSNR_PLOT, EVAL_MOUTH_PLOT),
 }
 
 
@@ -447,6 +488,21 @@ class Workspace:
                 bad.append(f"{rel} changed since the stage wrote it")
         return bad
 
+    def is_current(self, stage: str) -> bool:
+        """Whether ``stage`` is done, read the runs of the stages before it that are there now
+        (not re-run since), and its recorded outputs are intact: e.g. an eval whose metrics
+        still describe the current fine model. Judged from the manifest, not file times."""
+        rec = self.stage(stage)
+        if rec.status != "done":
+            return False
+        for dep in REQUIRES.get(stage, ()):
+            if rec.data.get("inputs", {}).get(dep) != self.stage(dep).run_id:
+                return False
+        try:
+            return not self.output_problems(rec.data)
+        except OSError:
+            return False
+
     # ----------------------------------------------------------------------- lock
     @contextlib.contextmanager
     def lock(self, stage: str) -> Iterator[None]:
@@ -474,6 +530,50 @@ class Workspace:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+StageResult = dict[str, Any] | tuple[dict[str, Any], dict[str, float]]
+
+
+def run_stage(ws: Workspace, name: str, config: dict[str, Any], fn: Callable[[], StageResult], *,
+              started: float | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run one stage the way every stage runs: hold the workspace lock, delete what a killed
+    run left (``.tmp-*``), record the run as begun (config, inputs, versions), call ``fn``,
+    and record it done with the checksums of its :data:`OUTPUTS` (or failed, giving back an
+    intact earlier run, :meth:`Workspace.fail`).
+
+    Args:
+        ws: the workspace (its requirements already checked with :meth:`Workspace.require`,
+            and bad input already refused: nothing is written before the lock).
+        name: the stage (a key of :data:`OUTPUTS`).
+        config: the stage's resolved config, as recorded (``gstalk.config.to_dict``).
+        fn: does the work; returns the summary, or (summary, timings in seconds).
+        started: ``time.perf_counter()`` when the stage started (default: now), for the
+            recorded seconds.
+        resume: record the stopped run this one continues (``resumed_from``).
+
+    Returns:
+        The summary.
+
+    Raises:
+        LockError: another process holds the workspace. Whatever ``fn`` raises.
+    """
+    t0 = time.perf_counter() if started is None else started
+    with ws.lock(name):
+        clean_temp(ws.path(name))
+        prev = ws.stage(name)
+        ws.begin(name, config)
+        if resume and prev.run_id:  # keep the run id so the checkpoint is recognised
+            ws.manifest["stages"][name]["resumed_from"] = prev.run_id
+        try:
+            result = fn()
+        except BaseException as exc:
+            ws.fail(name, exc)
+            raise
+        summary, timings = result if isinstance(result, tuple) else (result, None)
+        ws.finish(name, outputs=list(OUTPUTS[name]), summary=summary, seconds=time.perf_counter() - t0,
+                  timings=timings)
+    return summary
 
 
 def tool_versions() -> dict[str, str]:

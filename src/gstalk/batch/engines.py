@@ -203,7 +203,7 @@ class RayEngine:
         from gstalk.avatar import is_bundle_path
         from gstalk.bundle import read_bundle, read_bundle_bytes, workspace_bundle_bytes
         from gstalk.tensorio import read_metadata
-        from gstalk.workspace import Workspace
+        from gstalk.workspace import FINE_MODEL, Workspace
 
         refs: dict[str, tuple[str, Any]] = {}
         errors: dict[str, GstalkError] = {}
@@ -219,7 +219,7 @@ class RayEngine:
                 else:
                     ws = Workspace.open(path)
                     ws.require("render")
-                    spec = (read_metadata(ws.path("fine", "model.safetensors")) or {}).get("spec", {})
+                    spec = (read_metadata(ws.path(FINE_MODEL)) or {}).get("spec", {})
                     if not spec.get("torso"):  # no torso field: cannot be bundled, read on shared storage
                         value = ("path", str(Path(path).resolve()))
                         key = f"path:{Path(path).resolve()}:{ws.stage('fine').run_id}"

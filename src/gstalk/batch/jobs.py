@@ -28,12 +28,14 @@ from gstalk.errors import InputError, UsageError
 KINDS = ("render", "train")
 REQUIRED = {"render": ("avatar", "audio"), "train": ("video",)}
 RENDER_OPTIONS: dict[str, type] = {"output": str, "pose": str, "background": str, "alpha": bool, "size": int,
-                                   "blink": str, "raster": str}
-"""Optional columns of a render row: the output path, then ``gstalk render``'s options."""
+                                   "blink": str, "raster": str, "device": str}
+"""Optional columns of a render row: the output path, then ``gstalk render``'s options
+(``device``: auto, cpu, cuda, cuda:N; left out of the spec unless the row sets it, so older
+results files still match)."""
 TRAIN_OPTIONS: dict[str, type] = {"workspace": str, "preset": str, "model": str, "seed": int, "raster": str,
-                                  "eval": bool, "bundle": str}
+                                  "device": str, "eval": bool, "bundle": str}
 """Optional columns of a train row (``eval``: evaluate after fine, default yes; ``bundle``: export
-the trained avatar to this ``.gstalk`` path)."""
+the trained avatar to this ``.gstalk`` path; ``device`` as for render rows)."""
 RENDER_DEFAULTS: dict[str, Any] = {"pose": "loop", "background": "plate", "alpha": False, "size": None,
                                    "blink": "video", "raster": "auto"}
 TRAIN_DEFAULTS: dict[str, Any] = {"preset": "cpu-quick", "model": "gstalker", "seed": 0, "raster": "auto",

@@ -108,11 +108,13 @@ def render_job(spec: dict[str, Any], avatar: Callable[[], Avatar]) -> dict[str, 
     Returns:
         output_sha256, output_bytes, frames, duration_s, fps (the render's).
     """
+    from gstalk.config import RenderConfig
     from gstalk.stages.render import run_render
     from gstalk.workspace import sha256_output
 
-    s = run_render(avatar(), spec["audio"], spec["output"], pose=spec["pose"], background=spec["background"],
-                   alpha=spec["alpha"], size=spec["size"], blink=spec["blink"], backend=spec["raster"])
+    cfg = RenderConfig(pose=spec["pose"], background=spec["background"], alpha=spec["alpha"], size=spec["size"],
+                       blink=spec["blink"], raster=spec["raster"], device=spec.get("device") or "auto")
+    s = run_render(avatar(), spec["audio"], spec["output"], cfg)
     out = Path(s["output"])
     return {"output": str(out), "output_sha256": sha256_output(out),
             "output_bytes": out.stat().st_size if out.is_file() else None, "frames": s["frames"],
@@ -135,12 +137,12 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     from gstalk.stages.extract import run_extract
     from gstalk.stages.fine import run_fine
     from gstalk.stages.track import run_track
-    from gstalk.workspace import MANIFEST, Workspace, sha256_file, sha256_output
+    from gstalk.workspace import CHECKPOINTS, MANIFEST, Workspace, sha256_file, sha256_output
 
     p = get_preset(spec["preset"])
     root = Path(spec["workspace"])
-    raster = spec["raster"]
-    fine_cfg = override(p.fine, model=spec["model"], raster=raster)
+    raster, device = spec["raster"], spec.get("device") or "auto"
+    fine_cfg = override(p.fine, model=spec["model"], raster=raster, device=device)
     if (root / MANIFEST).is_file():  # continue this video's workspace; never overwrite another's
         ws = Workspace.open(root)
         have = (ws.manifest.get("source", {}).get("sha256"), ws.preset, ws.seed)
@@ -154,7 +156,8 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     stages: list[tuple[str, Callable[[bool], Any]]] = [
         ("extract", lambda resume: run_extract(spec["video"], root, p.extract, preset=p.name, seed=spec["seed"])),
         ("track", lambda resume: run_track(str(root), p.track)),
-        ("coarse", lambda resume: run_coarse(str(root), override(p.coarse, raster=raster), resume=resume)),
+        ("coarse", lambda resume: run_coarse(str(root), override(p.coarse, raster=raster, device=device),
+                                             resume=resume)),
         ("fine", lambda resume: run_fine(str(root), fine_cfg, resume=resume)),
     ]
     for name, fn in stages:
@@ -165,8 +168,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
             ok = {f.stage: f.status == "ok" for f in check_workspace(ws)}
             if name == "fine" and ws.stage("fine").config.get("model") != spec["model"]:
                 ok["fine"] = False
-            checkpoint = root / name / "checkpoint.safetensors"
-            resume = name in ("coarse", "fine") and checkpoint.is_file() and ws.stage(name).status != "done"
+            resume = name in CHECKPOINTS and ws.path(CHECKPOINTS[name]).is_file() and ws.stage(name).status != "done"
         if not ran and ok.get(name):
             continue  # kept: done, intact, not stale, and nothing before it re-ran
         try:
@@ -179,9 +181,10 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     ws = Workspace.open(root)
     out: dict[str, Any] = {"workspace": str(root), "fine_run_id": ws.stage("fine").run_id, "stages_run": ran}
     if spec["eval"]:
+        from gstalk.config import EvalConfig
         from gstalk.stages.evaluate import run_eval
 
-        m = run_eval(str(root), backend=raster)
+        m = run_eval(str(root), EvalConfig(raster=raster, device=device))
         out["eval"] = {k: m.get(k) for k in ("psnr", "ssim", "mouth_psnr", "lmd")}
     if spec.get("bundle"):
         from gstalk.bundle import export_bundle

@@ -21,7 +21,7 @@ from torch import nn
 def periodic_encoding(t: torch.Tensor, levels: int) -> torch.Tensor:
     """[..., ] (any units; the period of level l is 2 / 2^l) -> [..., 2·levels]:
     sin(2^l π t), cos(2^l π t) for l = 0..levels-1."""
-    freqs = (2.0 ** torch.arange(levels, dtype=t.dtype)) * math.pi
+    freqs = (2.0 ** torch.arange(levels, dtype=t.dtype, device=t.device)) * math.pi
     x = t[..., None] * freqs
     return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
 

@@ -14,10 +14,12 @@ concatenation (ER-NeRF/TalkingGaussian practice; the paper does not mention the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from gstalk.deform.audio import AudioEncoder
-from gstalk.deform.base import MLP, DeformationModel, Deltas, SplitInputMLP
+from gstalk.deform.base import MLP, DeformationModel, Deltas, SplitInputMLP, head_outputs
 from gstalk.deform.planes import AudioFactorizationPlane
 
 
@@ -49,8 +51,9 @@ class AudioPlaneDeformation(DeformationModel):
                                            articulation_smooth, code_encoder)
         self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth, self.frame_net)
         self.smooth = self.audio.smooth
+        self.code_shape = (audio_dim,)
         self.plane = AudioFactorizationPlane(aabb, audio_dim, plane_dim, plane_res, tuple(range(1, scales + 1)))
-        self.head = SplitInputMLP(self.plane.out_dim, 1, hidden, layers, 14 if appearance else 10)  # D1
+        self.head = SplitInputMLP(self.plane.out_dim, 1, hidden, layers, head_outputs(appearance))  # D1
         self.dynamic = dynamic
         if dynamic:  # D2, "a tiny MLP"; starts at d = 0.5 everywhere
             self.dynamism = MLP(self.plane.out_dim, 16, 1, 1)
@@ -64,11 +67,28 @@ class AudioPlaneDeformation(DeformationModel):
 
     def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
         f = self.plane.modulate(spatial, self.plane.attend(audio_code))
-        out = self.head(f, blink.reshape(1).to(f))
-        d = Deltas(means=out[:, 0:3] * self.position_scale, quats=out[:, 3:7], scales=out[:, 7:10],
-                   rigid_free=self.rigid_free)
-        if self.appearance:
-            d.opacities, d.colors = out[:, 10], out[:, 11:14]
+        d = self.deltas_from_head(self.head(f, blink.reshape(1).to(f)))
         if self.dynamic:
             d.weight = torch.sigmoid(self.dynamism(f)[:, 0])
         return d
+
+    def grid_parameters(self) -> list[torch.nn.Parameter]:
+        p = self.plane
+        return [*p.space.parameters(), *p.lines.parameters(), *p.prototypes.parameters()]
+
+    def splat_channels(self, deltas: Deltas, settings: Any) -> torch.Tensor | None:
+        """The dynamism weight d [N, 1] (Eq. 8: splatted to the grey map g), when the mask
+        loss is on (``settings.mask_lambda`` > 0, :class:`~gstalk.config.AudioPlaneConfig`)."""
+        if deltas.weight is None or settings.mask_lambda <= 0:
+            return None
+        return deltas.weight[:, None]
+
+    def losses(self, out: Any, mouth_mask: torch.Tensor, settings: Any) -> dict[str, torch.Tensor]:
+        """``mask``: λ_mask · L_mask (Eq. 9) of the splatted dynamism map against the mouth
+        mask dilated by ``mask_dilate`` x the image height (:func:`~gstalk.train.losses.mask_margin_loss`)."""
+        if out.channels is None:
+            return {}
+        from gstalk.train.losses import dilate_mask, mask_margin_loss
+
+        ref = dilate_mask(mouth_mask, int(round(settings.mask_dilate * mouth_mask.shape[1])))
+        return {"mask": settings.mask_lambda * mask_margin_loss(out.channels[..., 0:1], ref, settings.mask_margin)}

@@ -8,6 +8,7 @@ Audio-Plane Eq. 7). Models only run the forward pass; training lives in ``gstalk
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,23 +85,58 @@ class SplitInputMLP(nn.Module):
         return self.rest(torch.relu_(hidden_per + self.first_shared(shared)[None]))
 
 
+def head_outputs(appearance: bool) -> int:
+    """Numbers a deformation head predicts per Gaussian: Δμ (3), Δq (4), Δs (3), and with
+    ``appearance`` Δ opacity (1) and Δ colour (3)."""
+    return 14 if appearance else 10
+
+
 class DeformationModel(nn.Module):
-    """Base class: ``spatial(means)`` then ``deform(spatial, code, blink)``.
+    """Base class of the fine-stage models: ``spatial(means)`` then ``deform(spatial, code, blink)``.
+
+    What callers (the trainer, :class:`~gstalk.render.head.TalkingHead`, the renderer) use,
+    and every model declares:
+
+    Attributes:
+        smooth: K, the frames of condition windows per output frame: a frame's windows are
+            those of the K frames around it (:func:`~gstalk.deform.audio.neighbour_indices`).
+        window: W, feature steps per condition window.
+        code_shape: the shape of one frame's audio code, :meth:`encode_audio`'s output
+            without the batch: ``(A,)``, or ``(K, A)`` for a model that attends over the K
+            frames' codes itself (EGSTalker's ESAA).
+        position_scale: metres per unit of the head's position output.
+        appearance: the head also predicts opacity and colour offsets.
+        rigid_free: remove the rigid part of the position offsets (:func:`remove_rigid`).
+        articulator: the frozen audio -> articulation regressor
+            (:class:`~gstalk.deform.articulation.ArticulationEnsemble`; such a model also
+            registers the scalar buffer ``code_scale``), or None (driven by the audio itself).
+        torso: GSTalker's pose-conditioned torso field (:class:`~gstalk.deform.torso.TorsoField`)
+            or None.
 
     Subclasses implement :meth:`spatial` ([N, 3] -> [N, S] features, independent of the
     audio, so render can cache them), :meth:`encode_audio` ([B, K, W, C'] condition windows
-    -> [B, A] codes) and :meth:`deform`. The condition windows are the audio feature windows
-    themselves, or, for a model with an ``articulator``
-    (:class:`~gstalk.deform.articulation.ArticulationEnsemble`; such a model also registers
-    the scalar buffer ``code_scale``), windows of the mouth articulation code that
-    :meth:`conditions` predicts from the audio.
+    -> [B, *code_shape]), :meth:`deform` and :meth:`grid_parameters`, and may add
+    :meth:`splat_channels` / :meth:`losses` (Audio-Plane's dynamism map). The condition
+    windows are the audio feature windows themselves or, with an ``articulator``, windows of
+    the mouth articulation code that :meth:`conditions` predicts from the audio. Models only
+    run the forward pass and never pick a device: the caller moves them (``.to(device)``).
     """
+
+    smooth: int
+    window: int
+    code_shape: tuple[int, ...]
+    position_scale: float
+    appearance: bool
+    rigid_free: bool
 
     def __init__(self) -> None:
         super().__init__()
         self.articulator: nn.Module | None = None
         self.torso: nn.Module | None = None  # a TorsoField (gstalk.deform.torso) when trained with one
         self.window = 16
+        self.smooth = 1
+        self.code_shape = ()
+        self.position_scale, self.appearance, self.rigid_free = 0.01, True, False
 
     def setup_conditioning(self, audio_in_dim: int, window: int, articulation: int, members: int,
                            smooth: int, code_encoder: str = "audionet") -> int:
@@ -139,6 +175,55 @@ class DeformationModel(nn.Module):
 
     def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
         raise NotImplementedError
+
+    def grid_parameters(self) -> list[nn.Parameter]:
+        """The feature grids (hash tables, dense planes and lines, audio prototypes): trained
+        at the grid learning rate (:meth:`param_groups`)."""
+        raise NotImplementedError
+
+    def deltas_from_head(self, out: torch.Tensor) -> Deltas:
+        """A deformation head's output [N, :func:`head_outputs`] as :class:`Deltas`: position
+        (times ``position_scale``, metres), rotation, log-scale and, with ``appearance``,
+        opacity logit and colour."""
+        d = Deltas(means=out[:, 0:3] * self.position_scale, quats=out[:, 3:7], scales=out[:, 7:10],
+                   rigid_free=self.rigid_free)
+        if self.appearance:
+            d.opacities, d.colors = out[:, 10], out[:, 11:14]
+        return d
+
+    def param_groups(self, lr_net: float, lr_grid: float) -> list[dict[str, Any]]:
+        """Adam parameter groups of what the fine loop trains: ``grid`` (:meth:`grid_parameters`,
+        ``lr_grid``, eps 1e-15) and ``net`` (everything else, ``lr_net``), each in
+        ``named_parameters`` order; the articulator (fitted on its own, then frozen) and the
+        torso (its own optimizer) are left out."""
+        skip = {id(p) for m in (self.articulator, self.torso) if m is not None for p in m.parameters()}
+        grid_ids = {id(p) for p in self.grid_parameters()}
+        grid, net = [], []
+        for _, p in self.named_parameters():
+            if id(p) not in skip:
+                (grid if id(p) in grid_ids else net).append(p)
+        groups: list[dict[str, Any]] = [{"params": net, "lr": lr_net, "name": "net"}]
+        if grid:
+            groups.append({"params": grid, "lr": lr_grid, "name": "grid", "eps": 1e-15})
+        return groups
+
+    def splat_channels(self, deltas: Deltas, settings: Any) -> torch.Tensor | None:
+        """[N, E] per-Gaussian channels to rasterize beside the colour for :meth:`losses`
+        (Audio-Plane: its dynamism weight), or None. ``settings``: the model's own config
+        (:meth:`gstalk.config.FineConfig.model_config`)."""
+        return None
+
+    def losses(self, out: Any, mouth_mask: torch.Tensor, settings: Any) -> dict[str, torch.Tensor]:
+        """This model's own loss terms, weighted, for one rendered frame (the trainer adds
+        them to the photometric loss).
+
+        Args:
+            out: the frame's :class:`~gstalk.render.head.HeadRender` (``channels`` holds what
+                :meth:`splat_channels` asked for, [1, H, W, E]).
+            mouth_mask: [1, H, W, 1] float32 in {0, 1}, the frame's tracked mouth.
+            settings: the model's own config.
+        """
+        return {}
 
     def code_windows(self, codes: torch.Tensor) -> torch.Tensor:
         """Articulation codes [N, D] as condition windows [N, W, D] (each code repeated over
@@ -197,7 +282,7 @@ def _rigid_basis(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [3N, 6], (AᵀA)⁻¹Aᵀ [6, 3N]) of :func:`remove_rigid` for these means; the last one
     is cached (a renderer deforms the same canonical means every frame), keyed on the
     tensor's storage, version, shape and values' sum."""
-    key = (means.data_ptr(), means._version, tuple(means.shape), means.dtype, float(means.sum()))
+    key = (means.data_ptr(), means._version, tuple(means.shape), means.dtype, means.device, float(means.sum()))
     hit = _RIGID_CACHE.get(key)
     if hit is not None:
         return hit
@@ -207,9 +292,9 @@ def _rigid_basis(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     skew = torch.stack([torch.stack([zero, p[:, 2], -p[:, 1]], -1),
                         torch.stack([-p[:, 2], zero, p[:, 0]], -1),
                         torch.stack([p[:, 1], -p[:, 0], zero], -1)], 1)
-    eye = torch.eye(3, dtype=p.dtype).expand(p.shape[0], 3, 3)
+    eye = torch.eye(3, dtype=p.dtype, device=p.device).expand(p.shape[0], 3, 3)
     a = torch.cat([skew, eye], dim=2).reshape(-1, 6)  # [3N, 6]
-    ata = a.T @ a + 1e-9 * torch.eye(6, dtype=p.dtype)
+    ata = a.T @ a + 1e-9 * torch.eye(6, dtype=p.dtype, device=p.device)
     proj = torch.linalg.solve(ata, a.T)  # [6, 3N]
     _RIGID_CACHE.clear()
     _RIGID_CACHE[key] = (a, proj)

@@ -20,7 +20,7 @@ from torch import nn
 
 from gstalk.deform.attention import SpatialAudioAttention
 from gstalk.deform.audio import AudioEncoder, frame_net
-from gstalk.deform.base import MLP, DeformationModel, Deltas
+from gstalk.deform.base import MLP, DeformationModel, Deltas, head_outputs
 from gstalk.deform.encoders import TriPlaneHash
 from gstalk.deform.kan import KAN, KANLinear
 
@@ -64,12 +64,14 @@ class EGSTalkerDeformation(DeformationModel):
             self.smooth = max(smooth, 1)
             self.esaa = SpatialAudioAttention(feature_dim, audio_dim, self.smooth, attention_dim, pe_levels)
             fused = feature_dim + attention_dim
+            self.code_shape = (self.smooth, audio_dim)
         else:
             self.audio_encoder = AudioEncoder(cond_dim, window, audio_dim, smooth, self.frame_net)
             self.smooth = self.audio_encoder.smooth
             fused = feature_dim + audio_dim + 1
+            self.code_shape = (audio_dim,)
         self.norm = nn.LayerNorm(fused)
-        out = 14 if appearance else 10
+        out = head_outputs(appearance)
         self.head = KAN(fused, hidden, layers, out, kan_grid) if head == "kan" else MLP(fused, hidden, layers, out)
         self.appearance, self.rigid_free, self.position_scale = appearance, rigid_free, position_scale
 
@@ -90,9 +92,7 @@ class EGSTalkerDeformation(DeformationModel):
         else:
             c = torch.cat([audio_code.reshape(-1), blink.reshape(1).to(audio_code)])
             cond = c[None].expand(n, -1)
-        out = self.head(self.norm(torch.cat([spatial, cond], dim=1)))
-        d = Deltas(means=out[:, 0:3] * self.position_scale, quats=out[:, 3:7], scales=out[:, 7:10],
-                   rigid_free=self.rigid_free)
-        if self.appearance:
-            d.opacities, d.colors = out[:, 10], out[:, 11:14]
-        return d
+        return self.deltas_from_head(self.head(self.norm(torch.cat([spatial, cond], dim=1))))
+
+    def grid_parameters(self) -> list[nn.Parameter]:
+        return list(self.triplane.parameters())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from gstalk.deform.audio import AudioEncoder
-from gstalk.deform.base import DeformationModel, Deltas, SplitInputMLP
+from gstalk.deform.base import DeformationModel, Deltas, SplitInputMLP, head_outputs
 from gstalk.deform.encoders import TriPlaneHash
 
 
@@ -55,9 +55,10 @@ class GSTalkerDeformation(DeformationModel):
         self.audio = AudioEncoder(cond_dim, window, audio_dim, smooth, self.frame_net)
         self.appearance = appearance
         self.rigid_free = rigid_free
-        self.head = SplitInputMLP(self.triplane.out_dim, audio_dim + 1, hidden, layers, 14 if appearance else 10)
+        self.head = SplitInputMLP(self.triplane.out_dim, audio_dim + 1, hidden, layers, head_outputs(appearance))
         self.position_scale = position_scale
         self.smooth = self.audio.smooth
+        self.code_shape = (audio_dim,)
 
     def spatial(self, means: torch.Tensor) -> torch.Tensor:
         # the tri-plane features through the fusion MLP's first (per-Gaussian) layer: what
@@ -69,9 +70,7 @@ class GSTalkerDeformation(DeformationModel):
 
     def deform(self, spatial: torch.Tensor, audio_code: torch.Tensor, blink: torch.Tensor) -> Deltas:
         cond = torch.cat([audio_code.reshape(-1), blink.reshape(1).to(audio_code)])
-        out = self.head.forward_hidden(spatial, cond)
-        d = Deltas(means=out[:, 0:3] * self.position_scale, quats=out[:, 3:7], scales=out[:, 7:10],
-                   rigid_free=self.rigid_free)
-        if self.appearance:
-            d.opacities, d.colors = out[:, 10], out[:, 11:14]
-        return d
+        return self.deltas_from_head(self.head.forward_hidden(spatial, cond))
+
+    def grid_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.triplane.parameters())

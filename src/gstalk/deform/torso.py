@@ -51,7 +51,7 @@ def pose_code(viewmats: torch.Tensor) -> torch.Tensor:
 def pixel_encoding(uv: torch.Tensor, n_freqs: int = N_FREQS) -> torch.Tensor:
     """NeRF positional encoding of normalised pixel positions uv [M, 2] in [-1, 1]:
     [M, 2 + 4·n_freqs] (uv, sin(2^k π uv), cos(2^k π uv) for k < n_freqs)."""
-    f = (2.0 ** torch.arange(n_freqs, dtype=uv.dtype)) * math.pi
+    f = (2.0 ** torch.arange(n_freqs, dtype=uv.dtype, device=uv.device)) * math.pi
     x = uv[:, :, None] * f
     return torch.cat([uv, torch.sin(x).flatten(1), torch.cos(x).flatten(1)], dim=-1)
 
@@ -180,9 +180,11 @@ def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.
 def render_torso(torso: TorsoField, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, *,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3]:
-    (premultiplied colours [1, H, W, 3], alphas [1, H, W, 1]), float32."""
+    (premultiplied colours [1, H, W, 3], alphas [1, H, W, 1]), float32, on the torso's
+    device (``viewmat`` and ``K`` are moved there)."""
     from gstalk.gaussians.splat import splat
 
-    params = torso(viewmat)
-    colors, alphas, _ = splat(params, torch.eye(4)[None], K, width, height, backend=backend)
+    dev = torso.means.device
+    params = torso(viewmat.to(dev))
+    colors, alphas, _ = splat(params, torch.eye(4, device=dev)[None], K.to(dev), width, height, backend=backend)
     return colors, alphas

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from gstalk.config import DensifyConfig
+from gstalk.device import randn
 
 
 def _edit(params: torch.nn.ParameterDict, optimizers: dict[str, torch.optim.Optimizer],
@@ -69,9 +70,11 @@ class Densifier:
     cfg: DensifyConfig
     scene_scale: float
 
-    def initialize_state(self, n: int) -> dict[str, Any]:
-        """Plain-dict state: accumulated gradient norms, visibility counts, max 2D radii."""
-        return {"grad2d": torch.zeros(n), "count": torch.zeros(n), "radii": torch.zeros(n)}
+    def initialize_state(self, n: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Plain-dict state on ``device`` (the Gaussians'): accumulated gradient norms [n],
+        visibility counts [n], max 2D radii [n] (fraction of the image), float32."""
+        return {"grad2d": torch.zeros(n, device=device), "count": torch.zeros(n, device=device),
+                "radii": torch.zeros(n, device=device)}
 
     def step_pre_backward(self, meta: dict[str, Any]) -> None:
         """Keep the gradient of ``meta['means2d']`` (called before ``loss.backward()``)."""
@@ -115,7 +118,7 @@ class Densifier:
             out.update(self._grow(params, optimizers, state, extra_params))
             out.update(self._prune(params, optimizers, state, step, extra_params))
             n = params["means"].shape[0]
-            state.update(self.initialize_state(n))
+            state.update(self.initialize_state(n, params["means"].device))
         if c.reset_opacity_every > 0 and step > 0 and step % c.reset_opacity_every == 0:
             self._reset_opacity(params, optimizers)
             out["reset"] = 1
@@ -151,11 +154,13 @@ class Densifier:
             for k in ("grad2d", "count", "radii"):
                 state[k] = torch.cat([state[k], state[k][idx]])
         if n_split:
-            split_full = torch.cat([split, torch.zeros(params["means"].shape[0] - n, dtype=torch.bool)])
+            split_full = torch.cat([split, torch.zeros(params["means"].shape[0] - n, dtype=torch.bool,
+                                                       device=split.device)])
             idx = split_full.nonzero().squeeze(1)
             scales = torch.exp(params["scales"].detach()[idx])
             rot = _quat_to_rotmat(params["quats"].detach()[idx])
-            samples = torch.einsum("nij,bnj->bni", rot, torch.randn(2, len(idx), 3) * scales)
+            # drawn from the CPU generator on every device (gstalk.device.randn)
+            samples = torch.einsum("nij,bnj->bni", rot, randn(2, len(idx), 3, device=scales.device) * scales)
             new_means = (params["means"].detach()[idx][None] + samples).reshape(-1, 3)
             new_scales = torch.log(scales / 1.6).repeat(2, 1)
 
@@ -170,7 +175,8 @@ class Densifier:
                 return torch.cat([t[~split_full], repeat2(t)])
 
             def sfn(k: str, v: torch.Tensor) -> torch.Tensor:
-                return torch.cat([v[~split_full], torch.zeros((2 * len(idx),) + v.shape[1:], dtype=v.dtype)])
+                return torch.cat([v[~split_full], torch.zeros((2 * len(idx),) + v.shape[1:], dtype=v.dtype,
+                                                              device=v.device)])
 
             _edit(params, optimizers, pfn_main, sfn)
             for p, o in extra_params:

@@ -87,6 +87,17 @@ def init_params(points: torch.Tensor, rgb: torch.Tensor, sh_degree: int, init_op
     })
 
 
+def params_to(params: torch.nn.ParameterDict | dict[str, torch.Tensor],
+              device: torch.device | str) -> torch.nn.ParameterDict:
+    """Gaussians as a trainable ``ParameterDict`` on ``device``: ``params`` itself when it is
+    one already there, else new leaf parameters holding copies (or the same tensors on their
+    device) of its values."""
+    device = torch.device(device)
+    if isinstance(params, torch.nn.ParameterDict) and all(v.device == device for v in params.values()):
+        return params
+    return torch.nn.ParameterDict({k: torch.nn.Parameter(v.detach().to(device)) for k, v in params.items()})
+
+
 def sh_degree_of(params: torch.nn.ParameterDict) -> int:
     """Highest SH degree stored in ``params``."""
     k = 1 + params["shN"].shape[1]

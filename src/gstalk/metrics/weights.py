@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,3 +71,24 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tup
     for k in expected:
         if not torch.isfinite(tensors[k]).all():
             raise InputError(f"{what}: {path}: key '{k}' holds NaN or Inf.", hint=hint, path=path)
+
+
+def load_metric_nets(lpips: str | Path | None, syncnet: str | Path | None,
+                     device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The user's metric weight files, read and validated, on ``device``: {"lpips": LPIPS,
+    "syncnet": SyncNet} (only those given).
+
+    Raises:
+        InputError: see :meth:`gstalk.metrics.lpips.LPIPS.load` and
+        :meth:`gstalk.metrics.syncnet.SyncNet.load`.
+    """
+    nets: dict[str, Any] = {}
+    if lpips is not None:
+        from gstalk.metrics.lpips import LPIPS
+
+        nets["lpips"] = LPIPS.load(lpips).to(device)
+    if syncnet is not None:
+        from gstalk.metrics.syncnet import SyncNet
+
+        nets["syncnet"] = SyncNet.load(syncnet).to(device)
+    return nets

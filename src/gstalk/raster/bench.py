@@ -84,6 +84,7 @@ def run(
     torch_warmup: int | None = None,
     backward: bool = True,
     progress: Callable[[str], None] | None = None,
+    torch_device: str = "cpu",
 ) -> list[dict]:
     """Benchmark ``backends`` (default: ``torch``, ``cpu`` and any usable CUDA backend).
 
@@ -95,6 +96,8 @@ def run(
             ``repeats`` and ``min(warmup, 1)``).
         backward: also time forward + backward.
         progress: called with one line per measurement (e.g. ``print``).
+        torch_device: where the ``torch`` reference backend runs (``cpu`` or ``cuda``; the
+            ``cpu`` backend always runs on the CPU, gsplat and inria on CUDA).
 
     Returns:
         rows ``{width, height, n, backend, fwd_ms, fwd_bwd_ms, fps, device, threads}``.
@@ -106,7 +109,7 @@ def run(
     for w, h, n in sizes:
         for name in backends:
             cuda = name in ("gsplat", "inria")
-            device = "cuda" if cuda else "cpu"
+            device = "cuda" if cuda else torch_device if name == "torch" else "cpu"
             reason = available_backends(device).get(name, "unknown backend")
             if reason != "ok":
                 if progress:
@@ -191,7 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="torch: 1 run, no warm-up; others: 3 repeats (< 2 min)")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    ap.add_argument("--device", default="cpu", help="where the torch reference backend runs: cpu (default), cuda "
+                                                    "or auto (cuda when torch sees a GPU)")
     args = ap.parse_args(argv)
+    from gstalk.device import resolve_device
+
+    torch_device = str(resolve_device(args.device, "torch"))
     torch_warmup = None
     if args.quick:
         args.repeats, args.torch_repeats, torch_warmup = min(args.repeats, 3), 1, 0
@@ -201,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}")
     rows = run(args.sizes, args.backends, repeats=args.repeats, warmup=args.warmup,
                torch_repeats=args.torch_repeats, torch_warmup=torch_warmup, backward=not args.no_backward,
-               progress=log)  # fmt: skip
+               progress=log, torch_device=torch_device)  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))
     elif not _print_rich(rows):

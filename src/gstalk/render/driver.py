@@ -1,8 +1,9 @@
 """Per-frame rendering of a trained avatar: audio windows + pose -> RGB frame.
 
 The spatial encoding of the canonical Gaussians does not depend on the audio, so
-:class:`HeadRenderer` computes it once; each frame then costs the audio encoder, the
-deformation MLP, one rasterization and the composite over the pose frame's background:
+:class:`HeadRenderer` computes it once; each frame then goes through the one audio → pixels
+path (:class:`gstalk.render.head.TalkingHead`: the audio encoder, the deformation MLP, one
+rasterization and the composite) over the pose frame's background:
 the torso over the background plate, where the torso is the torso field
 (:mod:`gstalk.deform.torso`) rendered for the frame's head pose or, in a workspace trained
 without one, the pose frame's own torso (from the avatar's background source, which reads
@@ -26,16 +27,16 @@ import torch
 
 from gstalk.avatar import Avatar
 from gstalk.dataset import composite_torso
-from gstalk.deform.audio import neighbour_indices
-from gstalk.deform.base import apply_deltas
-from gstalk.gaussians.splat import composite, splat
+from gstalk.device import synchronize
+from gstalk.gaussians.splat import composite
+from gstalk.render.head import TalkingHead
 
 
-def _clock(timings: dict | None) -> float:
-    """perf_counter() for the step timings, after the GPU's queued work when a CUDA backend
-    runs (kernels are asynchronous: without it a step's time lands on the next one)."""
-    if timings is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _clock(timings: dict | None, device: torch.device | None = None) -> float:
+    """perf_counter() for the step timings, after the GPU's queued work when rendering on
+    CUDA (kernels are asynchronous: without it a step's time lands on the next one)."""
+    if timings is not None:
+        synchronize(device)
     return time.perf_counter()
 
 
@@ -130,7 +131,7 @@ def frontal_frame(viewmats: torch.Tensor, frames: range | list[int]) -> int:
 
 
 class HeadRenderer:
-    """Render frames of a trained avatar.
+    """Render frames of a trained avatar, on one device.
 
     Args:
         avatar: the trained avatar (:class:`~gstalk.avatar.Avatar`: canonical Gaussians,
@@ -150,6 +151,10 @@ class HeadRenderer:
             Gaussians are re-projected with K scaled by size / trained size (sharp at any
             size, but detail beyond the training resolution is not there), the background and
             torso are resized (bilinear up, area down).
+        device: where the Gaussians, the model, the conditions and the frames being drawn
+            live (``torch.device`` or ``auto``/``cpu``/``cuda[:N]``, :func:`gstalk.device.resolve_device`;
+            default the CPU). Frames come back to the CPU (:meth:`render`, :meth:`frames`) only to be
+            encoded or written.
 
     Raises:
         ValueError: a backdrop of the wrong size, or an avatar with neither a torso field
@@ -158,7 +163,11 @@ class HeadRenderer:
 
     def __init__(self, avatar: Avatar, *, backend: str = "auto", cache: int = 64,
                  backdrop: np.ndarray | None = None, alpha: bool = False, size: int | None = None,
-                 articulation_gain: float = 1.0):
+                 articulation_gain: float = 1.0, device: torch.device | str = "cpu"):
+        from gstalk.device import resolve_device
+
+        self.device = resolve_device(device, backend)
+        avatar = avatar.on(self.device)
         self.avatar = avatar
         self.params, self.model = avatar.params, avatar.model
         self.viewmats, self.blink = avatar.viewmats, avatar.blink
@@ -184,17 +193,19 @@ class HeadRenderer:
             interp = cv2.INTER_LINEAR if self.scale > 1 else cv2.INTER_AREA
             p = self.plate if self.scale == 1.0 else cv2.resize(self.plate, (self.width, self.height),
                                                                 interpolation=interp)
-            self._plate_f = torch.from_numpy(np.ascontiguousarray(p))[None].float() / 255.0
+            self._plate_f = torch.from_numpy(np.ascontiguousarray(p))[None].float().to(self.device) / 255.0
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_size = cache
-        with torch.no_grad():
-            self.spatial = self.model.spatial(self.params["means"])
+        self.head = TalkingHead(self.params, self.model, self.K, self.width, self.height, backend=backend,
+                                cache_spatial=True)
+        self.spatial = self.head.spatial()
 
     def load_background(self, frame: int, viewmat: torch.Tensor | None = None) -> torch.Tensor:
-        """[1, H, W, 3] uint8 (``alpha``: [1, H, W, 4], the premultiplied torso and its alpha):
-        the torso over the background plate or the backdrop. With a torso field, the torso is
-        rendered for the head pose ``viewmat`` [1, 4, 4] W2C (default: frame ``frame``'s);
-        without one it is frame ``frame``'s torso, from the avatar's background source."""
+        """[1, H, W, 3] uint8 on the CPU (``alpha``: [1, H, W, 4], the premultiplied torso and
+        its alpha): the torso over the background plate or the backdrop. With a torso field,
+        the torso is rendered (on the renderer's device) for the head pose ``viewmat``
+        [1, 4, 4] W2C (default: frame ``frame``'s); without one it is frame ``frame``'s torso,
+        from the avatar's background source."""
         if self.torso is not None:
             return self.render_torso(self.viewmats[frame:frame + 1] if viewmat is None else viewmat)
         assert self.torso_frames is not None
@@ -215,19 +226,20 @@ class HeadRenderer:
     @torch.no_grad()
     def render_torso(self, viewmat: torch.Tensor) -> torch.Tensor:
         """The torso field rendered for head pose W2C ``viewmat`` [1, 4, 4] over the plate or
-        backdrop: [1, H, W, 3] uint8 (``alpha``: [1, H, W, 4], premultiplied RGB and alpha)."""
+        backdrop: [1, H, W, 3] uint8 on the CPU (``alpha``: [1, H, W, 4], premultiplied RGB
+        and alpha)."""
         from gstalk.deform.torso import render_torso
 
         assert self.torso is not None
         colors, alphas = render_torso(self.torso, viewmat.reshape(1, 4, 4), self.K, self.width, self.height,
                                       backend=self.backend)
         img = torch.cat([colors, alphas], -1) if self.alpha else composite(colors, alphas, self._plate_f)
-        return (img.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu()
 
     def background(self, frame: int) -> torch.Tensor:
-        """[1, H, W, 3] float32: frame ``frame``'s torso over the background plate (or the
-        backdrop); with ``alpha``, [1, H, W, 4]: the premultiplied torso and its alpha
-        (an LRU cache of ``cache`` frames)."""
+        """[1, H, W, 3] float32 on the renderer's device: frame ``frame``'s torso over the
+        background plate (or the backdrop); with ``alpha``, [1, H, W, 4]: the premultiplied
+        torso and its alpha (an LRU cache of ``cache`` frames, kept as uint8 on the CPU)."""
         bg = self._cache.get(frame)  # kept as uint8: 4x less memory than float32
         if bg is None:
             bg = self.load_background(frame)
@@ -236,59 +248,57 @@ class HeadRenderer:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(frame)
-        return bg.float() / 255.0
+        return bg.to(self.device).float() / 255.0
 
     @torch.no_grad()
+    def render_on_device(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None,
+                         timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None,
+                         bg: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`render`, leaving the frame on the renderer's device: [H, W, 3] (or 4) float32."""
+        t0 = time.perf_counter()
+        bg = self.background(pose_frame) if bg is None else bg.to(self.device, non_blocking=True).float() / 255.0
+        if timings is not None:
+            timings.setdefault("background", []).append(_clock(timings, self.device) - t0)
+        vm = self.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
+        e = float(self.blink[pose_frame]) if blink is None else blink
+        out = self.head.render(windows.to(self.device), e, vm, bg, timings=timings)
+        assert out.image is not None
+        return out.image.clamp(0, 1)[0]
+
     def render(self, windows: torch.Tensor, pose_frame: int, blink: float | None = None,
                timings: dict[str, list[float]] | None = None, viewmat: torch.Tensor | None = None,
                bg: torch.Tensor | None = None) -> torch.Tensor:
         """One frame: condition windows [1, K, W, C'] of the K frames around it (from
         :meth:`conditions`), the clip frame whose camera, blink and background to use.
-        Returns [H, W, 3] float32 in [0, 1] ([H, W, 4] RGBA, straight alpha, with ``alpha``).
+        Returns [H, W, 3] float32 in [0, 1] on the CPU ([H, W, 4] RGBA, straight alpha,
+        with ``alpha``).
 
         ``timings``: when given, the seconds of each step (``background``, ``deform``,
         ``raster``, ``composite``) are appended to its lists (the render benchmark).
         ``bg``: the pose frame's background as :meth:`load_background` gives it (uint8), when
         the caller has it already; otherwise it comes from :meth:`background`'s cache."""
-        t0 = time.perf_counter()
-        bg = self.background(pose_frame) if bg is None else bg.float() / 255.0
-        t1 = _clock(timings)
-        code = self.model.encode_audio(windows)[0]
-        e = torch.tensor([float(self.blink[pose_frame]) if blink is None else blink])
-        deformed = apply_deltas(self.params, self.model.deform(self.spatial, code, e))
-        t2 = _clock(timings)
-        vm = self.viewmats[pose_frame:pose_frame + 1] if viewmat is None else viewmat.reshape(1, 4, 4)
-        colors, alphas, _ = splat(deformed, vm, self.K, self.width, self.height, backend=self.backend)
-        t3 = _clock(timings)
-        if self.alpha:
-            rgb = composite(colors, alphas, bg[..., :3])  # premultiplied head over premultiplied torso
-            a = alphas + (1.0 - alphas) * bg[..., 3:4]
-            img = torch.cat([rgb / a.clamp_min(1e-6), a], dim=-1).clamp(0, 1)[0]
-        else:
-            img = composite(colors, alphas, bg).clamp(0, 1)[0]
-        if timings is not None:
-            for k, dt in (("background", t1 - t0), ("deform", t2 - t1), ("raster", t3 - t2),
-                          ("composite", _clock(timings) - t3)):
-                timings.setdefault(k, []).append(dt)
-        return img
+        return self.render_on_device(windows, pose_frame, blink, timings, viewmat, bg).cpu()
 
     def conditions(self, audio_windows: np.ndarray) -> torch.Tensor:
         """The model's condition sequence for audio windows [N, W, C] (one per frame, in
-        order): [N, W, C'] float32 (the predicted articulation code, or the audio)."""
+        order): [N, W, C'] float32 on the renderer's device (the predicted articulation code,
+        or the audio)."""
+        x = torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)).to(self.device)
         with torch.no_grad():
-            return self.model.conditions(torch.from_numpy(np.ascontiguousarray(audio_windows, dtype=np.float32)),
-                                         self.articulation_gain)
+            return self.model.conditions(x, self.articulation_gain)
 
     def frames(self, audio_windows: np.ndarray, poses: list[int], blinks: list[float] | None = None,
                viewmats: np.ndarray | None = None, prefetch_depth: int = 8) -> Iterator[np.ndarray]:
         """Render a sequence: ``audio_windows`` [N, W, C] (one per output frame), ``poses``
         [N] clip frames (background, torso and, unless ``viewmats`` [N, 4, 4] is given,
         the head's camera), ``blinks`` [N] in [0, 1] (default: the pose frames' own).
-        Yields [H, W, 3] uint8 ([H, W, 4] with ``alpha``).
+        Yields [H, W, 3] uint8 ([H, W, 4] with ``alpha``) on the CPU.
 
-        Streaming: the backgrounds are read ``prefetch`` frames ahead on a worker thread
-        (:func:`prefetch`) and not kept, so memory is the same for 10 s or an hour of frames
-        (the condition sequence, [N, W, C'] float32, ~0.5 kB a frame, is the one exception)."""
+        Streaming: the backgrounds are made ``prefetch`` frames ahead on a worker thread
+        (:func:`prefetch`), overlapping the rendering, and not kept, so memory is the same
+        for 10 s or an hour of frames (the condition sequence, [N, W, C'] float32, ~0.5 kB a
+        frame, is the one exception). On CUDA a frame is turned to uint8 on the GPU, so a
+        quarter of the bytes cross to the CPU."""
         win = self.conditions(audio_windows)
 
         def vm(i: int) -> torch.Tensor | None:  # frame i's head pose from the pose file, [4, 4] float32
@@ -297,6 +307,6 @@ class HeadRenderer:
         backgrounds = prefetch(lambda i: self.load_background(poses[i], vm(i)), range(len(poses)),
                                depth=prefetch_depth)
         for i, bg in zip(range(win.shape[0]), backgrounds):
-            ids = neighbour_indices(i, self.model.smooth, win.shape[0])
-            img = self.render(win[ids], poses[i], None if blinks is None else blinks[i], viewmat=vm(i), bg=bg)
-            yield (img.numpy() * 255.0).round().astype(np.uint8)
+            img = self.render_on_device(self.head.windows(win, i), poses[i], None if blinks is None else blinks[i],
+                                        viewmat=vm(i), bg=bg)
+            yield (img * 255.0).round().to(torch.uint8).cpu().numpy()

@@ -1,7 +1,9 @@
 """``gstalk eval --compare WS1 WS2 …``: one table of the eval metrics of several workspaces.
 
-Each workspace's ``eval/metrics.json`` is read (and made first, with :func:`run_eval`, when
-it is missing or older than the fine model). A row per workspace gives the model, the fine
+Each workspace's ``eval/metrics.json`` is read; it must be current: the manifest records the
+eval run and the runs it read, so a model re-trained since, or an eval that never finished,
+is told from the manifest, not from file times (:func:`needs_eval`; the CLI evaluates those
+first, :func:`gstalk.pipeline.evaluate_stale`). A row per workspace gives the model, the fine
 settings that differ from its preset's defaults (so ablations are labelled), the test-split
 metrics, the Gaussian count, the fine training time and the render speed; the static coarse
 baseline is added once per distinct coarse run.
@@ -14,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gstalk.config import get_preset
-from gstalk.progress import SILENT, Reporter
-from gstalk.workspace import Workspace
+from gstalk.config import flat_settings, get_preset
+from gstalk.errors import WorkspaceError
+from gstalk.metrics.report import fmt_metric
+from gstalk.workspace import EVAL_METRICS, Workspace
 
 COLUMNS = ("psnr", "ssim", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd", "aue", "mouth_motion")
 OPTIONAL = ("lpips", "lse_c", "lse_d")  # columns shown when a workspace was evaluated with --lpips / --syncnet
@@ -24,29 +27,34 @@ OPTIONAL = ("lpips", "lse_c", "lse_d")  # columns shown when a workspace was eva
 
 def changed_settings(ws: Workspace) -> dict[str, Any]:
     """The fine config entries of ``ws`` that differ from its preset's defaults (``model``,
-    ``raster`` and logging excluded)."""
-    cfg = ws.stage("fine").config
-    defaults = dataclasses.asdict(get_preset(ws.preset).fine)
-    skip = {"model", "raster", "log_every", "checkpoint_every"}
+    ``raster``, ``device`` and logging excluded; the trained model's own settings by their
+    ``--set`` names)."""
+    cfg = flat_settings(ws.stage("fine").config)
+    defaults = flat_settings(dataclasses.asdict(get_preset(ws.preset).fine) | {"model": cfg.get("model")})
+    skip = {"model", "raster", "device", "log_every", "checkpoint_every"}
     return {k: v for k, v in cfg.items() if k not in skip and k in defaults and defaults[k] != v}
 
 
-def load_or_run_eval(path: Path, *, backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
-    """``eval/metrics.json`` of the workspace at ``path``, evaluating first when it is missing
-    or older than ``fine/model.safetensors``."""
-    from gstalk.stages.evaluate import run_eval
-
-    ws = Workspace.open(path)
-    metrics = ws.path("eval", "metrics.json")
-    model = ws.path("fine", "model.safetensors")
-    if metrics.exists() and (not model.exists() or metrics.stat().st_mtime >= model.stat().st_mtime):
-        return json.loads(metrics.read_text(encoding="utf-8"))
-    reporter.log(f"evaluating {path} (no up-to-date eval/metrics.json)")
-    return run_eval(str(path), backend=backend, reporter=reporter)
+def needs_eval(path: Path) -> bool:
+    """Whether the workspace at ``path`` has no eval that describes its current model (none
+    recorded, an interrupted one, one made before the fine or coarse stage was re-run, or
+    ``eval/metrics.json`` changed since): :meth:`~gstalk.workspace.Workspace.is_current`."""
+    return not Workspace.open(path).is_current("eval")
 
 
-def compare(paths: list[Path], *, backend: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
-    """Rows for :data:`COLUMNS` across workspaces.
+def read_metrics(ws: Workspace) -> dict[str, Any]:
+    """``eval/metrics.json`` of ``ws``, which must be current.
+
+    Raises:
+        WorkspaceError: no current eval (the hint gives the command).
+    """
+    if not ws.is_current("eval"):
+        raise WorkspaceError(f"{ws.root} has no eval of its current model.", hint=f"run `gstalk eval {ws.root}`")
+    return json.loads(ws.path(EVAL_METRICS).read_text(encoding="utf-8"))
+
+
+def compare(paths: list[Path]) -> dict[str, Any]:
+    """Rows for :data:`COLUMNS` across workspaces whose evals are current (:func:`needs_eval`).
 
     Returns:
         {"rows": [{"name", "workspace", "model", "settings", <COLUMNS>, <OPTIONAL>, "n_gaussians",
@@ -55,14 +63,15 @@ def compare(paths: list[Path], *, backend: str = "auto", reporter: Reporter = SI
         that some workspace has.
 
     Raises:
-        WorkspaceError: a path is not a workspace, or its fine stage is not done.
+        WorkspaceError: a path is not a workspace, its fine stage is not done, or it has no
+            current eval.
     """
     rows: list[dict[str, Any]] = []
     seen_coarse: set[str] = set()
     for p in paths:
         ws = Workspace.open(p)
         ws.require("eval")
-        m = load_or_run_eval(p, backend=backend, reporter=reporter)
+        m = read_metrics(ws)
         fine = ws.stage("fine")
         settings = changed_settings(ws)
         label = m.get("model_name", fine.config.get("model", "?"))
@@ -98,10 +107,15 @@ def compare_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fmt_metric(key: str, v: Any) -> str:
-    """A metric for a table: 4 decimals for SSIM, AUE and LPIPS, 2 otherwise, "–" when missing/NaN."""
-    if v is None:
-        return "–"
-    if isinstance(v, float) and v != v:
-        return "–"
-    return f"{v:.4f}" if "ssim" in key or key in ("aue", "lpips") else f"{v:.2f}"
+def compare_table(result: dict[str, Any]) -> Any:
+    """The comparison as a rich Table (what ``gstalk eval --compare`` prints)."""
+    from rich.table import Table
+
+    t = Table(title="gstalk eval --compare: test split")
+    for c in ("model", *result["columns"], "Gaussians", "fine s", "render FPS"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for r in result["rows"]:
+        t.add_row(r["name"], *[fmt_metric(k, r.get(k)) for k in result["columns"]],
+                  str(r["n_gaussians"] or "–"), f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
+                  f"{r['render_fps']:.1f}" if r["render_fps"] else "–")
+    return t

@@ -30,11 +30,11 @@ from gstalk.dataset import (
 )
 from gstalk.errors import InputError
 from gstalk.metrics.plots import mouth_plot
+from gstalk.metrics.report import json_floats, lse_lines, skipped_lines
 from gstalk.metrics.syncnet import CROP_SIZE, crop_face, face_crops, smooth_boxes
 from gstalk.metrics.syncnet import FPS as SYNCNET_FPS
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer, loop_poses
-from gstalk.stages.evaluate import json_floats, lse_lines, skipped_lines
 from gstalk.workspace import Workspace, atomic_write, now_iso, write_json
 
 MAX_SECONDS = 60.0  # longer speech is cut: the proxy's estimate is stable well before
@@ -43,12 +43,13 @@ MOUTH_PLOT = "mouth.png"
 
 def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "auto",
                    reporter: Reporter = SILENT, syncnet: str | Path | None = None,
-                   articulation_gain: float | None = None) -> dict[str, Any]:
+                   articulation_gain: float | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate lip sync with speech the model never heard (see the module docstring).
 
     Args:
         articulation_gain: scale of the predicted articulation code (``render
             --articulation-gain``; None: the default).
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` (:func:`gstalk.device.stage_device`).
         syncnet: a safetensors file of SyncNet weights: adds ``lse_c``, ``lse_d``,
             ``syncnet_offset``, ``syncnet_windows`` to the renders, ``mismatched`` and
             ``real_video`` (the real video: its first 60 s).
@@ -63,8 +64,9 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
         bad SyncNet weights file (checked before rendering).
     """
     from gstalk.config import check_articulation_gain
+    from gstalk.device import stage_device
     from gstalk.metrics.lipsync import LipSyncProxy, sync_scores
-    from gstalk.stages.evaluate import load_weight_files
+    from gstalk.metrics.weights import load_metric_nets
     from gstalk.tracking.avsync import mouth_opening
     from gstalk.tracking.detector import MediaPipeDetector
 
@@ -72,7 +74,8 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     gain = check_articulation_gain(articulation_gain)
     ws = Workspace.open(workspace)
     ws.require("eval")
-    nets = load_weight_files(None, syncnet)
+    dev = stage_device(device, backend)
+    nets = load_metric_nets(None, syncnet, dev)
     ex = ws.stage("extract")
     fps = float(ex.summary["fps"])
     avatar = Avatar.from_workspace(ws)
@@ -85,7 +88,7 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     if n < 25:
         raise InputError(f"{audio} is shorter than 1 s: too short to measure lip sync.", path=audio)
     poses = loop_poses(n, train)
-    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=gain)
+    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=gain, device=dev)
     opening = np.full(n, np.nan)
     bss: list[np.ndarray] = []
     names: tuple[str, ...] = ()
@@ -215,7 +218,7 @@ def expand_audio(paths: list[Path]) -> list[Path]:
 
 def run_cross_eval_many(workspace: str | Path, audios: list[Path], *, backend: str = "auto",
                         reporter: Reporter = SILENT, syncnet: str | Path | None = None,
-                        articulation_gain: float | None = None) -> dict[str, Any]:
+                        articulation_gain: float | None = None, device: str = "auto") -> dict[str, Any]:
     """:func:`run_cross_eval` for several voices, and one summary row.
 
     Each voice's report goes to ``ws/eval/cross_<stem>/`` as for one; the table goes to
@@ -234,7 +237,7 @@ def run_cross_eval_many(workspace: str | Path, audios: list[Path], *, backend: s
     real = None
     for a in audios:
         c = run_cross_eval(workspace, a, backend=backend, reporter=reporter, syncnet=syncnet,
-                           articulation_gain=articulation_gain)
+                           articulation_gain=articulation_gain, device=device)
         real = c["real_video"]
         rb = real["sync_corr_best"]
         rows.append({"voice": Path(str(a)).name, "sync_corr": c["sync_corr"], "sync_lag": c["sync_lag"],
@@ -280,3 +283,18 @@ def cross_summary_report(s: dict[str, Any]) -> str:
     lines += ["", "Targets: lag-0 correlation at least 0.8 x the real video's, best lag within ±1 frame, mouth motion "
               "0.8-1.2 x real: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in t["met"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def cross_table(summary: dict[str, Any]) -> Any:
+    """:func:`run_cross_eval_many`'s voices as a rich Table (what ``gstalk eval --audio`` prints
+    for several voices)."""
+    from rich.table import Table
+
+    t = Table(title=f"gstalk eval --audio: {len(summary['voices'])} voices (lip-sync proxy)")
+    for c in ("voice", "corr lag 0", "best lag", "corr best", "× real", "mouth motion"):
+        t.add_column(c, justify="left" if c == "voice" else "right")
+    for r in [*summary["voices"], summary["summary"]]:
+        t.add_row(r["voice"], f"{r['sync_corr']:.2f}", f"{r['sync_lag']:+d}" if isinstance(r["sync_lag"], int)
+                  else str(r["sync_lag"]), f"{r['sync_corr_best']:.2f}", f"{r['sync_fraction']:.2f}",
+                  f"{r['mouth_motion']:.2f}")
+    return t

@@ -29,6 +29,7 @@ import torch
 from gstalk import __version__
 from gstalk.audio import frame_windows
 from gstalk.avatar import Avatar
+from gstalk.config import EvalConfig
 from gstalk.dataset import (
     build_frameset,
     load_audio,
@@ -37,19 +38,27 @@ from gstalk.dataset import (
     load_tracks,
     split_indices,
 )
-from gstalk.deform.audio import neighbour_indices
 from gstalk.gaussians.splat import composite, splat
 from gstalk.images import to_uint8, write_png
 from gstalk.metrics.image import crop, image_metrics, psnr
+from gstalk.metrics.report import SKIPPED, json_floats, lse_lines, skipped_lines
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer
 from gstalk.tensorio import load_tensors
-from gstalk.workspace import Workspace, atomic_write, now_iso, write_json
+from gstalk.workspace import (
+    COARSE_GAUSSIANS,
+    EVAL_METRICS,
+    EVAL_REPORT,
+    EVAL_SAMPLES,
+    Workspace,
+    atomic_write,
+    now_iso,
+    write_json,
+)
 
 METRICS_SCHEMA = 1
 MIN_SYNC_FRAMES = 100  # shorter series give spurious lip-sync correlations (a static model scored 0.7 on 45)
 KEYS = ("psnr", "ssim", "face_psnr", "face_ssim", "mouth_psnr", "mouth_ssim")
-SKIPPED = {"lpips": "LPIPS", "syncnet": "LSE-C/LSE-D"}
 PLOTS = {"psnr": "psnr.png", "mouth": "mouth.png"}
 
 
@@ -66,40 +75,64 @@ def mean_frame(ws: Workspace, frames: range) -> torch.Tensor:
 LMD_LANDMARKS = ("mediapipe", "fan")
 
 
-def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILENT,
-             lpips: str | Path | None = None, syncnet: str | Path | None = None,
-             lmd_landmarks: str = "mediapipe", fan_weights: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a workspace whose fine stage is done; returns the metrics dict.
+def run_eval(workspace: str | Path, cfg: EvalConfig | None = None, *, reporter: Reporter = SILENT,
+             **options: Any) -> dict[str, Any]:
+    """Evaluate a workspace whose fine stage is done, on ``cfg.device``; returns the metrics
+    dict. The run is recorded in the manifest (stage ``eval``, with the runs it read), so
+    ``eval --compare`` knows whether ``eval/metrics.json`` still describes the current model
+    (:meth:`~gstalk.workspace.Workspace.is_current`).
 
     Args:
+        cfg: :class:`~gstalk.config.EvalConfig`; ``options``: fields of it to change
+            (``lpips=PATH``; ``backend`` is ``raster``'s older name). Its fields:
         lpips: a safetensors file of LPIPS weights (adds ``lpips``/``face_lpips``).
         syncnet: a safetensors file of SyncNet weights (adds ``lse_c``/``lse_d``).
         lmd_landmarks: ``mediapipe`` (MediaPipe's LMD only) or ``fan`` (also FAN's, the
             papers' way: ``lmd_fan``/``lmd_fan_512``), with ``fan_weights`` (a TorchScript
             archive; default ``$GSTALK_FAN_WEIGHTS``).
+        raster, device: rasterizer backend and device (``auto``, ``cpu``, ``cuda[:N]``).
 
     Raises:
         WorkspaceError: a stage is missing or stale. InputError: a weights file is missing,
         not safetensors (LPIPS, SyncNet) or not TorchScript (FAN), or lacks/mis-shapes a key
         (checked before anything is rendered). UsageError: unknown ``lmd_landmarks``, or
-        ``fan`` without weights.
+        ``fan`` without weights. DependencyError: a device or rasterizer that cannot run here.
+        LockError: another process uses the workspace.
     """
-    from gstalk.errors import UsageError
+    from gstalk.avatar import eval_summary
+    from gstalk.config import to_dict, with_options
+    from gstalk.device import stage_device
+    from gstalk.metrics.weights import load_metric_nets
+    from gstalk.workspace import run_stage
 
     t0 = time.perf_counter()
-    if lmd_landmarks not in LMD_LANDMARKS:
-        raise UsageError(f"Unknown --lmd-landmarks '{lmd_landmarks}'.", hint=f"use one of: {', '.join(LMD_LANDMARKS)}")
+    cfg = with_options(EvalConfig, cfg, options, "eval")
     ws = Workspace.open(workspace)
     ws.require("eval")
-    nets = load_weight_files(lpips, syncnet)
-    if lmd_landmarks == "fan":
+    device = stage_device(cfg.device, cfg.raster)
+    nets = load_metric_nets(cfg.lpips, cfg.syncnet, device)
+    if cfg.lmd_landmarks == "fan":
         from gstalk.tracking.fan import FANModel, resolve_weights
 
-        nets["fan"] = FANModel(resolve_weights(fan_weights))
+        nets["fan"] = FANModel(resolve_weights(cfg.fan_weights))
+    result: dict[str, Any] = {}
+
+    def work() -> dict[str, Any]:
+        result["metrics"] = _eval(ws, cfg, nets, device, reporter, t0)
+        return eval_summary(result["metrics"])
+
+    run_stage(ws, "eval", to_dict(cfg), work, started=t0)
+    return result["metrics"]
+
+
+def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.device, reporter: Reporter,
+          t0: float) -> dict[str, Any]:
+    backend = cfg.raster
     train, test = split_indices(ws)
     reporter.log(f"[bold]eval[/bold] {len(test)} test frames (frames {test.start}-{test.stop - 1})")
     data = build_frameset(ws, test)
     gt = data.images.float() / 255.0
+    on_device = data.to(device)
     tracks = load_tracks(ws)
     sel = torch.tensor(list(test))
     mouth_boxes, face_boxes = tracks.mouth_box[sel], tracks.face_box[sel]
@@ -111,7 +144,7 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
     ex = ws.stage("extract").summary
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
-    renderer = HeadRenderer(avatar, backend=backend)
+    renderer = HeadRenderer(avatar, backend=backend, device=device)
     t = time.perf_counter()
     fine_t = render_split(renderer, renderer.conditions(windows), test, reporter, "rendering test frames")
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)
@@ -124,17 +157,19 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
 
         tracked = standardise(tracks.articulation(), list(train))  # the units the field trained on
         for name, codes in (("oracle", tracked), ("neutral", torch.zeros_like(tracked))):
-            code_rows[name] = render_split(renderer, model.code_windows(codes), test, reporter,
+            code_rows[name] = render_split(renderer, model.code_windows(codes.to(device)), test, reporter,
                                            f"rendering test frames ({name} code)")
 
     # baselines; the coarse head over the same background as the model's (its torso field's
     # render when it has one, else the frame's own torso), so the two differ by the head only
-    coarse_params, _ = load_tensors(ws.path("coarse", "gaussians.safetensors"))
+    coarse_params, _ = load_tensors(ws.path(COARSE_GAUSSIANS))
+    coarse_params = {k: v.to(device) for k, v in coarse_params.items()}
     coarse = []
     with torch.no_grad():
         for i in range(len(data)):
-            c, a, _ = splat(coarse_params, data.viewmats[i:i + 1], data.K, data.width, data.height, backend=backend)
-            coarse.append(composite(c, a, renderer.background(int(data.frame_ids[i]))).clamp(0, 1)[0])
+            c, a, _ = splat(coarse_params, on_device.viewmats[i:i + 1], on_device.K, data.width, data.height,
+                            backend=backend)
+            coarse.append(composite(c, a, renderer.background(int(data.frame_ids[i]))).clamp(0, 1)[0].cpu())
     coarse_t = torch.stack(coarse)
     mean_t = mean_frame(ws, train)[None].expand_as(gt)
 
@@ -220,13 +255,14 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
         "plots": dict(PLOTS), "per_frame": {k: json_floats(v) for k, v in per_frame.items()},
         "seconds": time.perf_counter() - t0,
     }
+    out["device"] = str(device)
     d = ws.path("eval")
     d.mkdir(parents=True, exist_ok=True)
     write_plots(d, per_frame)
-    _samples(d / "samples.png", gt, coarse_t, fine_t)
+    _samples(ws.path(EVAL_SAMPLES), gt, coarse_t, fine_t)
     out["seconds"] = time.perf_counter() - t0
-    write_json(d / "metrics.json", out)
-    with atomic_write(d / "report.md", "w") as f:
+    write_json(ws.path(EVAL_METRICS), out)
+    with atomic_write(ws.path(EVAL_REPORT), "w") as f:
         f.write(report_markdown(out))
     return out
 
@@ -234,12 +270,12 @@ def run_eval(workspace: str, *, backend: str = "auto", reporter: Reporter = SILE
 def render_split(renderer: HeadRenderer, cond: torch.Tensor, frames: range, reporter: Reporter,
                  what: str) -> torch.Tensor:
     """Render workspace ``frames`` with their own poses, blinks and backgrounds from the
-    condition sequence ``cond`` [N_all, W, C'] of the whole clip: [F, H, W, 3] float32 in [0, 1]."""
+    condition sequence ``cond`` [N_all, W, C'] of the whole clip (on the renderer's device):
+    [F, H, W, 3] float32 in [0, 1], on the CPU."""
     out = []
     with reporter.task(what, len(frames)) as bar:
         for frame in frames:
-            ids = neighbour_indices(frame, renderer.model.smooth, cond.shape[0])
-            out.append(renderer.render(cond[ids], frame))
+            out.append(renderer.render(renderer.head.windows(cond, frame), frame))
             bar.advance()
     return torch.stack(out)
 
@@ -267,27 +303,6 @@ def articulation_fit_summary(ws: Workspace) -> dict[str, Any]:
             if k in fit} | {"prior": s.get("articulation_prior", "")}
 
 
-def load_weight_files(lpips: str | Path | None, syncnet: str | Path | None) -> dict[str, Any]:
-    """The user's weight files, read and validated: {"lpips": LPIPS, "syncnet": SyncNet} (only
-    those given), on the GPU when there is one.
-
-    Raises:
-        InputError: see :meth:`gstalk.metrics.lpips.LPIPS.load` and
-        :meth:`gstalk.metrics.syncnet.SyncNet.load`.
-    """
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    nets: dict[str, Any] = {}
-    if lpips is not None:
-        from gstalk.metrics.lpips import LPIPS
-
-        nets["lpips"] = LPIPS.load(lpips).to(dev)
-    if syncnet is not None:
-        from gstalk.metrics.syncnet import SyncNet
-
-        nets["syncnet"] = SyncNet.load(syncnet).to(dev)
-    return nets
-
-
 def lpips_metrics(metric: Any, pred: torch.Tensor, gt: torch.Tensor, face_boxes: torch.Tensor) -> dict[str, float]:
     """Mean LPIPS of frames [F, H, W, 3] in [0, 1] against the ground truth: {"lpips": full
     frame, "face_lpips": the face boxes [F, 4] px, resampled to a common side of at least 64 px}."""
@@ -310,19 +325,6 @@ def lse_metrics(net: Any, frames: torch.Tensor, face_boxes: torch.Tensor, sample
     if s["syncnet_windows"] < 1:
         return {"syncnet_note": f"{len(frames)} frames are too few for SyncNet (it needs at least 6)"}
     return s
-
-
-def json_floats(values: Any) -> list[Any]:
-    """A list of numbers for JSON: floats rounded to 6 significant digits, NaN/inf -> null
-    (ints kept)."""
-    out: list[Any] = []
-    for v in values:
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            out.append(int(v))
-        else:
-            f = float(v)
-            out.append(float(f"{f:.6g}") if np.isfinite(f) else None)
-    return out
 
 
 def write_plots(d: Path, per_frame: dict[str, Any]) -> None:
@@ -562,32 +564,26 @@ def lmd_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
-def lse_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Markdown lines of the SyncNet table (rows whose dict has ``lse_d`` or a
-    ``syncnet_note``); [] when no row has either."""
-    rows = [(n, v) for n, v in rows if "lse_d" in v or "syncnet_note" in v]
-    if not rows:
-        return []
-    lines = ["", "| SyncNet | LSE-C (higher is better) | LSE-D (lower is better) | offset (frames) | windows |",
-             "|---|---|---|---|---|"]
-    for name, v in rows:
-        if "lse_d" in v:
-            lines.append(f"| {name} | {v['lse_c']:.3f} | {v['lse_d']:.3f} | {v['syncnet_offset']:+d} | "
-                         f"{v['syncnet_windows']} |")
-        else:
-            lines.append(f"| {name} | – | – | – | {v['syncnet_note']} |")
-    return lines + ["", "LSE-C/LSE-D as the peers compute them (syncnet_python, offsets ±15 frames, 224 px face "
-                    "crops); offset in the reference's sign (−k: the audio is k frames late)."]
+def metrics_table(m: dict[str, Any]) -> Any:
+    """The eval metrics as a rich Table: the fine model and the baselines (what ``gstalk eval``
+    and ``gstalk run`` print)."""
+    from rich.table import Table
 
+    t = Table(title=f"gstalk eval: {m['n_frames']} test frames")
+    t.add_column("")
+    cols = (*KEYS, "lmd", *[k for k in ("lmd_fan",) if k in m], "aue",
+            *[k for k in ("lpips", "lse_c", "lse_d") if k in m])
+    for k in cols:
+        t.add_column(k, justify="right")
 
-def skipped_lines(m: dict[str, Any]) -> list[str]:
-    """The report's note on the metrics that need weights the user did not pass ([] when none
-    was skipped)."""
-    skipped = [k for k in m.get("skipped", []) if k in SKIPPED]
-    if not skipped:
-        return []
-    return ["", f"{'/'.join(SKIPPED[k] for k in skipped)}: skipped "
-                f"(pass {' / '.join(f'--{k} PATH' for k in skipped)}; see docs/methods.md for making the files)."]
+    def cell(v: dict[str, Any], k: str) -> str:
+        if k not in v:
+            return "–"
+        return f"{v[k]:.4f}" if "ssim" in k or k in ("aue", "lpips") else f"{v[k]:.2f}"
+
+    for name, v in [("fine model", m)] + [(f"baseline: {k}", b) for k, b in m["baselines"].items()]:
+        t.add_row(name, *[cell(v, k) for k in cols])
+    return t
 
 
 GATE_KEYS = (*KEYS, "render_fps")

@@ -26,7 +26,17 @@ from gstalk.errors import InputError, TrackingError
 from gstalk.media import probe, read_audio, read_video_frames, write_wav
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
-from gstalk.workspace import Workspace, atomic_dir, clean_temp, sha256_file, write_json
+from gstalk.workspace import (
+    AUDIO_FEATURES,
+    EXTRACT_AUDIO,
+    EXTRACT_FRAMES,
+    EXTRACT_SUMMARY,
+    Workspace,
+    atomic_dir,
+    run_stage,
+    sha256_file,
+    write_json,
+)
 
 MIN_DURATION_S = 2.0  # shorter clips cannot be split into train and test frames
 DETECT_MAX_SIDE = 640  # px, frames (or tiles) are scaled to at most this for the one-off face detection
@@ -236,17 +246,7 @@ def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractCon
 
     ws = Workspace.create(workspace or default_workspace(video), preset=preset, seed=seed,
                           source={"path": str(video.resolve()), "sha256": sha256_file(video)})
-    with ws.lock("extract"):
-        clean_temp(ws.path("extract"))
-        ws.begin("extract", to_dict(cfg))
-        try:
-            summary = _extract(video, ws, cfg, info, duration, reporter)
-        except BaseException as exc:
-            ws.fail("extract", exc)
-            raise
-        outputs = ["extract/frames", "extract/audio.wav", "extract/audio_features.safetensors",
-                   "extract/summary.json"]
-        ws.finish("extract", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0)
+    run_stage(ws, "extract", to_dict(cfg), lambda: _extract(video, ws, cfg, info, duration, reporter), started=t0)
     return ws
 
 
@@ -271,7 +271,7 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
     out_dir = ws.path("extract")
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    with atomic_dir(out_dir / "frames") as tmp, reporter.task("decoding frames", expected) as bar:
+    with atomic_dir(ws.path(EXTRACT_FRAMES)) as tmp, reporter.task("decoding frames", expected) as bar:
         for frame in read_video_frames(video, fps=cfg.fps, crop=crop, size=cfg.size, src_size=src):
             ok, buf = cv2.imencode(".png", frame[:, :, ::-1])
             if not ok:
@@ -291,7 +291,7 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
         reporter.log(f"  variable frame rate ({info.video.n_frames or '?'} frames, {info.video.fps:.2f} fps on "
                      f"average): resampled by timestamp to {cfg.fps:g} fps, {n} frames")
     samples = read_audio(video, cfg.audio.sample_rate)
-    write_wav(out_dir / "audio.wav", samples, cfg.audio.sample_rate)
+    write_wav(ws.path(EXTRACT_AUDIO), samples, cfg.audio.sample_rate)
     extractor = get_extractor(cfg.audio.features, cfg.audio)
     with reporter.task(f"audio features ({extractor.name})", 1) as bar:
         steps = extractor(samples, cfg.audio.sample_rate)
@@ -302,7 +302,7 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
     meta = {"extractor": extractor.name, "dim": extractor.dim, "steps_per_second": extractor.steps_per_second,
             "window": cfg.audio.window, "fps": cfg.fps, "sample_rate": cfg.audio.sample_rate,
             "normalisation": extractor.normalisation}
-    save_tensors(out_dir / "audio_features.safetensors",
+    save_tensors(ws.path(AUDIO_FEATURES),
                  {"steps": steps_n, "windows": windows, "mean": mean, "std": std}, meta)
 
     n_train, n_test = split(n, cfg.test_fraction)
@@ -317,7 +317,7 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
         "split": {"train": [0, n_train], "test": [n_train, n]},
         "frames_format": "png",
     }
-    write_json(out_dir / "summary.json", summary)
+    write_json(ws.path(EXTRACT_SUMMARY), summary)
     reporter.log(f"  {n} frames at {cfg.size}x{cfg.size}, crop {crop[2]} px at ({crop[0]}, {crop[1]}), "
                  f"{n_train} train / {n_test} test, audio {samples.size / cfg.audio.sample_rate:.2f} s")
     return summary

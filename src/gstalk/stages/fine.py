@@ -23,57 +23,65 @@ import torch
 from gstalk.config import FineConfig, to_dict
 from gstalk.dataset import build_frameset, load_audio_features, split_indices
 from gstalk.deform.registry import build_model, model_spec
-from gstalk.errors import UsageError, WorkspaceError
+from gstalk.errors import WorkspaceError
 from gstalk.gaussians import save_ply
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import load_tensors, save_tensors
 from gstalk.train.checkpoint import load_resumable, restore_training, save_checkpoint, warn_if_replacing
 from gstalk.train.fine import FineTrainer, render_deformed
-from gstalk.workspace import Workspace, clean_temp, write_json
-
-CONDITIONINGS = ("articulation", "audio")
+from gstalk.workspace import (
+    COARSE_GAUSSIANS,
+    FINE_CHECKPOINT,
+    FINE_MODEL,
+    FINE_PLY,
+    FINE_PREVIEW,
+    FINE_SUMMARY,
+    Workspace,
+    run_stage,
+    write_json,
+)
 
 
 def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter: Reporter = SILENT) -> Workspace:
-    """Run the fine stage (``resume``: continue from ``fine/checkpoint.safetensors``).
+    """Run the fine stage (``resume``: continue from ``fine/checkpoint.safetensors``) on
+    ``cfg.device`` (:func:`gstalk.device.stage_device`; a checkpoint made on another device
+    resumes here).
 
     Raises:
         WorkspaceError: coarse missing/stale, or ``resume`` without a compatible checkpoint.
+        UsageError / DependencyError: a setting that is not one of its choices, or a device or
+            rasterizer that cannot run here (before anything is written).
         TrainingError: the loss stayed NaN/Inf.
     """
+    from gstalk.config import check_choices
+    from gstalk.device import stage_device
+
     t0 = time.perf_counter()
+    check_choices(cfg)
     ws = Workspace.open(workspace)
     ws.require("fine")
-    with ws.lock("fine"):
-        clean_temp(ws.path("fine"))
-        prev = ws.stage("fine")
-        ws.begin("fine", to_dict(cfg))
-        if resume and prev.run_id:  # keep the run id so the checkpoint is recognised
-            ws.manifest["stages"]["fine"]["resumed_from"] = prev.run_id
-        try:
-            summary = _fine(ws, cfg, resume, reporter)
-        except BaseException as exc:
-            ws.fail("fine", exc)
-            raise
-        outputs = ["fine/model.safetensors", "fine/point_cloud.ply", "fine/preview.png", "fine/summary.json"]
-        ws.finish("fine", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0)
+    device = stage_device(cfg.device, cfg.raster)
+    run_stage(ws, "fine", to_dict(cfg), lambda: _fine(ws, cfg, resume, reporter, device), started=t0, resume=resume)
     return ws
 
 
-def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> dict[str, Any]:
-    coarse, cmeta = load_tensors(ws.path("coarse", "gaussians.safetensors"))
+def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, device: torch.device) -> dict[str, Any]:
+    from gstalk.config import CoarseConfig, from_dict
+    from gstalk.device import describe
+
+    coarse, cmeta = load_tensors(ws.path(COARSE_GAUSSIANS))
+    # the coarse run's own learning rates, as it recorded them (the canonical Gaussians keep training)
+    coarse_cfg = from_dict(CoarseConfig, ws.stage("coarse").config)
     av_offset = cfg.av_offset
     if av_offset is None:
         av_offset = int(ws.stage("track").summary.get("av_offset_frames", 0))
     af = load_audio_features(ws)
     train, _ = split_indices(ws)
     reporter.log(f"[bold]fine[/bold] model {cfg.model}, {len(train)} training frames, {cfg.iterations} iterations, "
-                 f"A/V offset {av_offset:+d} frames")
+                 f"A/V offset {av_offset:+d} frames, on {describe(device)}")
     data = build_frameset(ws, train, audio_offset=av_offset)
     aabb = torch.tensor(cmeta["aabb"], dtype=torch.float32)
-    if cfg.conditioning not in CONDITIONINGS:
-        raise UsageError(f"Unknown conditioning '{cfg.conditioning}'.", hint=f"use one of: {', '.join(CONDITIONINGS)}")
     if cfg.conditioning == "articulation" and data.articulation is None:
         raise WorkspaceError("The track stage's blendshape names are missing, so the mouth articulation "
                              "code cannot be computed.",
@@ -110,17 +118,18 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
         model.articulator.load_state_dict(prior.ensemble.state_dict())
     if torso is not None:  # the seeded Gaussians and MLP (drawn before, and apart from, the head)
         model.torso.load_state_dict(torso.state_dict())
-    ckpt_path = ws.path("fine", "checkpoint.safetensors")
+    ckpt_path = ws.path(FINE_CHECKPOINT)
+    model.to(device)
     if not resume:
         warn_if_replacing(ckpt_path, reporter)
         start = coarse
     else:
-        groups, meta = load_resumable(ckpt_path, "fine", ws.root, "spec", spec)
+        groups, meta = load_resumable(ckpt_path, "fine", ws.root, "spec", spec, device)
         start = groups["params"]
         model.load_state_dict(groups["module"])
-    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in start.items()})
-    trainer = FineTrainer(params, model, data, cfg, float(cmeta["scene_scale"]), seed=ws.seed,
-                          from_prior=prior is not None)
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(device, copy=True)) for k, v in start.items()})
+    trainer = FineTrainer(params, model, data.to(device), cfg, float(cmeta["scene_scale"]), seed=ws.seed,
+                          from_prior=prior is not None, coarse=coarse_cfg)
     if resume:
         restore_training(trainer, groups, meta)
         trainer.articulation_fit = meta["info"].get("articulation_fit")
@@ -167,18 +176,17 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
             reporter.log(f"  {fit_text}")
     train_s = time.perf_counter() - t
     ms_per_it = 1000 * train_s / max(cfg.iterations - first, 1)  # the steps this process ran
-    out = ws.path("fine")
     params_d = {k: v.detach() for k, v in trainer.params.items()}
     meta = {"spec": spec, "av_offset_frames": av_offset, "audio": {"extractor": af.extractor, "window": af.window,
             "steps_per_second": af.steps_per_second, "dim": int(af.steps.shape[1])},
             "scene_scale": float(cmeta["scene_scale"]), "iterations": cfg.iterations}
     tensors = {f"params.{k}": v for k, v in params_d.items()}
     tensors.update({f"module.{k}": v for k, v in model.state_dict().items()})
-    save_tensors(out / "model.safetensors", tensors, meta)
-    save_ply(out / "point_cloud.ply", params_d)
+    save_tensors(ws.path(FINE_MODEL), tensors, meta)
+    save_ply(ws.path(FINE_PLY), {k: v.cpu() for k, v in params_d.items()})
     sub = list(range(0, len(data), max(1, len(data) // 4)))[:4]
-    renders = render_deformed(params_d, model, data.subset(sub), backend=cfg.raster)
-    write_preview(out / "preview.png", data.images[sub].float() / 255.0, renders)
+    renders = render_deformed(params_d, model, trainer.data.subset(sub), backend=cfg.raster)
+    write_preview(ws.path(FINE_PREVIEW), data.images[sub].float() / 255.0, renders)
     ckpt_path.unlink(missing_ok=True)
     n_torso = 0 if model.torso is None else int(model.torso.n)
     reporter.log(f"  {int(params_d['means'].shape[0])} Gaussians ({n_torso} torso), {train_s:.0f} s "
@@ -188,6 +196,6 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter) -> d
                "train_seconds": train_s, "ms_per_iteration": ms_per_it,
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
                "conditioning": cfg.conditioning, "articulation_fit": fit, "articulation_prior": prior_note,
-               "history": trainer.history[-20:]}
-    write_json(out / "summary.json", summary)
+               "device": str(device), "history": trainer.history[-20:]}
+    write_json(ws.path(FINE_SUMMARY), summary)
     return summary

@@ -26,24 +26,22 @@ from typing import Any
 
 from gstalk.audio import frame_windows
 from gstalk.avatar import Avatar, is_bundle_path, load_avatar
-from gstalk.config import check_articulation_gain
+from gstalk.config import RenderConfig, check_articulation_gain, with_options
 from gstalk.dataset import load_audio, load_audio_features, read_speech, speech_windows
 from gstalk.errors import InputError, UsageError
 from gstalk.media import VideoWriter, write_wav
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.backdrop import PngSequenceWriter, parse_backdrop
 from gstalk.render.driver import HeadRenderer, auto_blinks, frontal_frame, loop_poses
-from gstalk.workspace import Workspace, now_iso
+from gstalk.workspace import RENDERS, Workspace, now_iso
 
 POSE_STRATEGIES = ("loop", "still")
 BLINKS = ("video", "auto")
 
 
 def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, output: str | Path | None = None,
-               *, pose: str = "loop", background: str = "plate", alpha: bool = False, size: int | None = None,
-               blink: str = "video", backend: str = "auto", articulation_gain: float | None = None,
-               reporter: Reporter = SILENT) -> dict[str, Any]:
-    """Render a video.
+               cfg: RenderConfig | None = None, *, reporter: Reporter = SILENT, **options: Any) -> dict[str, Any]:
+    """Render a video, on ``cfg.device`` (frames come back to the CPU only to be encoded).
 
     Args:
         workspace: what to render: a workspace whose fine stage is done, an avatar bundle
@@ -55,6 +53,9 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
         output: the .mp4 to write; default ``ws/renders/<audio stem or 'test'>.mp4``
             (for a bundle or an Avatar: ``<audio stem>.mp4`` in the current folder). Written
             atomically: a temporary file beside it, renamed when complete.
+        cfg: :class:`~gstalk.config.RenderConfig` (default: its defaults); ``options``:
+            fields of it to change (``pose="still"``; ``backend`` is ``raster``'s older name).
+            Its fields:
         pose: head pose strategy: ``loop``, ``still``, or a pose file / workspace (see
             :func:`gstalk.render.poses.read_pose_file`), played back and forth, with the
             background, torso and blinks of ``still``.
@@ -66,7 +67,7 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
             re-projected, the background resized (see :class:`HeadRenderer`).
         blink: ``video`` (the eye blinks of the pose frames of the training video) or ``auto``
             (natural blinks generated at random: :func:`gstalk.render.driver.auto_blinks`).
-        backend: rasterizer backend.
+        raster: rasterizer backend; device: ``auto``, ``cpu``, ``cuda[:N]``.
         articulation_gain: scale of the predicted mouth articulation code (None:
             :data:`~gstalk.config.DEFAULT_ARTICULATION_GAIN`); must be in (0, 5].
 
@@ -77,9 +78,16 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
     Raises:
         WorkspaceError: fine missing or stale. InputError: unreadable or empty audio, or a
         damaged, foreign or newer bundle. UsageError: a pose file that is missing or invalid,
-        a bad option, or no audio for a bundle.
+        a bad option, or no audio for a bundle. DependencyError: a device or rasterizer that
+        cannot run here.
     """
+    from gstalk.device import stage_device
+
     t0 = time.perf_counter()
+    cfg = with_options(RenderConfig, cfg, options, "render")
+    pose, background, alpha, size, blink = cfg.pose, cfg.background, cfg.alpha, cfg.size, cfg.blink
+    backend, articulation_gain = cfg.raster, cfg.articulation_gain
+    device = stage_device(cfg.device, backend)
     ws: Workspace | None = None
     avatar: Avatar | None = workspace if isinstance(workspace, Avatar) else None
     if avatar is None:
@@ -121,9 +129,9 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
     if output is not None:
         out_path = Path(output)
     else:
-        out_path = ws.path("renders") / default_name if ws is not None else Path(default_name)
+        out_path = ws.path(RENDERS) / default_name if ws is not None else Path(default_name)
     # the scratch folder lies beside the output, so the finished file is renamed into place
-    scratch = ws.path("renders") if ws is not None and output is None else \
+    scratch = ws.path(RENDERS) if ws is not None and output is None else \
         out_path.resolve().parent if str(out_path) != "-" else None
     with (ws.lock("render") if ws is not None else contextlib.nullcontext()), _scratch(scratch) as tmp:
         if audio is None:
@@ -167,7 +175,7 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
 
             viewmats = pose_track[ping_pong(len(poses), len(pose_track))]
         renderer = HeadRenderer(avatar, backend=backend, backdrop=backdrop, alpha=alpha, size=size,
-                                articulation_gain=gain)
+                                articulation_gain=gain, device=device)
         t = time.perf_counter()
         tmp_out = (Path(tmp) / ("out" if alpha else "out.mp4")) if str(out_path) != "-" else None
         writer_cm = PngSequenceWriter(tmp_out, audio_path=mux) if alpha and tmp_out is not None else \
@@ -194,7 +202,7 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
                "pose": pose if pose_track is None else str(pose), "background": background, "alpha": alpha,
                "size": renderer.width, "blink": blink, "articulation_gain": gain,
-               "backend": backend, "finished": now_iso()}
+               "backend": backend, "device": str(device), "finished": now_iso()}
     if ws is not None:
         _record(ws, name, summary)
     else:

@@ -51,7 +51,19 @@ from gstalk.tracking.pose import (
     view_angles,
 )
 from gstalk.tracking.schemes import IBUG68, MEDIAPIPE, eye_aspect_ratio, scheme_of
-from gstalk.workspace import Workspace, atomic_dir, atomic_write, clean_temp, write_json
+from gstalk.workspace import (
+    EXTRACT_FRAMES,
+    PLATE,
+    TRACK_MASKS,
+    TRACK_PREVIEW,
+    TRACK_SUMMARY,
+    TRACKS,
+    Workspace,
+    atomic_dir,
+    atomic_write,
+    run_stage,
+    write_json,
+)
 
 
 def fill_gaps(values: np.ndarray, valid: np.ndarray, max_gap: int) -> tuple[np.ndarray, list[list[int]]]:
@@ -185,17 +197,7 @@ def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) 
     fan = load_detector_model(cfg)
     if fan is not None:  # record the file actually used (it may come from the environment)
         cfg = dataclasses.replace(cfg, fan_weights=str(fan.info.path.resolve()))
-    with ws.lock("track"):
-        clean_temp(ws.path("track"))
-        ws.begin("track", to_dict(cfg))
-        try:
-            summary, timings = _track(ws, cfg, reporter, fan)
-        except BaseException as exc:
-            ws.fail("track", exc)
-            raise
-        outputs = ["track/tracks.safetensors", "track/masks", "track/background.png", "track/preview.png",
-                   "track/summary.json"]
-        ws.finish("track", outputs=outputs, summary=summary, seconds=time.perf_counter() - t0, timings=timings)
+    run_stage(ws, "track", to_dict(cfg), lambda: _track(ws, cfg, reporter, fan), started=t0)
     return ws
 
 
@@ -225,7 +227,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
     prev_centre: np.ndarray | None = None
     out_dir = ws.path("track")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out_dir / "masks") as mask_dir:
+    with atomic_dir(ws.path(TRACK_MASKS)) as mask_dir:
         with MaskWriter(mask_dir, cfg.grabcut_size, cfg.grabcut_iterations, max(1, n // 100)) as masks:
             kw: dict[str, Any] = {"model": fan} if fan is not None else {}
             with get_detector(cfg.detector, video=True, num_faces=2, **kw) as det, \
@@ -246,7 +248,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
                         masks.submit(i, frame, lms[i])
                     bar.advance()
                 timings["landmarks_s"] = time.perf_counter() - t
-                frames_dir = ws.path("extract", "frames")
+                frames_dir = ws.path(EXTRACT_FRAMES)
                 if not valid.any():
                     raise TrackingError(f"No face was found in any of the {n} frames in {frames_dir}.",
                                         hint="look at the frames; re-run extract on a video with one face "
@@ -281,7 +283,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
     if multi:
         ranges = frame_ranges(np.isin(np.arange(n), multi))
         where = ", ".join(f"{a}-{b}" for a, b in ranges[:5]) + (" …" if len(ranges) > 5 else "")
-        reporter.warn(f"{len(multi)} frame(s) of {ws.path('extract', 'frames')} show more than one face (frames "
+        reporter.warn(f"{len(multi)} frame(s) of {ws.path(EXTRACT_FRAMES)} show more than one face (frames "
                       f"{where}); tracking the largest, the one nearest the previous frame's face. If the wrong "
                       "person is tracked (see track/preview.png), crop the video to the speaker and re-run extract")
 
@@ -323,7 +325,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
     t = time.perf_counter()
     plate, unseen = background_plate(plate_frames, plate_person)
     ok, buf = cv2.imencode(".png", plate[:, :, ::-1])
-    with atomic_write(out_dir / "background.png") as f:
+    with atomic_write(ws.path(PLATE)) as f:
         f.write(buf.tobytes())
     timings["plate_s"] = time.perf_counter() - t
 
@@ -342,10 +344,10 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
     }
     if fan is not None:
         tensors["landmark_scores"] = scores
-    save_tensors(out_dir / "tracks.safetensors", tensors,
+    save_tensors(ws.path(TRACKS), tensors,
                  {"blendshape_names": list(names), "detector": cfg.detector, "landmark_scheme": scheme.name,
                   "units": {"landmarks": "px", "viewmats": "m", "K": "px"}})
-    write_preview(ws, lms, poses, K, out_dir / "preview.png")
+    write_preview(ws, lms, poses, K, ws.path(TRACK_PREVIEW))
     summary = {
         "fps": fps, "n_frames": n, "size": size, "detector": cfg.detector, "landmark_scheme": scheme.name,
         "focal_px": fs.focal_px, "focal_search": {"candidates": fs.candidates, "errors": fs.errors},
@@ -371,7 +373,7 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
         if not fan.info.public_archive:
             reporter.warn(f"the FAN weights {fan.info.path} are not the public 2D-FAN-4 archive (their SHA-256 "
                           "differs): landmarks may differ from the papers' detector")
-    write_json(out_dir / "summary.json", summary)
+    write_json(ws.path(TRACK_SUMMARY), summary)
     return summary, timings
 
 
@@ -405,7 +407,7 @@ def write_preview(ws: Workspace, lms: np.ndarray, poses: np.ndarray, K: np.ndarr
     n = len(lms)
     idx = np.linspace(0, n - 1, min(count, n)).round().astype(int)
     tiles = []
-    masks = load_masks(ws, list(idx)) if ws.path("track", "masks").exists() else None
+    masks = load_masks(ws, list(idx)) if ws.path(TRACK_MASKS).exists() else None
     for j, i in enumerate(idx):
         img = load_frame(ws, int(i))[:, :, ::-1].copy()
         if masks is not None:

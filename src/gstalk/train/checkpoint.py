@@ -5,6 +5,12 @@ state dict), ``optim.<opt>.<index>.<exp_avg|exp_avg_sq|step>`` (Adam state of th
 ``index``-th parameter of optimizer ``opt``), ``densify.<key>``, ``rng.torch``; the
 metadata holds the step, the numpy generator state and free-form info. Loading never
 executes code (no pickle).
+
+Tensors are written from whatever device they are on (moved to the CPU) and read onto the
+device the loading run uses (:func:`restore_training` puts Adam's moments beside their
+parameters, the caller moves ``params`` and ``module``): a checkpoint made on CUDA resumes on
+the CPU and vice versa. Every random number is drawn from torch's CPU generator
+(:func:`gstalk.device.randn`), so its one saved state resumes a CUDA run exactly too.
 """
 
 from __future__ import annotations
@@ -51,23 +57,28 @@ def save_checkpoint(path: str | Path, *, step: int, params: torch.nn.ParameterDi
     save_tensors(path, t, meta)
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a checkpoint: ({"params": …, "module": …, "optim": …, "densify": …, "rng": …}, metadata)."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read a checkpoint: ({"params": …, "module": …, "optim": …, "densify": …, "rng": …}, metadata),
+    its parameters, module state and densification statistics on ``device`` (Adam's moments
+    and the RNG state stay on the CPU until :func:`restore_training` places them)."""
     t, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = {"params": {}, "module": {}, "optim": {}, "densify": {}, "rng": {}}
     for k, v in t.items():
         head, _, rest = k.partition(".")
-        groups.setdefault(head, {})[rest] = v
+        groups.setdefault(head, {})[rest] = v.to(device) if head in ("params", "module", "densify") else v
     return groups, meta
 
 
 def restore_optimizers(optimizers: dict[str, torch.optim.Optimizer], optim: dict[str, torch.Tensor]) -> None:
-    """Put saved Adam moments back into freshly built optimizers (same parameter order)."""
+    """Put saved Adam moments back into freshly built optimizers (same parameter order), on
+    each parameter's device (Adam's ``step`` count stays a CPU float, as Adam keeps it)."""
     for name, opt in optimizers.items():
         for i, p in enumerate(_opt_params(opt)):
             st = {key.split(".")[-1]: v for key, v in optim.items() if key.startswith(f"{name}.{i}.")}
             if st:
-                opt.state[p] = {k: (v.clone() if k != "step" else v.clone().float()) for k, v in st.items()}
+                opt.state[p] = {k: (v.to(p.device, copy=True) if k != "step" else v.clone().float().cpu())
+                                for k, v in st.items()}
 
 
 def restore_rng(groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> np.random.Generator:
@@ -89,10 +100,10 @@ def warn_if_replacing(path: Path, reporter: Reporter) -> None:
                       f"and replaces it (pass --resume to continue it instead)")
 
 
-def load_resumable(path: Path, stage: str, workspace: Path, key: str,
-                   expected: Any) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """:func:`load_checkpoint` for ``gstalk STAGE --resume``: the checkpoint must exist and
-    its ``info[key]`` (the settings it was made with) must equal ``expected``.
+def load_resumable(path: Path, stage: str, workspace: Path, key: str, expected: Any,
+                   device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """:func:`load_checkpoint` (onto ``device``) for ``gstalk STAGE --resume``: the checkpoint
+    must exist and its ``info[key]`` (the settings it was made with) must equal ``expected``.
 
     Raises:
         WorkspaceError: no checkpoint at ``path`` (the hint gives the command without
@@ -101,7 +112,7 @@ def load_resumable(path: Path, stage: str, workspace: Path, key: str,
     if not path.exists():
         raise WorkspaceError(f"No checkpoint to resume from in {path.parent}.",
                              hint=f"run `gstalk {stage} {workspace}` without --resume")
-    groups, meta = load_checkpoint(path)
+    groups, meta = load_checkpoint(path, device)
     if meta["info"].get(key) != expected:
         raise WorkspaceError(f"The {stage} checkpoint was made with other settings than this run's.",
                              hint="resume with the same preset and flags, or run without --resume", path=path)
@@ -115,6 +126,7 @@ def restore_training(trainer: Any, groups: dict[str, dict[str, torch.Tensor]], m
     ``rng``, ``step``). Call it after building the trainer, which seeds the RNGs."""
     restore_optimizers(trainer.optimizers, groups["optim"])
     if groups.get("densify"):
-        trainer.densify_state = {k: v.clone() for k, v in groups["densify"].items()}
+        device = getattr(trainer, "device", "cpu")
+        trainer.densify_state = {k: v.to(device, copy=True) for k, v in groups["densify"].items()}
     trainer.rng = restore_rng(groups, meta)
     trainer.step = int(meta["step"])

@@ -43,8 +43,9 @@ class CoarseTrainer:
     """State of a coarse run; :meth:`run` trains to ``cfg.iterations``.
 
     Args:
-        params: raw Gaussian parameters (edited in place, densification replaces entries).
-        data: training frames.
+        params: raw Gaussian parameters (edited in place, densification replaces entries),
+            on the device the run uses (:attr:`device`).
+        data: training frames, for that device (:meth:`~gstalk.train.frames.FrameSet.to`).
         cfg: :class:`~gstalk.config.CoarseConfig`.
         scene_scale: head radius in metres (learning rate and densification scale).
         seed: random seed for frame sampling.
@@ -65,7 +66,8 @@ class CoarseTrainer:
             "means": self.lr_means0, "scales": c.lr_scales, "quats": c.lr_quats, "opacities": c.lr_opacities,
             "sh0": c.lr_sh0, "shN": c.lr_shN})
         self.densifier = Densifier(c.densify, self.scene_scale)
-        self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0])
+        self.device = self.params["means"].device
+        self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0], self.device)
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
 
@@ -117,12 +119,12 @@ class CoarseTrainer:
 
 def render_frames(params: dict[str, torch.Tensor], data: FrameSet, backend: str = "auto") -> torch.Tensor:
     """Render the static Gaussians for every frame of ``data`` over its background:
-    [F, H, W, 3] float32 in [0, 1]."""
+    [F, H, W, 3] float32 in [0, 1], on the CPU (``params`` and ``data`` on one device)."""
     out = []
     with torch.no_grad():
         for i in range(len(data)):
             colors, alphas, _ = splat(params, data.viewmats[i:i + 1], data.K, data.width, data.height, backend=backend)
-            out.append(composite(colors, alphas, data.background(i)).clamp(0, 1)[0])
+            out.append(composite(colors, alphas, data.background(i)).clamp(0, 1)[0].cpu())
     return torch.stack(out)
 
 

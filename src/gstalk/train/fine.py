@@ -21,6 +21,11 @@ the prediction everywhere. With ``conditioning="audio"`` c_t is the audio window
 
 A step whose loss is NaN/Inf is skipped and counted (the checkpoint keeps the last good
 state); too many in a row raise.
+
+Every frame goes through the one audio → pixels path (:class:`gstalk.render.head.TalkingHead`),
+as in render and eval. The trainer runs where its tensors are: the stage moves the
+Gaussians, the model and the frames (:meth:`~gstalk.train.frames.FrameSet.to`) to one
+device; random numbers come from torch's CPU generator (:func:`gstalk.device.randn`).
 """
 
 from __future__ import annotations
@@ -35,38 +40,32 @@ import torch
 from gstalk.config import CoarseConfig, DensifyConfig, FineConfig
 from gstalk.deform.articulation import fit_ensemble
 from gstalk.deform.audio import neighbour_indices
-from gstalk.deform.base import DeformationModel, Deltas, apply_deltas
+from gstalk.deform.base import DeformationModel, Deltas
+from gstalk.device import randn
 from gstalk.errors import TrainingError
 from gstalk.gaussians.densify import Densifier
-from gstalk.gaussians.splat import composite, splat
+from gstalk.gaussians.splat import composite
+from gstalk.render.head import HeadRender, TalkingHead
 from gstalk.train.coarse import exp_decay, gaussian_optimizers
 from gstalk.train.frames import FrameSet
-from gstalk.train.losses import dilate_mask, mask_margin_loss, masked_l1, photometric_loss
+from gstalk.train.losses import masked_l1, photometric_loss
 
 Callback = Callable[[int, dict[str, float]], None]
 
 
-def model_optimizer(model: torch.nn.Module, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
-    """Adam with two groups: feature grids (hash tables, dense planes, lines and audio
-    prototypes: ``lr_grid``) and everything else (``lr_net``); the articulation regressor
-    (fitted on its own, then frozen) and the torso (:func:`torso_optimizer`) are left out."""
-    grid, net = [], []
-    for name, p in model.named_parameters():
-        if name.startswith(("articulator.", "torso.")):
-            continue
-        is_grid = name.endswith("table") or any(k in name for k in (".planes.", ".lines.", ".prototypes."))
-        (grid if is_grid else net).append(p)
-    groups = [{"params": net, "lr": lr_net, "name": "net"}]
-    if grid:
-        groups.append({"params": grid, "lr": lr_grid, "name": "grid", "eps": 1e-15})
-    return torch.optim.Adam(groups, betas=(0.9, 0.99))
+def model_optimizer(model: DeformationModel, lr_net: float, lr_grid: float) -> torch.optim.Optimizer:
+    """Adam over the groups the model declares (:meth:`~gstalk.deform.base.DeformationModel.param_groups`:
+    feature grids at ``lr_grid``, everything else at ``lr_net``; the articulation regressor
+    and the torso left out)."""
+    return torch.optim.Adam(model.param_groups(lr_net, lr_grid), betas=(0.9, 0.99))
 
 
-def torso_optimizer(torso: torch.nn.Module, scene_scale: float, lr_field: float) -> torch.optim.Optimizer:
+def torso_optimizer(torso: torch.nn.Module, scene_scale: float, lr_field: float,
+                    coarse: CoarseConfig | None = None) -> torch.optim.Optimizer:
     """Adam for a :class:`~gstalk.deform.torso.TorsoField`: its Gaussians at the coarse
-    stage's rates (means scaled by the head radius, like the head's), its MLP at
-    ``lr_field``."""
-    base = CoarseConfig()
+    stage's rates (``coarse``: the coarse config the workspace recorded; means scaled by the
+    head radius, like the head's), its MLP at ``lr_field``."""
+    base = coarse or CoarseConfig()
     groups = [{"params": [torso.means], "lr": base.lr_means * scene_scale, "name": "torso_means"},
               {"params": [torso.scales], "lr": base.lr_scales, "name": "torso_scales"},
               {"params": [torso.quats], "lr": base.lr_quats, "name": "torso_quats"},
@@ -90,6 +89,10 @@ class FineTrainer:
         from_prior: the model's articulation regressor holds the multi-speaker prior
             (:mod:`gstalk.prior`): :meth:`fit_articulator` adapts it (``articulation_adapt_*``)
             instead of fitting it from scratch.
+        coarse: the coarse stage's config as the workspace recorded it: the canonical
+            Gaussians keep training at its learning rates times ``cfg.lr_gaussians_scale``.
+
+    ``params``, ``model`` and ``data`` must be on one device (the trainer's :attr:`device`).
     """
 
     params: torch.nn.ParameterDict
@@ -99,6 +102,7 @@ class FineTrainer:
     scene_scale: float
     seed: int = 0
     from_prior: bool = False
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
     step: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
@@ -106,7 +110,8 @@ class FineTrainer:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        c, base = self.cfg, CoarseConfig()
+        c, base = self.cfg, self.coarse
+        self.device = self.params["means"].device
         s = c.lr_gaussians_scale
         self.lr_means0 = base.lr_means * self.scene_scale * 0.1 * s
         self.optimizers = gaussian_optimizers(self.params, {
@@ -117,19 +122,20 @@ class FineTrainer:
         if self.model.torso is not None:
             if self.data.plate is None:
                 raise ValueError("training a torso field needs the background plate in the FrameSet")
-            self.optimizers["torso"] = torso_optimizer(self.model.torso, self.scene_scale, c.lr_torso)
+            self.optimizers["torso"] = torso_optimizer(self.model.torso, self.scene_scale, c.lr_torso, base)
             self.torso_lrs = {g["name"]: g["lr"] for g in self.optimizers["torso"].param_groups}
         self.lpips = None
         if c.lpips_weights:  # validated (InputError naming the file) before any training
             from gstalk.metrics.lpips import LPIPS
 
-            self.lpips = LPIPS.load(c.lpips_weights)
+            self.lpips = LPIPS.load(c.lpips_weights).to(self.device)
         self.densifier = None
         if c.densify_until > 0:  # 3DGS density control goes on under the deformation
             self.densifier = Densifier(DensifyConfig(start=c.densify_from, stop=c.densify_until, every=c.densify_every,
                                                      reset_opacity_every=0, max_gaussians=c.densify_max),
                                        self.scene_scale)
-        self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0]) if self.densifier else {}
+        self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0], self.device) \
+            if self.densifier else {}
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
         if self.data.audio is None:
@@ -137,6 +143,9 @@ class FineTrainer:
         if self.model.articulator is not None and self.data.articulation is None:
             raise ValueError("an articulation-conditioned model needs the tracked articulation in the FrameSet")
         self._base_codes: torch.Tensor | None = None
+        self.model_settings = c.model_config()
+        self.head = TalkingHead(self.params, self.model, self.data.K, self.data.width, self.data.height,
+                                backend=c.raster)
 
     def fit_articulator(self, progress: Callable[[int], None] | None = None) -> dict[str, float]:
         """Fit the audio → articulation ensemble on the training frames (each member with
@@ -181,7 +190,7 @@ class FineTrainer:
             return d.audio_windows(i, m.smooth)
         base = self.base_codes()
         ids = neighbour_indices(int(d.frame_ids[i]), m.smooth, base.shape[0])[0]
-        codes = base[ids] + self.cfg.articulation_noise * torch.randn(len(ids), base.shape[1])
+        codes = base[ids] + self.cfg.articulation_noise * randn(len(ids), base.shape[1], device=base.device)
         return m.code_windows(codes)[None]
 
     def _set_lrs(self) -> None:
@@ -197,21 +206,13 @@ class FineTrainer:
                     lr0 = self.torso_lrs[g["name"]]
                     g["lr"] = exp_decay(self.step, c.iterations, lr0, lr0 * 0.1)
 
-    def forward(self, i: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Render training frame ``i`` (position in the set) over its background:
-        ([1, H, W, 3] image, [1, A] audio code, rasterizer meta)."""
-        d, m = self.data, self.model
-        code = m.encode_audio(self.condition_windows(i))
-        deltas = m.deform(m.spatial(self.params["means"]), code[0], d.blink[i:i + 1])
-        deformed = apply_deltas(dict(self.params.items()), deltas)
-        dynamic = deltas.weight is not None and self.cfg.mask_lambda > 0
-        colors, alphas, meta = splat(deformed, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=self.cfg.raster,
-                                     extra=deltas.weight[:, None] if dynamic else None)
-        if dynamic:  # Audio-Plane Eq. 8: the dynamism weights splatted to a grey map g
-            meta["dynamism_map"] = colors[..., 3:4]
-            colors = colors[..., :3]
-        meta["deltas"] = deltas
-        return composite(colors, alphas, d.background(i)), code, meta
+    def forward(self, i: int) -> HeadRender:
+        """Render training frame ``i`` (position in the set) over its background through the
+        one audio → pixels path, with the channels the model's own losses need:
+        :class:`~gstalk.render.head.HeadRender` (``image`` [1, H, W, 3])."""
+        d = self.data
+        return self.head.render(self.condition_windows(i), d.blink[i:i + 1], d.viewmats[i:i + 1], d.background(i),
+                                settings=self.model_settings)
 
     def torso_forward(self, i: int) -> torch.Tensor:
         """The torso field for training frame ``i``'s head pose over the background plate:
@@ -250,20 +251,21 @@ class FineTrainer:
         c, d = self.cfg, self.data
         i = int(self.rng.integers(len(d)))
         self._set_lrs()
-        pred, code, meta = self.forward(i)
+        out = self.forward(i)
+        pred, meta = out.image, out.meta
+        assert pred is not None
         gt = d.image(i)
         loss = photometric_loss(pred, gt, c.ssim_lambda)
         if c.mouth_weight > 0:
             loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
         if c.deform_reg > 0:
-            loss = loss + c.deform_reg * self.deformation_penalty(meta["deltas"])
+            loss = loss + c.deform_reg * self.deformation_penalty(out.deltas)
         lp = None
         if self.lpips is not None and c.lpips_lambda > 0:
             lp = self.lpips.loss(pred, gt)
             loss = loss + c.lpips_lambda * lp
-        if "dynamism_map" in meta:  # Audio-Plane Eq. 9 against the dilated mouth mask
-            ref = dilate_mask(d.mouth_mask(i), int(round(c.mask_dilate * d.height)))
-            loss = loss + c.mask_lambda * mask_margin_loss(meta["dynamism_map"], ref, c.mask_margin)
+        for term in self.model.losses(out, d.mouth_mask(i), self.model_settings).values():
+            loss = loss + term  # e.g. Audio-Plane's L_mask (Eq. 9)
         torso_loss = None
         if self.model.torso is not None and self.model.torso.n > 0:  # its own layer, its own target
             torso_loss = photometric_loss(self.torso_forward(i), d.background(i), c.ssim_lambda)
@@ -318,18 +320,17 @@ class FineTrainer:
 def render_deformed(params: dict[str, torch.Tensor], model: DeformationModel, data: FrameSet, *,
                     backend: str = "auto") -> torch.Tensor:
     """Render every frame of ``data`` with its own audio (through the model's
-    :meth:`~gstalk.deform.base.DeformationModel.conditions`) and blink over its background:
-    [F, H, W, 3] float32 in [0, 1]."""
+    :meth:`~gstalk.deform.base.DeformationModel.conditions`) and blink over its background,
+    through the one audio → pixels path: [F, H, W, 3] float32 in [0, 1], on the CPU
+    (``params``, ``model`` and ``data`` on one device)."""
     assert data.audio is not None
     out = []
     with torch.no_grad():
-        spatial = model.spatial(params["means"])
+        head = TalkingHead(params, model, data.K, data.width, data.height, backend=backend, cache_spatial=True)
         cond = model.conditions(data.audio)
         for i in range(len(data)):
-            ids = neighbour_indices(int(data.frame_ids[i]), model.smooth, cond.shape[0])
-            code = model.encode_audio(cond[ids])[0]
-            deformed = apply_deltas(params, model.deform(spatial, code, data.blink[i:i + 1]))
-            colors, alphas, _ = splat(deformed, data.viewmats[i:i + 1], data.K, data.width, data.height,
-                                      backend=backend)
-            out.append(composite(colors, alphas, data.background(i)).clamp(0, 1)[0])
+            r = head.render(head.windows(cond, int(data.frame_ids[i])), data.blink[i:i + 1], data.viewmats[i:i + 1],
+                            data.background(i))
+            assert r.image is not None
+            out.append(r.image.clamp(0, 1)[0].cpu())
     return torch.stack(out)

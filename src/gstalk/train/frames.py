@@ -1,15 +1,23 @@
 """Training frames held in memory as tensors (what the loops consume).
 
 Images and backgrounds stay uint8 until a frame is drawn, so 455 frames at 256 px take
-~180 MB. Built by the stages from the workspace (``gstalk.dataset``); the loops see only
-tensors.
+~180 MB. Built by the stages from the workspace (``gstalk.dataset``, which decodes the PNGs
+on worker threads); the loops see only tensors. :meth:`FrameSet.to` puts a set on a
+device: the small tensors (cameras, blinks, audio windows, articulation codes) go there; the
+frames and masks go there too when they fit in the GPU's memory, else they stay in pinned
+host memory and each drawn frame is copied asynchronously (``non_blocking``), so the GPU
+never waits for a decoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+# uint8 per-frame tensors of a FrameSet (the big ones)
+FRAME_TENSORS = ("images", "backgrounds", "head_masks", "mouth_masks", "torso_masks")
 
 
 @dataclass
@@ -34,6 +42,8 @@ class FrameSet:
             this set's frames, indexed by frame number; or None.
         torso_masks: [F, H, W] uint8 {0, 255} (person and not head), or None.
         plate: [H, W, 3] uint8 background plate (the scene without the person), or None.
+        device: where the accessors (:meth:`image`, :meth:`background`, ...) deliver their
+            tensors (:meth:`to`); ``frame_ids`` stays on the CPU.
     """
 
     images: torch.Tensor
@@ -49,6 +59,7 @@ class FrameSet:
     articulation: torch.Tensor | None = None
     torso_masks: torch.Tensor | None = None
     plate: torch.Tensor | None = None
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -61,13 +72,44 @@ class FrameSet:
     def width(self) -> int:
         return int(self.images.shape[2])
 
+    def to(self, device: torch.device | str, *, resident_bytes: int | None = None) -> FrameSet:
+        """This set for ``device``: the cameras, blinks, K, plate, audio windows and
+        articulation codes moved there; the uint8 frames and masks moved too when they take at
+        most ``resident_bytes`` (default: half of the GPU's free memory), else pinned in host
+        memory and copied a frame at a time as they are drawn. On the CPU, ``self``."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        if device.type == "cpu":
+            moved = {f.name: getattr(self, f.name).cpu() for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), torch.Tensor)}
+            return dataclasses.replace(self, **moved, device=device)
+        big = {k: getattr(self, k) for k in FRAME_TENSORS if getattr(self, k) is not None}
+        nbytes = sum(t.numel() * t.element_size() for t in big.values())
+        if resident_bytes is None:
+            resident_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else nbytes
+        resident = nbytes <= resident_bytes or device.type != "cuda"  # pinned memory is CUDA's
+        moved = {k: (t.to(device) if resident else t.pin_memory()) for k, t in big.items()}
+        for k in ("viewmats", "K", "mouth_boxes", "blink", "audio", "articulation", "plate"):
+            t = getattr(self, k)
+            moved[k] = None if t is None else t.to(device)
+        return dataclasses.replace(self, **moved, device=device)
+
+    @property
+    def resident(self) -> bool:
+        """Whether the frames are on :attr:`device` (else in host memory, copied per frame)."""
+        return self.images.device == self.device
+
+    def _frame(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[i:i + 1].to(self.device, non_blocking=True)
+
     def image(self, i: int) -> torch.Tensor:
-        """Frame ``i`` as [1, H, W, 3] float32 in [0, 1]."""
-        return self.images[i:i + 1].float() / 255.0
+        """Frame ``i`` as [1, H, W, 3] float32 in [0, 1], on :attr:`device`."""
+        return self._frame(self.images, i).float() / 255.0
 
     def background(self, i: int) -> torch.Tensor:
-        """Background of frame ``i`` as [1, H, W, 3] float32 in [0, 1]."""
-        return self.backgrounds[i:i + 1].float() / 255.0
+        """Background of frame ``i`` as [1, H, W, 3] float32 in [0, 1], on :attr:`device`."""
+        return self._frame(self.backgrounds, i).float() / 255.0
 
     def audio_windows(self, i: int, k: int) -> torch.Tensor:
         """Feature windows of the ``k`` frames around frame ``i`` of this set: [1, K, W, C]."""
@@ -84,17 +126,18 @@ class FrameSet:
 
     def mouth_mask(self, i: int) -> torch.Tensor:
         """[1, H, W, 1] float32 in {0, 1}."""
-        return (self.mouth_masks[i:i + 1, :, :, None] > 127).float()
+        return (self._frame(self.mouth_masks, i)[..., None] > 127).float()
 
     def head_mask(self, i: int) -> torch.Tensor:
         """[1, H, W, 1] float32 in {0, 1}."""
-        return (self.head_masks[i:i + 1, :, :, None] > 127).float()
+        return (self._frame(self.head_masks, i)[..., None] > 127).float()
 
     def subset(self, idx: list[int]) -> FrameSet:
         """The frames at positions ``idx`` of this set (audio windows are shared)."""
-        sel = torch.tensor(idx, dtype=torch.long)
+        sel = torch.tensor(idx, dtype=torch.long)  # a CPU index reaches tensors on any device
         return FrameSet(images=self.images[sel], backgrounds=self.backgrounds[sel], viewmats=self.viewmats[sel],
                         K=self.K, head_masks=self.head_masks[sel], mouth_masks=self.mouth_masks[sel],
                         mouth_boxes=self.mouth_boxes[sel], blink=self.blink[sel], audio=self.audio,
                         frame_ids=self.frame_ids[sel], articulation=self.articulation,
-                        torso_masks=None if self.torso_masks is None else self.torso_masks[sel], plate=self.plate)
+                        torso_masks=None if self.torso_masks is None else self.torso_masks[sel], plate=self.plate,
+                        device=self.device)

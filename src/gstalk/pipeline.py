@@ -1,0 +1,97 @@
+"""The stage sequence, in one place: what ``gstalk run`` does, and the evals ``eval --compare``
+needs first.
+
+Stages never import each other; this module is the one that knows their order
+(extract → track → coarse → fine → render → eval, :data:`SEQUENCE`), so the CLI calls it
+instead of chaining the stages itself::
+
+    gstalk run VIDEO ──► run_all ──► run_extract, run_track, run_coarse, run_fine, run_render, run_eval
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from gstalk.progress import SILENT, Reporter
+
+SEQUENCE = ("extract", "track", "coarse", "fine", "render", "eval")
+
+
+def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: str = "cpu-quick",
+            audio: str | Path | None = None, output: str | Path | None = None, seed: int = 0,
+            detector: str | None = None, fan_weights: str | Path | None = None, raster: str = "auto",
+            device: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+    """Run every stage of :data:`SEQUENCE` on ``video`` with the preset ``preset``.
+
+    Args:
+        workspace: the workspace folder (default ``VIDEO_STEM_ws``).
+        audio, output: what render says at the end and where it writes it (default: the
+            test split with its own audio, ``ws/renders/test.mp4``).
+        detector, fan_weights: the track stage's landmark detector (``fan`` also makes eval
+            measure FAN's LMD).
+        raster, device: the rasterizer backend and device of coarse, fine, render and eval
+            (``auto``: CUDA with gsplat when there is a GPU, else the C++ CPU backend).
+
+    Returns:
+        {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device", "preset"}.
+
+    Raises:
+        Whatever the stages raise; a bad device, rasterizer or FAN weights file before
+        anything is extracted.
+    """
+    from gstalk.config import EvalConfig, RenderConfig, get_preset, override
+    from gstalk.device import stage_device
+    from gstalk.stages.coarse import run_coarse
+    from gstalk.stages.evaluate import run_eval
+    from gstalk.stages.extract import run_extract
+    from gstalk.stages.fine import run_fine
+    from gstalk.stages.render import run_render
+    from gstalk.stages.track import load_detector_model, run_track
+
+    p = get_preset(preset)
+    track_cfg = override(p.track, detector=detector, fan_weights=str(fan_weights) if fan_weights else None)
+    load_detector_model(track_cfg)  # refuse missing or bad FAN weights before extracting anything
+    dev = str(stage_device(device, raster))  # and a device or rasterizer that cannot run here
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    ws = run_extract(video, workspace, p.extract, preset=p.name, seed=seed, reporter=reporter)
+    times["extract"] = time.perf_counter() - t
+    root = str(ws.root)
+    for name, fn in (("track", lambda: run_track(root, track_cfg, reporter=reporter)),
+                     ("coarse", lambda: run_coarse(root, override(p.coarse, raster=raster, device=dev),
+                                                   reporter=reporter)),
+                     ("fine", lambda: run_fine(root, override(p.fine, raster=raster, device=dev), reporter=reporter))):
+        t = time.perf_counter()
+        fn()
+        times[name] = time.perf_counter() - t
+    t = time.perf_counter()
+    r = run_render(root, audio, output, RenderConfig(raster=raster, device=dev), reporter=reporter)
+    times["render"] = time.perf_counter() - t
+    t = time.perf_counter()
+    m = run_eval(root, EvalConfig(raster=raster, device=dev, lmd_landmarks=track_cfg.detector,  # type: ignore[arg-type]
+                                  fan_weights=track_cfg.fan_weights), reporter=reporter)
+    times["eval"] = time.perf_counter() - t
+    return {"workspace": root, "video": r["output"], "seconds": times, "metrics": m, "device": dev, "preset": p.name}
+
+
+def evaluate_stale(paths: list[Path], *, raster: str = "auto", device: str = "auto",
+                   reporter: Reporter = SILENT) -> list[Path]:
+    """Evaluate each workspace of ``paths`` that has no current eval
+    (:func:`gstalk.stages.compare.needs_eval`): what ``eval --compare`` does before its table.
+
+    Returns:
+        The workspaces that were evaluated.
+    """
+    from gstalk.config import EvalConfig
+    from gstalk.stages.compare import needs_eval
+    from gstalk.stages.evaluate import run_eval
+
+    done = []
+    for p in paths:
+        if needs_eval(p):
+            reporter.log(f"evaluating {p} (no eval of its current model)")
+            run_eval(p, EvalConfig(raster=raster, device=device), reporter=reporter)
+            done.append(p)
+    return done
