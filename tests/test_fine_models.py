@@ -117,11 +117,11 @@ def test_a_models_field_starts_the_same_whatever_the_audio_front_end():
     # the regressor draws from a fork of the generator, so the field's initial weights do not
     # depend on the regressor's input size: on obama.mp4 a field drawn after a 38-feature
     # regressor instead of a 13-feature one scored 30.22 against 30.34 dB on the mouth box
-    from gstalk.config import FineConfig
+    from gstalk.config import FineConfig, with_settings
     from gstalk.deform.registry import build_model, model_spec
 
     aabb = torch.tensor([[-0.1, -0.1, -0.1], [0.1, 0.1, 0.1]])
-    cfg = dataclasses.replace(FineConfig(), grid_levels=2, grid_max_res=32, plane_res=8, plane_scales=1)
+    cfg = with_settings(FineConfig(), grid_levels=2, grid_max_res=32, plane_res=8, plane_scales=1)
     for name in MODELS:
         fields = []
         for dim in (13, 38):
@@ -134,12 +134,12 @@ def test_a_models_field_starts_the_same_whatever_the_audio_front_end():
 
 
 def test_articulation_codes_are_read_by_codenet_and_old_specs_by_audionet():
-    from gstalk.config import FineConfig
+    from gstalk.config import FineConfig, with_settings
     from gstalk.deform.audio import AudioNet, CodeNet
     from gstalk.deform.registry import build_model, model_spec
 
     aabb = torch.tensor([[-0.1, -0.1, -0.1], [0.1, 0.1, 0.1]])
-    cfg = dataclasses.replace(FineConfig(), grid_levels=2, grid_max_res=32, plane_res=8, plane_scales=1)
+    cfg = with_settings(FineConfig(), grid_levels=2, grid_max_res=32, plane_res=8, plane_scales=1)
     for name in MODELS:
         spec = model_spec(name, aabb, 13, 16, cfg, articulation=7)
         assert spec["kwargs"]["code_encoder"] == "mlp"
