@@ -134,8 +134,12 @@ def create_app(state: ServerState) -> Starlette:
     async def status(request: Request) -> Response:
         if not _token_ok(state, request):
             return _error(401, "token", "token missing or wrong", "send Authorization: Bearer TOKEN or ?token=TOKEN")
+        import resource
+
         rss, peak = _rss_mb()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
         return JSONResponse({"version": __version__, "uptime_s": round(time.monotonic() - state.started, 3),
+                             "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
                              "sessions": [h.session.stats() for h in list(state.sessions.values())
                                           if h.session is not None],
                              "capacity": state.capacity.summary(), "rss_mb": round(rss, 1),

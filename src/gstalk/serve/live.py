@@ -53,6 +53,9 @@ def loop_pose(i: int, frames: range | list[int]) -> int:
     return int(f[k] if k < n else f[period - k])
 
 
+BACKGROUND_BUDGET_MB = 256.0  # kept backgrounds per avatar (256 px: 455 training poses take 85 MiB)
+
+
 def _ahead(k: int) -> int:
     """Frames after the centre that a K-frame neighbourhood reads (``neighbour_indices``)."""
     return k - k // 2 - 1
@@ -159,6 +162,30 @@ class LiveAvatar:
         self.fps = float(avatar.fps)
         self.width, self.height = self.renderer.width, self.renderer.height
         self.lookahead = lookahead(avatar, self.feature_stream().latency_s)
+        self._backgrounds: dict[int, torch.Tensor] = {}
+
+    def warm_backgrounds(self, budget_mb: float = BACKGROUND_BUDGET_MB) -> int:
+        """Make the background (torso over the plate) of every training pose once and keep it,
+        when they fit in ``budget_mb`` MiB (uint8): sessions then never render the torso, and
+        memory does not grow while they run. Returns how many were made (0: over budget,
+        sessions make them as they go)."""
+        frames = list(self.avatar.train)
+        if len(frames) * self.width * self.height * 3 > budget_mb * 2**20:
+            return 0
+        for f in frames:
+            if f not in self._backgrounds:
+                self._backgrounds[f] = self.renderer.load_background(f)
+        return len(frames)
+
+    def background(self, i: int) -> torch.Tensor:
+        """[1, H, W, 3] uint8: the background of stream frame ``i`` (kept, or made now)."""
+        pose = self.pose(i)
+        bg = self._backgrounds.get(pose)
+        return bg if bg is not None else self.renderer.load_background(pose)
+
+    @property
+    def backgrounds_kept(self) -> bool:
+        return len(self._backgrounds) >= len(self.avatar.train)
 
     def feature_stream(self) -> Any:
         """A new :class:`~gstalk.audio.stream.FeatureStream` with the avatar's front end and statistics."""
@@ -246,8 +273,9 @@ class LiveStream:
         self._audio = np.zeros(0, np.float32)  # timeline samples from _audio_start
         self._audio_start = 0
         self._segments: list[list[float]] = []  # [timeline start, timeline end, client s at start] of client audio
-        self._bgs: Iterator[torch.Tensor] = prefetch(lambda i: live.renderer.load_background(live.pose(i)),
-                                                     itertools.count(), depth=prefetch_depth)
+        # backgrounds: kept by the avatar (warm_backgrounds), else made ahead on a worker thread
+        self._bgs: Iterator[torch.Tensor] | None = None if live.backgrounds_kept else \
+            prefetch(live.background, itertools.count(), depth=prefetch_depth)
 
     # ------------------------------------------------------------------ input
     @property
@@ -383,7 +411,7 @@ class LiveStream:
         if self.ready() <= 0:
             raise RuntimeError("no frame is ready")
         i = self.next_index
-        bg = next(self._bgs)
+        bg = next(self._bgs) if self._bgs is not None else (self.live.background(i) if render else None)
         pose = self.live.pose(i)
         image = None
         if render:
@@ -416,53 +444,106 @@ class LiveStream:
 
     def close(self) -> None:
         """Stop the background worker."""
-        close = getattr(self._bgs, "close", None)
+        close = getattr(self._bgs, "close", None) if self._bgs is not None else None
         if close is not None:
             close()
 
 
-def measure_speed(live: LiveAvatar, frames: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Time the live path of ``live`` on this machine: audio features, conditions, one render
-    and a JPEG encode per frame, serially (one stream alone; the background is made in line,
-    not ahead on a worker thread as in a session, so this errs on the slow side).
+def _synthetic_speech(seconds: float, sr: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.1 * np.sin(2 * np.pi * 180.0 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t))
+            + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def measure_speed(live: LiveAvatar, frames: int = 30, warmup: int = 5, streams: int = 1) -> dict[str, float]:
+    """Time the live path of ``live`` on this machine: ``streams`` streams at once (threads, as
+    sessions run), each pushing audio, rendering ``frames`` frames (after ``warmup``) and
+    encoding each as a JPEG, as fast as it can.
 
     Returns:
-        ``{"fps": frames per second, "ms_per_frame": median ms, "frames": timed frames}``.
+        ``{"streams", "fps": the slowest stream's frames per second, "total_fps": all streams
+        together, "ms_per_frame": the median ms of a frame}``.
     """
+    import threading
     import time
 
     import cv2
 
-    rng = np.random.default_rng(0)
     n = frames + warmup
-    t_audio = n / live.fps + live.lookahead.total_s + 0.2
-    t = np.arange(int(t_audio * live.sample_rate)) / live.sample_rate
-    audio = (0.1 * np.sin(2 * np.pi * 180.0 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t))
-             + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
-    stream = LiveStream(live, prefetch_depth=1)
+    audio = _synthetic_speech(n / live.fps + live.lookahead.total_s + 0.3, live.sample_rate)
     chunk = int(live.sample_rate / live.fps)
+    barrier = threading.Barrier(streams)
+    spans: list[tuple[float, float]] = []
     times: list[float] = []
-    try:
-        pos = 0
-        done = 0
-        while done < n and pos < audio.size:
-            t0 = time.perf_counter()
-            stream.push(audio[pos:pos + chunk], pos / live.sample_rate)
-            pos += chunk
-            while stream.ready() and done < n:
-                f = stream.render_next()
-                assert f.image is not None
-                cv2.imencode(".jpg", f.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
-                done += 1
-                if done > warmup:
-                    times.append(time.perf_counter() - t0)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        stream = LiveStream(live, prefetch_depth=1)
+        mine: list[float] = []
+        try:
+            pos = done = 0
+            start = None
+            while done < n and pos < audio.size:
                 t0 = time.perf_counter()
-    finally:
-        stream.close()
-    ms = 1000.0 * float(np.median(times)) if times else math.inf
-    # the sum, not the median: a stream must sustain the mean cost, pauses included
-    fps = len(times) / sum(times) if times else 0.0
-    return {"fps": fps, "ms_per_frame": ms, "frames": len(times)}
+                stream.push(audio[pos:pos + chunk], pos / live.sample_rate)
+                pos += chunk
+                while stream.ready() and done < n:
+                    f = stream.render_next()
+                    assert f.image is not None
+                    cv2.imencode(".jpg", f.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
+                    done += 1
+                    if done == warmup:
+                        barrier.wait(60)
+                        start = time.perf_counter()
+                    elif done > warmup:
+                        mine.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+            with lock:
+                spans.append((start or time.perf_counter(), time.perf_counter()))
+                times.extend(mine)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            with lock:
+                errors.append(exc)
+            barrier.abort()
+        finally:
+            stream.close()
+
+    threads = [threading.Thread(target=one, name=f"gstalk-measure-{k}") for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    per = [frames / max(b - a, 1e-9) for a, b in spans]
+    wall = max(b for _, b in spans) - min(a for a, _ in spans)
+    return {"streams": streams, "fps": min(per) if per else 0.0, "total_fps": streams * frames / max(wall, 1e-9),
+            "ms_per_frame": 1000.0 * float(np.median(times)) if times else math.inf}
+
+
+def measure_capacity(live: LiveAvatar, frames: int = 30, utilisation: float = 0.9,
+                     max_sessions: int = 16) -> dict[str, Any]:
+    """How many live sessions of ``live`` this machine sustains, measured: 1, 2, ... streams
+    run at once (:func:`measure_speed`) until the slowest one falls below ``fps / utilisation``
+    frames per second; the last count that kept up is the capacity (0 when even one stream
+    cannot).
+
+    Returns:
+        ``{"sessions", "fps" (one stream alone), "ms_per_frame" (alone), "runs": [each
+        measurement]}``.
+    """
+    need = live.fps / utilisation
+    runs = []
+    sessions = 0
+    for k in range(1, max_sessions + 1):
+        m = measure_speed(live, frames=frames, streams=k)
+        runs.append({key: round(v, 2) for key, v in m.items()})
+        if m["fps"] < need:
+            break
+        sessions = k
+    return {"sessions": sessions, "fps": runs[0]["fps"], "ms_per_frame": runs[0]["ms_per_frame"], "runs": runs}
 
 
 def load_live_avatar(path: str | Path, **kwargs: Any) -> LiveAvatar:

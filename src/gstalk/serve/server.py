@@ -7,9 +7,12 @@ that is removed with them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,13 @@ def _unique_names(avatars: list[Any]) -> None:
             seen[base] = 1
 
 
-def prepare(paths: list[str | Path], *, backend: str = "auto", sessions: int | None = None,
+def prepare(paths: list[Any], *, backend: str = "auto", sessions: int | None = None,
             measure_frames: int = 30, reporter: Reporter = SILENT, **state_kwargs: Any) -> Any:
     """Load and warm every avatar, measure each one's live speed, and build the server state.
 
     Args:
-        paths: workspaces (fine done), bundles or unpacked bundles.
+        paths: workspaces (fine done), bundles or unpacked bundles (or
+            :class:`~gstalk.serve.live.LiveAvatar` s already loaded).
         backend: rasterizer backend.
         sessions: replace the measured capacity rule by this many sessions (None: measured).
         measure_frames: frames timed per avatar at start-up.
@@ -53,7 +57,7 @@ def prepare(paths: list[str | Path], *, backend: str = "auto", sessions: int | N
     require_web()
     from gstalk.serve.app import ServerState
     from gstalk.serve.capacity import Capacity
-    from gstalk.serve.live import load_live_avatar, measure_speed
+    from gstalk.serve.live import LiveAvatar, load_live_avatar, measure_capacity
 
     if not paths:
         raise UsageError("gstalk serve needs at least one avatar.", hint="gstalk serve WORKSPACE [WORKSPACE ...]")
@@ -61,20 +65,25 @@ def prepare(paths: list[str | Path], *, backend: str = "auto", sessions: int | N
         raise UsageError(f"--sessions {sessions} must be 0 or more.")
     lives = []
     for p in paths:
+        if isinstance(p, LiveAvatar):
+            lives.append(p)
+            continue
         reporter.log(f"loading {p}")
         lives.append(load_live_avatar(p, backend=backend))
     for live in lives:
         live.name = live.name.removesuffix(".gstalk")
     _unique_names(lives)
-    speed: dict[str, float] = {}
+    measured: dict[str, Any] = {}
     process: dict[str, float] = {}
     for live in lives:
-        with reporter.task(f"measuring {live.name}", 1) as bar:
-            m = measure_speed(live, frames=measure_frames)
+        kept = live.warm_backgrounds()
+        with reporter.task(f"measuring {live.name}", None) as bar:
+            m = measure_capacity(live, frames=measure_frames)
             bar.advance()
-        speed[live.name] = m["fps"]
+        m["backgrounds_kept"] = kept
+        measured[live.name] = m
         process[live.name] = m["ms_per_frame"] / 1000.0
-    cap = Capacity(speed, {lv.name: lv.fps for lv in lives}, sessions=sessions)
+    cap = Capacity({n: m["sessions"] for n, m in measured.items()}, measured, override=sessions)
     return ServerState(avatars={lv.name: lv for lv in lives}, capacity=cap, process_s=process, **state_kwargs)
 
 
@@ -84,9 +93,9 @@ def describe(state: Any, url: str) -> dict[str, Any]:
     avatars = []
     for name, live in state.avatars.items():
         s = live.summary()
-        s.update(speed_fps=round(state.capacity.speed.get(name, 0.0), 2),
-                 ms_per_frame=round(1000 * state.process_s.get(name, 0.0), 2),
-                 sessions=state.capacity.sessions_alone(name))
+        m = state.capacity.measured.get(name, {})
+        s.update(speed_fps=m.get("fps", 0.0), ms_per_frame=m.get("ms_per_frame", 0.0),
+                 sessions=state.capacity.sessions_alone(name), measured=m.get("runs", []))
         avatars.append(s)
     lim = state.limits
     return {"url": url, "avatars": avatars, "capacity": state.capacity.summary(),
@@ -134,15 +143,16 @@ def serve(state: Any, host: str = "127.0.0.1", port: int = 8000, *, reporter: Re
         url += f"?token={state.token}"
     info = describe(state, url)
     for a in info["avatars"]:
-        reporter.log(f"{a['name']}: {a['model']}, {a['size']} px, {a['fps']:g} fps, live path {a['speed_fps']:.1f} "
-                     f"frames/s ({a['ms_per_frame']:.1f} ms a frame) on {info['threads']} thread(s): "
-                     f"{a['sessions']} live session(s) fit; look-ahead {a['lookahead_s'] * 1000:.0f} ms "
-                     f"({a['audio_features']['extractor']})")
+        runs = ", ".join(f"{r['streams']} at once: {r['fps']:.1f}" for r in a["measured"])
+        reporter.log(f"{a['name']}: {a['model']}, {a['size']} px, {a['fps']:g} fps, look-ahead "
+                     f"{a['lookahead_s'] * 1000:.0f} ms ({a['audio_features']['extractor']}); live path "
+                     f"{a['ms_per_frame']:.1f} ms a frame on {info['threads']} thread(s), frames/s per stream with "
+                     f"{runs}: {a['sessions']} live session(s) fit")
         if a["sessions"] == 0:
-            reporter.warn(f"{a['name']}: this machine renders {a['speed_fps']:.1f} frames/s, a live session needs "
-                          f"{a['fps']:g}: live sessions of it are refused (uploads still render). "
-                          "Fix: a faster machine, fewer threads elsewhere, or --sessions N to serve anyway "
-                          "(frames are then skipped)")
+            reporter.warn(f"{a['name']}: this machine renders {a['speed_fps']:.1f} frames/s of it, a live session "
+                          f"needs {a['fps']:g} (plus 10 %): its live sessions are refused (uploads still render). "
+                          "Fix: a faster machine, a smaller avatar, or --sessions N to serve anyway (frames are "
+                          "then skipped)")
     reporter.log(f"capacity: {info['capacity']['rule']}")
     if host not in ("127.0.0.1", "localhost", "::1") and not state.token:
         reporter.warn(f"listening on {host} without a token: anyone who reaches this machine can use it "
@@ -157,6 +167,17 @@ def serve(state: Any, host: str = "127.0.0.1", port: int = 8000, *, reporter: Re
             state.shutdown()
             super().handle_exit(sig, frame)
 
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after shutting down (the process then dies by it);
+            # a clean stop here exits 0 instead, as the user asked for it
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             ws_max_size=4 * 1024 * 1024, lifespan="on")
     server = Server(config)
@@ -167,6 +188,58 @@ def serve(state: Any, host: str = "127.0.0.1", port: int = 8000, *, reporter: Re
         sock.close()
         state.shutdown()
     reporter.log("stopped: every session closed")
+
+
+class BackgroundServer:
+    """A server running on a thread of this process (embedding in an application, tests):
+    ``url``, and :meth:`stop`, which closes the sessions (1001) and the server.
+
+    Args:
+        state: from :func:`prepare` (or built by hand).
+        host, port: where to listen (port 0: a free one).
+
+    Raises:
+        UsageError: the port cannot be bound.
+    """
+
+    def __init__(self, state: Any, host: str = "127.0.0.1", port: int = 0):
+        import threading
+        import time
+
+        import uvicorn
+
+        from gstalk.serve.app import create_app
+
+        self.state = state
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+        self.sock.listen(128)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}/"
+        config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=5, ws_max_size=4 * 1024 * 1024, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="gstalk-serve", daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started and self.thread.is_alive() and time.monotonic() - t0 < 30:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.state.shutdown()
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 def token_from(flag: str | None) -> str | None:
