@@ -194,7 +194,8 @@ def raw_post(url: str, path: str, head: dict[str, str], body: bytes) -> tuple[in
 
     p = urllib.parse.urlsplit(url)
     with socket.create_connection((p.hostname, p.port), timeout=30) as s:
-        lines = [f"POST {path} HTTP/1.1", f"Host: {p.netloc}", "Connection: close"] + [f"{k}: {v}" for k, v in head.items()]
+        lines = [f"POST {path} HTTP/1.1", f"Host: {p.netloc}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in head.items()]
         s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         try:
             s.sendall(body)

@@ -396,7 +396,8 @@ def serve(
     workspaces. Needs `pip install 'gstalk[serve]'`. Protocol and measured latency: docs/serve.md."""
     with _guard(debug):
         from gstalk.errors import UsageError
-        from gstalk.serve.server import prepare, serve as run_server, token_from
+        from gstalk.serve.server import prepare, token_from
+        from gstalk.serve.server import serve as run_server
         from gstalk.serve.session import Limits
 
         for name, value in (("--max-upload", max_upload), ("--max-session", max_session),

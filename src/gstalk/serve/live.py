@@ -86,7 +86,8 @@ class Lookahead:
 
     def as_dict(self) -> dict[str, float]:
         return {"total_s": round(self.total_s, 4), "window_s": round(self.window_s, 4),
-                "features_s": round(self.features_s, 4), "articulation_s": round(self.articulation_frames / self.fps, 4),
+                "features_s": round(self.features_s, 4),
+                "articulation_s": round(self.articulation_frames / self.fps, 4),
                 "smoothing_s": round(self.smoothing_frames / self.fps, 4)}
 
 
@@ -293,7 +294,10 @@ class LiveStream:
             return
         if client_s is not None:
             seg = self._segments[-1] if self._segments else None
-            if seg is not None and seg[1] == self.n_samples and abs(seg[2] + (seg[1] - seg[0]) / self.sr - client_s) < 1e-6:
+            follows = seg is not None and seg[1] == self.n_samples and \
+                abs(seg[2] + (seg[1] - seg[0]) / self.sr - client_s) < 1e-6
+            if follows:
+                assert seg is not None
                 seg[1] += x.size
             else:
                 self._segments.append([self.n_samples, self.n_samples + x.size, float(client_s)])

@@ -13,7 +13,6 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from gstalk.errors import UsageError
