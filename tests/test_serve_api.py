@@ -376,3 +376,21 @@ def test_missing_extra_is_one_sentence(monkeypatch):  # type: ignore[no-untyped-
     with pytest.raises(DependencyError, match=r"gstalk\[serve\]") as e:
         require_web()
     assert "uvicorn" in str(e.value) and e.value.exit_code == 6
+
+
+def test_example_client(served, tmp_path):  # type: ignore[no-untyped-def]
+    """examples/serve_client.py streams a WAV and saves the frames and their audio."""
+    import soundfile as sf
+
+    from test_serve_live import speechlike
+
+    wav = tmp_path / "in.wav"
+    sf.write(wav, speechlike(1.2), 16000, subtype="PCM_16")
+    script = Path(__file__).resolve().parents[1] / "examples" / "serve_client.py"
+    r = subprocess.run([sys.executable, str(script), served.url, str(wav), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jpegs = sorted((tmp_path / "out").glob("*.jpg"))
+    assert len(jpegs) >= 25 and jpegs[0].read_bytes()[:2] == b"\xff\xd8"
+    audio, rate = sf.read(tmp_path / "out" / "audio.wav")
+    assert rate == 16000 and len(audio) >= 1.2 * 16000

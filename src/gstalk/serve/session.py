@@ -100,7 +100,7 @@ class Session:
 
     def __init__(self, live: LiveAvatar, emit: Callable[[bytes | str], None],
                  finish: Callable[[Closing], None], *, in_rate: int, channels: int = 1,
-                 limits: Limits = Limits(), jitter_s: float = 0.12, max_late_s: float = 0.2,
+                 limits: Limits = Limits(), jitter_s: float = 0.12, max_late_s: float = 0.15,
                  jpeg_quality: int = 85, process_s: float = 0.04, clock: Callable[[], float] = time.monotonic):
         self.id = f"s{next(_ids)}"
         self.live, self.emit, self._finish = live, emit, finish
