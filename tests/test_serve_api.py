@@ -381,7 +381,6 @@ def test_missing_extra_is_one_sentence(monkeypatch):  # type: ignore[no-untyped-
 def test_example_client(served, tmp_path):  # type: ignore[no-untyped-def]
     """examples/serve_client.py streams a WAV and saves the frames and their audio."""
     import soundfile as sf
-
     from test_serve_live import speechlike
 
     wav = tmp_path / "in.wav"

@@ -396,7 +396,8 @@ def serve(
     workspaces. Needs `pip install 'gstalk[serve]'`. Protocol and measured latency: docs/serve.md."""
     with _guard(debug):
         from gstalk.errors import UsageError
-        from gstalk.serve.server import prepare, token_from
+        from gstalk.serve import require_web
+        from gstalk.serve.server import open_socket, prepare, token_from
         from gstalk.serve.server import serve as run_server
         from gstalk.serve.session import Limits
 
@@ -411,12 +412,14 @@ def serve(
         if not 0 <= port <= 65535:
             raise UsageError(f"--port {port} must be between 0 and 65535.")
         roots = [_avatar_path(p) for p in avatars]
+        require_web()
+        sock = open_socket(host, port)
         reporter = _reporter(quiet)
         state = prepare(roots, backend=raster, sessions=sessions, reporter=reporter,
                         limits=Limits(max_session_s=max_session, idle_timeout_s=idle_timeout, max_ahead_s=max_ahead),
                         max_upload_bytes=int(max_upload * 2**20), token=token_from(token),
                         jpeg_quality=jpeg_quality)
-        run_server(state, host, port, reporter=reporter, as_json=as_json)
+        run_server(state, sock, reporter=reporter, as_json=as_json)
 
 
 # ---------------------------------------------------------------------------- eval

@@ -109,21 +109,13 @@ def _threads() -> int:
     return int(torch.get_num_threads())
 
 
-def serve(state: Any, host: str = "127.0.0.1", port: int = 8000, *, reporter: Reporter = SILENT,
-          as_json: bool = False) -> None:
-    """Serve ``state`` until Ctrl-C / SIGTERM: binds ``host:port`` (0: a free port), prints
-    the URL (with ``?token=`` when there is one) on stdout, or the :func:`describe` JSON with
-    ``as_json``; progress and the capacity go to stderr.
+def open_socket(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port), opened before the avatars are
+    loaded so that a taken port fails at once.
 
     Raises:
         UsageError: the port is taken or the host cannot be bound.
     """
-    import json
-
-    import uvicorn
-
-    from gstalk.serve.app import create_app
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -135,6 +127,21 @@ def serve(state: Any, host: str = "127.0.0.1", port: int = 8000, *, reporter: Re
                          hint="pick another --port (0 picks a free one) or stop what uses it") from None
     sock.listen(128)
     sock.set_inheritable(True)
+    return sock
+
+
+def serve(state: Any, sock: socket.socket, *, reporter: Reporter = SILENT, as_json: bool = False) -> None:
+    """Serve ``state`` on ``sock`` (:func:`open_socket`) until Ctrl-C / SIGTERM: prints the URL
+    (with ``?token=`` when there is one) on stdout, or the :func:`describe` JSON with
+    ``as_json``; progress and the capacity go to stderr. Then every session is closed with
+    1001 and the process returns normally."""
+    import json
+
+    import uvicorn
+
+    from gstalk.serve.app import create_app
+
+    host = sock.getsockname()[0]
     real_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{real_port}/"
@@ -210,13 +217,7 @@ class BackgroundServer:
         from gstalk.serve.app import create_app
 
         self.state = state
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.sock.bind((host, port))
-        except OSError as exc:
-            self.sock.close()
-            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
-        self.sock.listen(128)
+        self.sock = open_socket(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}/"
         config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=5, ws_max_size=4 * 1024 * 1024, lifespan="on")
