@@ -310,6 +310,10 @@ class _Handle:
             return
         self.loop.call_soon_threadsafe(self.out.put_nowait, msg)
 
+    def sent(self) -> None:  # loop thread, after a message went out
+        with self._lock:
+            self.pending -= 1
+
     def request_close(self, closing: Closing) -> None:  # any thread
         def set_it() -> None:
             if self.closing is None:
@@ -374,7 +378,7 @@ async def _live_session(state: ServerState, ws: WebSocket) -> None:
                 await ws.send_bytes(msg)
             else:
                 await ws.send_text(msg)
-            handle.pending -= 1
+            handle.sent()
 
     async def receiver() -> None:
         last = time.monotonic()
@@ -412,8 +416,7 @@ async def _live_session(state: ServerState, ws: WebSocket) -> None:
                     if kind == "end":
                         session.end_of_speech()
                     elif kind == "ping":
-                        handle.out.put_nowait(json.dumps({"type": "pong", "t": obj.get("t")}))
-                        handle.pending += 1
+                        handle.emit(json.dumps({"type": "pong", "t": obj.get("t")}))
                     else:
                         return handle.request_close(Closing(protocol.CLOSE_UNSUPPORTED, "text messages must be "
                                                             'JSON {"type": "end"} or {"type": "ping"}', "bad_message"))
