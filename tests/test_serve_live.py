@@ -162,6 +162,8 @@ def test_capacity_rule():
     assert t3 is not None and cap.active("live") == 1 and cap.active("render") == 1
     slow = Capacity({"a": 0})
     assert slow.sessions_alone("a") == 0 and slow.acquire("a") is None
+    render = slow.acquire("a", "render")  # uploads still render, one at a time
+    assert render is not None and slow.acquire("a", "render") is None
     forced = Capacity({"a": 0}, override=3)
     assert forced.sessions_alone("a") == 3
     assert [forced.acquire("a") is not None for _ in range(4)] == [True, True, True, False]

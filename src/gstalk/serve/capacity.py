@@ -6,7 +6,8 @@ per frame, on threads as sessions run) until the slowest stream falls below ``fp
 frames per second (10 % kept for the WebSocket I/O and the operating system). The last count
 that kept up, ``N_a``, is what the avatar's sessions may use: each session of avatar ``a``
 takes ``1 / N_a`` of the machine. Sessions, and renders of ``POST /v1/render`` (which count as
-one session each), are admitted while the shares add up to at most 1; one more is refused
+one session each; of an avatar of which no session fits, a render takes the whole machine),
+are admitted while the shares add up to at most 1; one more is refused
 (HTTP 503, WebSocket close 1013, with a retry hint) rather than slowing every stream down.
 ``--sessions N`` replaces the measurement by N of any avatar.
 """
@@ -55,7 +56,9 @@ class Capacity:
         """A slot for one more session (or render) of ``avatar``, or None when it does not fit."""
         load = self.load(avatar)
         if load is None:
-            return None
+            if kind != "render":
+                return None
+            load = 1.0  # no live session fits: a render still may, when it has the machine to itself
         with self._lock:
             if sum(t.load for t in self._held) + load > 1.0 + 1e-9:
                 return None
