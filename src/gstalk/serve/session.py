@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gstalk.serve import protocol
-from gstalk.serve.live import LiveAvatar, LiveStream
+from gstalk.serve.live import LiveAvatar, LiveFrame, LiveStream
 
 _ids = itertools.count(1)
 
@@ -194,8 +194,9 @@ class Session:
     def _run(self) -> None:
         try:
             self.stream = LiveStream(self.live)
-            self.t0 = self.clock()
             self._append(np.zeros(int(round((self.lookahead_s + self.jitter_s) * self.sr)), np.float32), None)
+            self._send(self.stream.render_next(), 0.0)  # the first (idle) frame, at once
+            self.t0 = self.clock() - self.margin_s  # the frame clock starts with it
             next_stats = self.t0 + 2.0
             while not self._stop.is_set():
                 self._drain()
@@ -301,31 +302,31 @@ class Session:
             self._client_out += mono.size
 
     def _render_ready(self) -> bool:
-        import cv2
-
         assert self.stream is not None
         did = False
         while self.stream.ready() and not self._stop.is_set():
             i = self.stream.next_index
             late = self.clock() - self._due(i)
-            if late > self.max_late_s:
-                f = self.stream.skip_next()
-                jpeg = b""
-                self.skipped += 1
-            else:
-                f = self.stream.render_next()
-                assert f.image is not None
-                ok, buf = cv2.imencode(".jpg", f.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
-                jpeg = buf.tobytes() if ok else b""
-                self.frames += 1
-            pcm = (np.clip(f.audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-            header = {"type": "frame", "i": f.index, "pts": round(f.pts, 6),
-                      "input_s": None if f.input_s is None else round(f.input_s, 6), "skipped": not jpeg,
-                      "pose_frame": f.pose_frame, "late_s": round(late, 4)}
-            self.emit(protocol.pack_frame(header, jpeg, pcm))
+            self._send(self.stream.skip_next() if late > self.max_late_s else self.stream.render_next(), late)
             did = True
             self._drain()
         return did
+
+    def _send(self, f: LiveFrame, late: float) -> None:
+        import cv2
+
+        jpeg = b""
+        if f.image is None:
+            self.skipped += 1
+        else:
+            ok, buf = cv2.imencode(".jpg", f.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            jpeg = buf.tobytes() if ok else b""
+            self.frames += 1
+        pcm = (np.clip(f.audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+        header = {"type": "frame", "i": f.index, "pts": round(f.pts, 6),
+                  "input_s": None if f.input_s is None else round(f.input_s, 6), "skipped": not jpeg,
+                  "pose_frame": f.pose_frame, "late_s": round(late, 4)}
+        self.emit(protocol.pack_frame(header, jpeg, pcm))
 
 
 def _json(obj: dict[str, Any]) -> str:
