@@ -225,8 +225,12 @@ def test_session_idles_in_real_time_then_shows_the_speech(live):  # type: ignore
     s = Session(live, c.emit, c.finish, in_rate=16000, process_s=0.02)
     s.start()
     try:
+        t_wait = time.monotonic()
+        while not c.frames and time.monotonic() - t_wait < 10:
+            time.sleep(0.005)
+        first = c.frames[0][0]
         time.sleep(1.0)
-        idle = list(c.frames)
+        idle = [f for f in c.frames if f[0] < first + 1.0]
         x = (speechlike(1.5) * 32767).astype("<i2")
         t0 = time.monotonic()
         for k, pos in enumerate(range(0, len(x), 320)):
