@@ -13,7 +13,7 @@ python - "$wheel" <<'PY'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["gstalk/assets/face_landmarker.task", "gstalk/assets/NOTICE", "gstalk/assets/lipsync_ridge.json", "gstalk/raster/csrc/raster_cpu.cpp",
-        "gstalk/deform/csrc/hashgrid_cpu.cpp", "gstalk/py.typed"]
+        "gstalk/deform/csrc/hashgrid_cpu.cpp", "gstalk/serve/static/index.html", "gstalk/py.typed"]
 missing = [n for n in need if n not in names]
 if missing:
     sys.exit(f"wheel {sys.argv[1]} lacks {missing}")

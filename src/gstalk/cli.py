@@ -365,6 +365,75 @@ def render(
             print(s["output"])
 
 
+# ---------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    avatars: Annotated[list[Path], typer.Argument(
+        help="Avatars to serve: workspaces (fine done), bundles (.gstalk) or unpacked bundles; each is loaded once "
+             "and kept warm, named after its folder or file.", show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to listen on. The default serves this machine only; "
+                                           "another address (e.g. 0.0.0.0) should come with --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one, printed).")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar="GSTALK_SERVE_TOKEN", show_envvar=True,
+        help="Require this token on every request (Authorization: Bearer TOKEN or ?token=TOKEN); the printed URL "
+             "carries it. Default: no token.", show_default=False)] = None,
+    max_upload: Annotated[float, typer.Option("--max-upload", help="Largest audio upload to POST /v1/render, "
+                                              "MiB.")] = 50.0,
+    max_session: Annotated[float, typer.Option("--max-session", help="Longest live session, seconds; then it is "
+                                               "closed with a reason (the client may reconnect).")] = 600.0,
+    idle_timeout: Annotated[float, typer.Option("--idle-timeout", help="Close a live session whose client sends "
+                                                "nothing (no audio, no ping) for this many seconds (0: never).")]
+    = 60.0,
+    max_ahead: Annotated[float, typer.Option("--max-ahead", help="Seconds of audio a client may send ahead of real "
+                                             "time; a client sending faster is closed with a reason.")] = 3.0,
+    sessions: Annotated[Optional[int], typer.Option(
+        "--sessions", help="Serve this many live sessions (of any avatar) instead of the number measured at "
+                           "start-up; above what the machine can render, streams skip frames.",
+        show_default=False)] = None,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the live frames, "
+                                              "1-100.")] = 85,
+    raster: Raster = "auto",
+    quiet: Quiet = False, debug: Debug = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the start-up summary (URL, avatars, measured speed, "
+                                                         "capacity, limits) as one JSON line instead of the URL.")]
+    = False,
+) -> None:
+    """Serve trained avatars live: a web page (upload a file, or speak into the microphone and watch the avatar
+    mouth it), `GET /v1/avatars`, `POST /v1/render` (an audio file -> the mp4 `gstalk render` writes) and a
+    WebSocket session (`/v1/live`: 16-bit PCM in, timestamped JPEG frames and their audio out at 25 frames/s;
+    the avatar idles when no speech arrives). Each avatar is loaded once; its live speed is measured at start-up
+    and decides how many sessions fit: one more is refused (HTTP 503 / close 1013, with a retry hint), never
+    slowed down. Prints the URL. Ctrl-C or SIGTERM closes every session cleanly; nothing is written into the
+    workspaces. Needs `pip install 'gstalk[serve]'`. Protocol and measured latency: docs/serve.md."""
+    with _guard(debug):
+        from gstalk.errors import UsageError
+        from gstalk.serve import require_web
+        from gstalk.serve.server import open_socket, prepare, token_from
+        from gstalk.serve.server import serve as run_server
+        from gstalk.serve.session import Limits
+
+        for name, value in (("--max-upload", max_upload), ("--max-session", max_session),
+                            ("--max-ahead", max_ahead)):
+            if not value > 0:
+                raise UsageError(f"{name} {value:g} must be above 0.")
+        if idle_timeout < 0:
+            raise UsageError(f"--idle-timeout {idle_timeout:g} must be 0 (never) or more.")
+        if not 1 <= jpeg_quality <= 100:
+            raise UsageError(f"--jpeg-quality {jpeg_quality} must be between 1 and 100.")
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port {port} must be between 0 and 65535.")
+        roots = [_avatar_path(p) for p in avatars]
+        require_web()
+        sock = open_socket(host, port)
+        reporter = _reporter(quiet)
+        state = prepare(roots, backend=raster, sessions=sessions, reporter=reporter,
+                        limits=Limits(max_session_s=max_session, idle_timeout_s=idle_timeout, max_ahead_s=max_ahead),
+                        max_upload_bytes=int(max_upload * 2**20), token=token_from(token),
+                        jpeg_quality=jpeg_quality)
+        run_server(state, sock, reporter=reporter, as_json=as_json)
+
+
 # ---------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_(

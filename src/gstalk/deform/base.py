@@ -250,6 +250,29 @@ class DeformationModel(nn.Module):
             return audio_windows
         return self.code_windows(self.predict_codes(audio_windows) * gain)
 
+    @property
+    def condition_context(self) -> int:
+        """K: how many neighbouring frames' audio windows one frame's condition reads (the
+        articulator's smoothing frames, ``K//2`` before and ``K - K//2 - 1`` after the frame;
+        1 without an articulator). See :meth:`frame_conditions`."""
+        return int(self.articulator.smooth) if self.articulator is not None else 1
+
+    def frame_conditions(self, neighbour_windows: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """The conditions of single frames, for live streams: each frame from the audio windows
+        of its :attr:`condition_context` neighbours [B, K, W, C] (frame ``i``'s are frames
+        ``i - K//2 .. i + K - K//2 - 1``, clamped to the stream as :meth:`conditions` clamps
+        them to the clip) -> [B, W, C']. Equal to the matching rows of :meth:`conditions` on
+        the whole sequence (up to float rounding of a different batch)."""
+        k = self.condition_context
+        if neighbour_windows.dim() != 4 or neighbour_windows.shape[1] != k:
+            raise ValueError(f"frame_conditions expects [B, {k}, W, C] neighbour windows, "
+                             f"got {list(neighbour_windows.shape)}")
+        if self.articulator is None:
+            return neighbour_windows[:, k // 2]
+        with torch.no_grad():
+            codes = self.articulator(neighbour_windows) * self.code_scale
+        return self.code_windows(codes * gain)
+
     def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:
         """Offsets for one frame: means [N, 3], condition windows [1, K, W, C'], blink [1]."""
         return self.deform(self.spatial(means), self.encode_audio(windows)[0], blink)
