@@ -291,7 +291,7 @@ def _flat(windows: np.ndarray) -> np.ndarray:
 
 
 def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: float = 0.3,
-                     alpha: float = 1000.0) -> dict[str, dict[str, float]]:
+                     alpha: float = 1000.0) -> dict[str, dict[str, Any]]:
     """Each clip's A/V offset, from a ridge regression (flattened windows -> lip opening)
     fitted on the *other speakers'* clips: the lag in [-max_lag, max_lag] at which its
     prediction correlates best with the clip's tracked opening (> 0: the audio is late).
@@ -300,14 +300,18 @@ def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: 
     video score ~0.07 on average, 95 % below 0.24); otherwise the offset is 0.
 
     Returns:
-        {clip name: {"offset": int, "corr": correlation at the offset, "corr_at_zero"}}.
+        {clip name: {"offset": int, "corr": correlation at the offset, "corr_at_zero",
+        "best_lag", "corr_at_best"}}; correlations None and offset 0 when there is no other clip.
     """
     from gstalk.metrics.lipsync import ridge, zscore
     from gstalk.tracking.avsync import correlate_lags
 
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for c in clips:
         rest = [o for o in clips if o.speaker != c.speaker] or [o for o in clips if o is not c]
+        if not rest:  # a single clip: nothing to estimate its offset from
+            out[c.name] = {"offset": 0, "corr": None, "corr_at_zero": None, "best_lag": 0, "corr_at_best": None}
+            continue
         w, b = ridge(np.concatenate([_flat(o.windows) for o in rest]),
                      np.concatenate([np.asarray(o.targets, np.float64)[:, 0] for o in rest]), alpha)
         curve = correlate_lags(zscore(np.asarray(c.targets, np.float64)[:, 0]), _flat(c.windows) @ w + b, max_lag)

@@ -1,0 +1,151 @@
+"""Issue 18's parts around the front ends: prior adaptation, fit words, the confident A/V
+offset, the articulation gain, eval's oracle/neutral rows and several voices at once, and
+fitting a prior with the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gstalk.deform.articulation import ArticulationEnsemble, describe_fit, fit_ensemble
+
+
+def test_zero_adaptation_steps_keep_the_prior_as_it_is():
+    torch.manual_seed(0)
+    ens = ArticulationEnsemble(6, 4, 8, 3, 2, members=2)
+    before = {k: v.clone() for k, v in ens.state_dict().items() if k != "gain"}
+    n = 60
+    audio = torch.randn(n, 4, 6)
+    targets = torch.randn(n, 2)
+    stats = fit_ensemble(ens, audio, targets, torch.arange(n), steps=0)
+    for k, v in before.items():
+        torch.testing.assert_close(ens.state_dict()[k], v, rtol=0, atol=0)
+    assert stats["val_r2"] == pytest.approx(stats["start_val_r2"])
+    assert stats["val_frames"] == 6 and 1.0 <= stats["gain"] <= 3.0
+
+
+@pytest.mark.parametrize("r2, seconds, prior, level, helps", [
+    (0.55, 18.0, True, "good", []),
+    (0.3, 18.0, True, "fair", ["a longer clip (18 s"]),
+    (0.1, 90.0, False, "weak", ["the multi-speaker prior"]),
+    (0.01, 7.0, False, "none", ["a longer clip (7 s", "the multi-speaker prior"]),
+    (0.01, 120.0, True, "none", ["clearer speech"]),
+])
+def test_fit_quality_in_words(r2, seconds, prior, level, helps):
+    got, text = describe_fit(r2, seconds, prior)
+    assert got == level and f"R² {r2:.2f} ({level})" in text
+    for h in helps:
+        assert h in text
+    assert ("would help" in text) == bool(helps)
+
+
+def test_offset_is_applied_only_when_confident():
+    from gstalk.tracking.avsync import MIN_CONFIDENT_CORR, offset_from_curve
+
+    sure = offset_from_curve({-1: 0.1, 0: 0.2, 1: 0.45, 2: 0.3}, "prior")
+    assert sure.frames == 1 and sure.confident and sure.best_lag == 1 and sure.method == "prior"
+    weak = offset_from_curve({-1: 0.1, 0: 0.05, 1: MIN_CONFIDENT_CORR - 0.01}, "energy")
+    assert weak.frames == 0 and not weak.confident and weak.best_lag == 1
+    assert weak.correlation_at_zero == 0.05
+
+
+def test_predicted_opening_finds_a_known_lag():
+    from gstalk.tracking.avsync import estimate_offset_predicted, mouth_opening
+
+    rng = np.random.default_rng(0)
+    n, lag = 300, 3
+    opening = np.convolve(rng.normal(size=n + 20), np.ones(4) / 4, "same")[:n]
+    lms = np.zeros((n, 478, 3))
+    lms[:, 10, 1], lms[:, 152, 1] = 0.0, 100.0  # face height 100 px
+    lms[:, 14, 1] = 50.0 + 10.0 * (opening - opening.min())  # lower inner lip moves
+    lms[:, 13, 1] = 50.0
+    predicted = np.roll(mouth_opening(lms), lag) + 0.01 * rng.normal(size=n)  # the audio is `lag` frames late
+    av = estimate_offset_predicted(lms, predicted, max_lag=6)
+    assert av.frames == lag and av.confident and av.correlation > 0.9
+
+
+def test_articulation_gain_scales_the_code_and_is_checked():
+    from gstalk.config import DEFAULT_ARTICULATION_GAIN, check_articulation_gain
+    from gstalk.deform.gstalker import GSTalkerDeformation
+    from gstalk.errors import UsageError
+
+    aabb = torch.tensor([[-0.1, -0.1, -0.1], [0.1, 0.1, 0.1]])
+    torch.manual_seed(0)
+    m = GSTalkerDeformation(aabb, 6, window=4, audio_dim=4, smooth=1, levels=2, max_res=16, log2_table=8,
+                            articulation=3, articulation_members=1, articulation_smooth=3, code_encoder="mlp")
+    w = torch.randn(10, 4, 6)
+    base = m.predict_codes(w)
+    torch.testing.assert_close(m.conditions(w, 1.5)[:, 0], 1.5 * base)
+    assert check_articulation_gain(None) == DEFAULT_ARTICULATION_GAIN
+    assert check_articulation_gain(1.3) == 1.3
+    for bad in (0.0, -1.0, 5.5, float("nan")):
+        with pytest.raises(UsageError, match="articulation-gain"):
+            check_articulation_gain(bad)
+
+
+@pytest.mark.slow
+def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
+    from gstalk.stages.evaluate import report_markdown, run_eval
+
+    m = run_eval(str(ws_copy))
+    saved = json.loads((ws_copy / "eval" / "metrics.json").read_text())
+    assert set(saved["codes"]) == {"oracle", "neutral"}
+    for v in saved["codes"].values():
+        assert np.isfinite(v["mouth_psnr"]) and "lmd" in v and "mouth_motion" in v
+    split = saved["error_split"]
+    assert split["audio_to_code_db"] == pytest.approx(saved["codes"]["oracle"]["mouth_psnr"] - saved["mouth_psnr"])
+    assert split["code_to_pixels_db"] == pytest.approx(saved["codes"]["oracle"]["mouth_psnr"]
+                                                       - saved["codes"]["neutral"]["mouth_psnr"])
+    fit = saved["articulation_fit"]
+    assert fit["quality"] in ("good", "fair", "weak", "none") and "R²" in fit["quality_text"]
+    assert "articulation prior" in fit["prior"]
+    report = report_markdown(m)
+    assert "fine model, tracked code (oracle)" in report and "Where the mouth error is" in report
+
+
+@pytest.mark.slow
+def test_eval_scores_several_voices_with_a_summary(ws_copy, tmp_path):
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+
+    sr = 16000
+    t = np.arange(int(1.5 * sr)) / sr
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    for k, f0 in enumerate((180.0, 260.0)):
+        sf.write(voices / f"v{k}.wav", 0.3 * np.sin(2 * np.pi * f0 * t) * (np.sin(2 * np.pi * 3 * t) > 0), sr)
+    (voices / "notes.txt").write_text("not audio")
+    r = CliRunner().invoke(app, ["eval", str(ws_copy), "--audio", str(voices), "--articulation-gain", "1.2",
+                                 "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert [v["voice"] for v in s["voices"]] == ["v0.wav", "v1.wav"] and s["articulation_gain"] == 1.2
+    for v in s["voices"]:
+        assert -1 <= v["sync_corr"] <= 1 and abs(v["sync_lag"]) <= 10 and v["mouth_motion"] >= 0
+    assert s["summary"]["sync_corr"] == pytest.approx(np.mean([v["sync_corr"] for v in s["voices"]]))
+    assert set(s["targets"]["met"]) == {"sync_fraction", "sync_lag", "mouth_motion"}
+    d = ws_copy / "eval"
+    assert json.loads((d / "cross_summary.json").read_text())["voices"] == s["voices"]
+    assert "| v1.wav |" in (d / "cross_summary.md").read_text()
+    assert (d / "cross_v0" / "metrics.json").is_file()
+    r = CliRunner().invoke(app, ["eval", str(ws_copy), "--audio", str(tmp_path / "nothing.wav")])
+    assert r.exit_code == 3 and "does not exist" in r.output
+
+
+@pytest.mark.slow
+def test_prior_fit_command_writes_a_prior_that_loads(trained_ws, tmp_path, capsys):
+    from gstalk.prior import ArticulationPrior, main
+
+    out = tmp_path / "prior.safetensors"
+    assert main(["fit", str(trained_ws), "--members", "1", "--steps", "20", "-o", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["clips"] == 1 and printed["frames"] == 68  # the training split only
+    prior = ArticulationPrior.load(out)
+    assert prior.meta["clips"][0]["frames"] == 68 and len(prior.meta["clips"][0]["sha256"]) == 64
+    assert prior.meta["features"] == "fbank+phones" and prior.meta["members"] == 1
+    assert prior.meta["offsets"][trained_ws.name]["offset"] == 0  # one clip: no other to estimate it from
