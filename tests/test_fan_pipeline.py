@@ -100,7 +100,12 @@ def test_fan_workspace_trains_renders_and_evaluates_with_fan_lmd(fan_ws, fan_wei
     m = json.loads(r.stdout)
     for v in (m, m["baselines"]["coarse"]):
         assert np.isfinite(v["lmd_fan"]) and v["lmd_fan_512"] == pytest.approx(v["lmd_fan"] * 512 / 128)
-        assert v["lmd_fan_frames"] == m["n_frames"] and np.isfinite(v["lmd"])  # MediaPipe's LMD beside it
+        assert v["lmd_fan_frames"] == m["n_frames"]
+        # MediaPipe's LMD beside it, over the renders MediaPipe finds a face in: the 40-iteration fine
+        # model's renders of the mannequin are speckled and may be missed (then NaN over 0 frames);
+        # the coarse head's smooth renders are found
+        assert 0 <= v["lip_frames"] <= m["n_frames"] and np.isfinite(v["lmd"]) == (v["lip_frames"] > 0)
+    assert m["baselines"]["coarse"]["lip_frames"] > 0
     assert set(m["lmd_landmarks"]) == {"lmd", "lmd_fan"} and m["weights"]["fan"]["public_archive"] is False
     report = (fan_ws / "eval" / "report.md").read_text()
     assert "| fine model | FAN 2D-FAN-4, points 48-67 |" in report

@@ -149,3 +149,45 @@ def test_prior_fit_command_writes_a_prior_that_loads(trained_ws, tmp_path, capsy
     assert prior.meta["clips"][0]["frames"] == 68 and len(prior.meta["clips"][0]["sha256"]) == 64
     assert prior.meta["features"] == "fbank+phones" and prior.meta["members"] == 1
     assert prior.meta["offsets"][trained_ws.name]["offset"] == 0  # one clip: no other to estimate it from
+
+
+@pytest.mark.slow
+def test_a_workspace_with_the_old_mfcc_front_end_trains_and_renders_new_speech(mannequin_clip, tmp_path):
+    """Workspaces extracted before the new front ends carry ``mfcc``: fine says why the
+    shipped prior does not apply (and the command that makes it apply), and render reads the
+    front end from the workspace, so new speech renders with the features it was trained on."""
+    import dataclasses
+
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+    from gstalk.config import get_preset
+    from gstalk.media import probe
+    from gstalk.stages.coarse import run_coarse
+    from gstalk.stages.extract import run_extract
+    from gstalk.stages.fine import run_fine
+    from gstalk.stages.track import run_track
+    from gstalk.tensorio import load_tensors
+    from gstalk.workspace import Workspace
+
+    p = get_preset("test")
+    ex = dataclasses.replace(p.extract, audio=dataclasses.replace(p.extract.audio, features="mfcc"))
+    root = tmp_path / "old_ws"
+    run_extract(mannequin_clip.path, root, ex, preset="test")
+    run_track(str(root), p.track)
+    run_coarse(str(root), p.coarse)
+    run_fine(str(root), p.fine)
+    _, meta = load_tensors(root / "extract" / "audio_features.safetensors")
+    assert meta["extractor"] == "mfcc" and int(meta["dim"]) == 13
+    note = Workspace.open(root).stage("fine").summary["articulation_prior"]
+    assert note.startswith("no articulation prior") and "--audio-features fbank+phones" in note
+    # new speech: 1.5 s of the clip's audio, reversed in time, at another level
+    speech, sr = sf.read(root / "extract" / "audio.wav")
+    wav = tmp_path / "new.wav"
+    sf.write(wav, 0.5 * speech[: int(1.5 * sr)][::-1], sr)
+    out = tmp_path / "say.mp4"
+    r = CliRunner().invoke(app, ["render", str(root), "--audio", str(wav), "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    info = probe(out)
+    assert info.video is not None and info.video.n_frames == round(1.5 * 25)

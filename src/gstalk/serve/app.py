@@ -186,13 +186,18 @@ def create_app(state: ServerState) -> Starlette:
             if size == 0:
                 return _error(400, "empty", "the request body is empty: send the audio file as the body",
                               "curl --data-binary @speech.wav URL")
+            # refuse what is not audio before taking a render slot (a bad upload gets its 422 even when
+            # the server is busy)
+            from starlette.concurrency import run_in_threadpool
+
+            why = await run_in_threadpool(_not_audio, audio)
+            if why is not None:
+                return _error(422, "bad_audio", why, "send a speech file that ffmpeg reads (WAV, MP3, FLAC, M4A, ...)")
             ticket = state.capacity.acquire(live.name, "render")
             if ticket is None:
                 return _error(503, "capacity", f"the server is at capacity ({state.capacity.active()} sessions or "
                               f"renders); retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
             try:
-                from starlette.concurrency import run_in_threadpool
-
                 out = tmp / "out.mp4"
                 summary = await run_in_threadpool(_render_file, state, live, audio, out, pose, blink, gain)
             finally:
@@ -229,6 +234,21 @@ class _Refused(Exception):
     def __init__(self, status: int, code: str, message: str, hint: str | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.hint = status, code, message, hint
+
+
+def _not_audio(path: Path) -> str | None:
+    """Why the uploaded file at ``path`` is not audio (``None`` when it has an audio stream);
+    the message names the upload, not the server's scratch folder."""
+    from gstalk.errors import InputError
+    from gstalk.media import probe
+
+    try:
+        info = probe(path)
+    except InputError as exc:
+        return exc.message.replace(str(path.parent) + "/", "").split(" Fix:")[0]
+    if info.audio is None:
+        return f"{path.name} has no audio stream"
+    return None
 
 
 def _render_file(state: ServerState, live: LiveAvatar, audio: Path, out: Path, pose: str, blink: str,
