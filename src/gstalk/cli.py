@@ -543,7 +543,8 @@ def eval_(
         from gstalk.stages.evaluate import metrics_table
 
         cfg = EvalConfig(lpips=_str(lpips), syncnet=_str(syncnet), lmd_landmarks=lmd_landmarks,  # type: ignore[arg-type]
-                         fan_weights=_str(fan_weights), raster=raster, device=device)
+                         fan_weights=_str(fan_weights), raster=raster, device=device,
+                         articulation_gain=articulation_gain)
         m = run_eval(root, cfg, reporter=_reporter(quiet))
         if as_json:
             _print_json(m)

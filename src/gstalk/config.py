@@ -274,6 +274,9 @@ class EvalConfig:
     fan_weights: str | None = None  # FAN's TorchScript archive (default $GSTALK_FAN_WEIGHTS)
     raster: str = "auto"
     device: str = "auto"
+    # scale of the predicted mouth code for the test frames, as ``render --articulation-gain``
+    # (None: DEFAULT_ARTICULATION_GAIN), so eval measures what render makes
+    articulation_gain: float | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from gstalk import __version__
 from gstalk.audio import frame_windows
 from gstalk.avatar import Avatar
-from gstalk.config import EvalConfig
+from gstalk.config import EvalConfig, check_articulation_gain
 from gstalk.dataset import (
     build_frameset,
     load_audio,
@@ -91,12 +91,15 @@ def run_eval(workspace: str | Path, cfg: EvalConfig | None = None, *, reporter: 
             papers' way: ``lmd_fan``/``lmd_fan_512``), with ``fan_weights`` (a TorchScript
             archive; default ``$GSTALK_FAN_WEIGHTS``).
         raster, device: rasterizer backend and device (``auto``, ``cpu``, ``cuda[:N]``).
+        articulation_gain: scale of the predicted mouth code on the test frames, as
+            ``render --articulation-gain`` (None: the default), recorded as ``articulation_gain``;
+            the oracle and neutral rows are not scaled.
 
     Raises:
         WorkspaceError: a stage is missing or stale. InputError: a weights file is missing,
         not safetensors (LPIPS, SyncNet) or not TorchScript (FAN), or lacks/mis-shapes a key
-        (checked before anything is rendered). UsageError: unknown ``lmd_landmarks``, or
-        ``fan`` without weights. DependencyError: a device or rasterizer that cannot run here.
+        (checked before anything is rendered). UsageError: unknown ``lmd_landmarks``,
+        ``fan`` without weights, or an articulation gain out of (0, 5]. DependencyError: a device or rasterizer that cannot run here.
         LockError: another process uses the workspace.
     """
     from gstalk.avatar import eval_summary
@@ -107,6 +110,7 @@ def run_eval(workspace: str | Path, cfg: EvalConfig | None = None, *, reporter: 
 
     t0 = time.perf_counter()
     cfg = with_options(EvalConfig, cfg, options, "eval")
+    check_articulation_gain(cfg.articulation_gain)  # a bad gain is refused before anything runs
     ws = Workspace.open(workspace)
     ws.require("eval")
     device = stage_device(cfg.device, cfg.raster)
@@ -144,7 +148,8 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
     ex = ws.stage("extract").summary
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
-    renderer = HeadRenderer(avatar, backend=backend, device=device)
+    gain = check_articulation_gain(cfg.articulation_gain)  # what `gstalk render` uses
+    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=gain, device=device)
     t = time.perf_counter()
     fine_t = render_split(renderer, renderer.conditions(windows), test, reporter, "rendering test frames")
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)
@@ -246,7 +251,7 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         **results["model"], "baselines": results["baselines"], "codes": results["codes"],
         "error_split": error_split(results["model"], results["codes"]),
         "articulation_fit": articulation_fit_summary(ws),
-        "model_name": meta["spec"]["name"], "render_fps": render_fps,
+        "model_name": meta["spec"]["name"], "render_fps": render_fps, "articulation_gain": gain,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
         "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
                         if k != "fan" else n.info.to_dict()) for k, n in nets.items()},
