@@ -99,7 +99,8 @@ def run_eval(workspace: str | Path, cfg: EvalConfig | None = None, *, reporter: 
         WorkspaceError: a stage is missing or stale. InputError: a weights file is missing,
         not safetensors (LPIPS, SyncNet) or not TorchScript (FAN), or lacks/mis-shapes a key
         (checked before anything is rendered). UsageError: unknown ``lmd_landmarks``,
-        ``fan`` without weights, or an articulation gain out of (0, 5]. DependencyError: a device or rasterizer that cannot run here.
+        ``fan`` without weights, or an articulation gain out of (0, 5]. DependencyError: a
+        device or rasterizer that cannot run here.
         LockError: another process uses the workspace.
     """
     from gstalk.avatar import eval_summary
