@@ -241,6 +241,43 @@ def test_render_bad_inputs_keep_the_server_up(served, tmp_path):  # type: ignore
     assert_still_serving(served.url)
 
 
+def test_render_at_capacity_is_refused_with_a_retry_then_served(served, tmp_path):  # type: ignore[no-untyped-def]
+    """POST /v1/render while every slot is held: 503 ``capacity`` with a ``Retry-After``
+    header and ``retry_after_s`` (nothing rendered, nothing held by the refusal); once the
+    slots are free the same upload renders."""
+    import soundfile as sf
+
+    from gstalk.serve.app import RETRY_AFTER_S
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech_pcm(0.5), 16000, subtype="PCM_16")
+    cap = served.state.capacity
+    held = []
+    try:
+        while (t := cap.acquire("ws", "render")) is not None:
+            held.append(t)
+        assert held, "the test avatar fits at least one render"
+        active = cap.active()
+        code, data, headers = post(served.url, "/v1/render?avatar=ws", wav.read_bytes())
+        assert code == 503, data[:300]
+        e = json.loads(data)["error"]
+        assert e["code"] == "capacity" and f"retry in {RETRY_AFTER_S} s" in e["message"]
+        assert e["retry_after_s"] == RETRY_AFTER_S > 0
+        assert {k.lower(): v for k, v in headers.items()}["retry-after"] == str(RETRY_AFTER_S)
+        assert cap.active() == active  # the refusal took no slot
+        # a live session is refused alike (close 1013), not only uploads
+        res = session(served.url, None, after_s=0.5)
+        assert res["close"] is not None and res["close"][0] == 1013
+    finally:
+        for t in held:
+            cap.release(t)
+    assert cap.active() == 0
+    code, data, headers = post(served.url, "/v1/render?avatar=ws", wav.read_bytes())
+    assert code == 200, data[:300]
+    assert headers["content-type"] == "video/mp4" and int(headers["x-gstalk-frames"]) > 0
+    assert cap.active() == 0  # the render gave its slot back
+
+
 @contextlib.contextmanager
 def server_process(*args: str):  # type: ignore[no-untyped-def]
     """``gstalk serve ARGS --port 0 --json`` in its own process: (process, start-up summary)."""
