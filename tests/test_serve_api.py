@@ -402,6 +402,93 @@ def test_limits_and_token(trained_ws):  # type: ignore[no-untyped-def]
         assert [e["code"] for e in errors(res)] == ["session_limit"]
 
 
+def test_a_client_that_does_not_read_its_frames_is_closed(trained_ws):  # type: ignore[no-untyped-def]
+    """A live client that sends audio in real time but never reads: once its frames back up
+    past ``max_pending_s`` (0.5 s here, 3 s by default) the server closes it with 1008
+    ``not_reading`` and frees its slot; the client, reading at last, gets that close.
+
+    What lies between the server's queue and the client is made small and fixed, so the
+    frames back up within seconds whatever the machine's TCP autotuning: the client's
+    receive buffer (4 KiB), the server's send buffer (8 KiB, set on the listening socket,
+    which its connections inherit), the client's own queue (16 messages, then its reader
+    pauses) and asyncio's 64 KiB write buffer: about 100 kB, 1-2 s of 128-px frames."""
+    import socket
+
+    from gstalk.serve.server import BackgroundServer, prepare
+    from gstalk.serve.session import Limits
+
+    state = prepare([trained_ws], measure_frames=10, limits=Limits(max_pending_s=0.5))
+    with BackgroundServer(state) as srv:
+        p = urllib.parse.urlsplit(srv.url)
+        srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # the server's connections inherit it
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.settimeout(10)
+        sock.connect((p.hostname, p.port))
+        close = None
+        with connect(ws_url(srv.url), sock=sock, max_size=None, max_queue=16, open_timeout=10) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+            pcm = speech_pcm(20.0)
+            t0 = time.perf_counter()
+            closed_at = None
+            for k, a in enumerate(range(0, len(pcm), 320)):  # 20 ms chunks in real time, nothing read
+                time.sleep(max(0.0, t0 + k * 0.02 - time.perf_counter()))
+                if not state.sessions:  # the server ended the session
+                    closed_at = time.perf_counter() - t0
+                    break
+                try:
+                    ws.send(pcm[a:a + 320].tobytes())
+                except ConnectionClosed:
+                    break
+            assert closed_at is not None and closed_at < 15, "the session was not closed while the client sent"
+            deadline = time.monotonic() + 5  # the slot is released just after the session is dropped
+            while state.capacity.active() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert state.capacity.active() == 0  # its slot is free
+            texts = []
+            try:
+                while True:  # read at last: the frames that were waiting, then the close
+                    m = ws.recv(timeout=10)
+                    if isinstance(m, str):
+                        texts.append(json.loads(m))
+            except ConnectionClosed as e:
+                close = (e.rcvd.code, e.rcvd.reason) if e.rcvd else None
+        assert close is not None and close[0] == 1008 and "not reading" in close[1], close
+        assert all(t.get("code") in (None, "not_reading") for t in texts if t.get("type") == "error")
+        assert_still_serving(srv.url)
+
+
+def test_serve_takes_an_avatar_bundle(trained_ws, tmp_path):  # type: ignore[no-untyped-def]
+    """``gstalk export WS -o talker.gstalk`` then a server on the bundle alone: it lists the
+    avatar by the bundle's name, its render endpoint returns the bytes `gstalk render` writes
+    from the same bundle, and a live session gets frames."""
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+    from gstalk.serve.server import BackgroundServer, prepare
+
+    bundle = tmp_path / "talker.gstalk"
+    r = CliRunner().invoke(app, ["export", str(trained_ws), "-o", str(bundle)])
+    assert r.exit_code == 0 and bundle.is_file(), r.output
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech_pcm(0.6), 16000, subtype="PCM_16")
+    state = prepare([bundle], measure_frames=10)
+    with BackgroundServer(state) as srv:
+        code, body = get(srv.url, "/v1/avatars")
+        assert code == 200
+        (a,) = body["avatars"]
+        assert a["name"] == "talker" and a["size"] == 128 and a["model"] == "gstalker"
+        code, video, headers = post(srv.url, "/v1/render?avatar=talker&filename=speech.wav", wav.read_bytes())
+        assert code == 200, video[:300]
+        assert headers["content-type"] == "video/mp4" and headers["x-gstalk-frames"] == "15"  # 0.6 s at 25 fps
+        out = tmp_path / "cli.mp4"
+        r = CliRunner().invoke(app, ["render", str(bundle), "--audio", str(wav), "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        assert video == out.read_bytes()
+        assert_still_serving(srv.url)  # a live session of the bundle's avatar gets frames
+
+
 def test_sigterm_closes_sessions_cleanly(trained_ws):  # type: ignore[no-untyped-def]
     before = tree_digest(trained_ws)
     proc = subprocess.Popen([sys.executable, "-m", "gstalk", "serve", str(trained_ws), "--port", "0", "--json"],
