@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -200,12 +201,23 @@ def test_local_engine_renders_what_serial_render_does_and_bad_rows_fail_alone(tr
     np.testing.assert_array_equal(_decoded(tmp_path / "out" / "b1.mp4"), _decoded(tmp_path / "serial1.mp4"))
 
 
-def test_ray_engine_renders_what_serial_render_does(trained_ws, bundle_file, tmp_path):
+def test_ray_engine_renders_what_serial_render_does(trained_ws, bundle_file, tmp_path, monkeypatch):
     """A local Ray cluster started by the test itself (2 CPUs): each avatar goes into the
-    object store once; outputs equal serial `gstalk render`; a bad row fails alone."""
+    object store once (the driver's ``ray.put`` calls are counted: one per distinct avatar,
+    not one per row); outputs equal serial `gstalk render`; a bad row fails alone."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'gstalk[ray]')")
     from gstalk.batch.runner import run_batch
+    from gstalk.bundle import read_bundle_bytes
     from gstalk.stages.render import run_render
+
+    puts: list[tuple[str, Any]] = []
+    real_put = ray.put
+
+    def counting_put(value, *a, **kw):  # type: ignore[no-untyped-def]
+        puts.append(value)
+        return real_put(value, *a, **kw)
+
+    monkeypatch.setattr(ray, "put", counting_put)
 
     a0, a1, a2 = _tones(tmp_path / "audio", 3)
     jobs = tmp_path / "jobs.csv"
@@ -220,6 +232,10 @@ def test_ray_engine_renders_what_serial_render_does(trained_ws, bundle_file, tmp
     finally:
         ray.shutdown()
     assert (s["ok"], s["failed"]) == (3, 1), s
+    # 4 rows, 2 avatars (the workspace, packed in memory, and the bundle of 3 rows): 2 puts
+    assert [kind for kind, _ in puts] == ["bundle", "bundle"]
+    want = read_bundle_bytes(bundle_file.read_bytes()).sha256
+    assert sum(read_bundle_bytes(data).sha256 == want for _, data in puts) == 1
     res = {x["row"]: x for x in _results(tmp_path / "jobs.results.jsonl")}
     assert res[4]["status"] == "failed" and "--blink" in res[4]["error"]
     assert all(res[i]["engine"] == "ray" for i in (1, 2, 3))
