@@ -4,7 +4,7 @@ One row is one job. ``batch render`` rows name ``avatar`` (a workspace, a ``.gst
 bundle or an unpacked bundle folder) and ``audio``, and optionally ``output`` and any
 ``gstalk render`` option as a column (:data:`RENDER_OPTIONS`, named as the flags are).
 ``batch train`` rows name ``video``, and optionally ``workspace``, ``preset``, ``model``,
-``seed``, ``raster``, ``eval`` and ``bundle`` (:data:`TRAIN_OPTIONS`). Relative paths are
+``seed``, ``raster``, ``device``, ``eval`` and ``bundle`` (:data:`TRAIN_OPTIONS`). Relative paths are
 taken from the jobs file's folder. Empty CSV cells mean "the default".
 
 A row that cannot run (unknown option, a value of the wrong type, a missing input file, an
