@@ -261,7 +261,7 @@ def test_render_at_capacity_is_refused_with_a_retry_then_served(served, tmp_path
         code, data, headers = post(served.url, "/v1/render?avatar=ws", wav.read_bytes())
         assert code == 503, data[:300]
         e = json.loads(data)["error"]
-        assert e["code"] == "capacity" and f"retry in {RETRY_AFTER_S} s" in e["message"]
+        assert e["code"] == "capacity" and "at capacity" in e["message"] and e["hint"] == f"retry in {RETRY_AFTER_S} s"
         assert e["retry_after_s"] == RETRY_AFTER_S > 0
         assert {k.lower(): v for k, v in headers.items()}["retry-after"] == str(RETRY_AFTER_S)
         assert cap.active() == active  # the refusal took no slot

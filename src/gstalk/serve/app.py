@@ -205,7 +205,7 @@ def create_app(state: ServerState) -> Starlette:
             ticket = state.capacity.acquire(live.name, "render")
             if ticket is None:
                 return _try_later("capacity", f"the server is at capacity ({state.capacity.active()} sessions or "
-                                  f"renders); retry in {RETRY_AFTER_S} s")
+                                  "renders)")
             try:
                 out = tmp / "out.mp4"
                 summary = await run_in_threadpool(_render_file, state, live, audio, out, pose, blink, gain)
