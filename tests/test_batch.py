@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -98,6 +99,58 @@ def test_jobs_files_are_read_row_by_row(tmp_path):
         read_jobs(tmp_path / "empty.csv", "render")
 
 
+def test_articulation_gain_column_is_checked_when_the_file_is_read(tmp_path):
+    """``articulation_gain`` is a render column like the flag: a number in (0, 5]; a row with
+    anything else fails alone, by its row number, before any worker runs; left out, it is not
+    in the spec (older results files keep their keys)."""
+    from gstalk.batch.jobs import read_jobs
+
+    a = _tones(tmp_path, 1)[0]
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "jobs.csv").write_text(
+        "avatar,audio,output,articulation_gain\n"
+        f"ws,{a.name},one.mp4,1.5\n"
+        f"ws,{a.name},two.mp4,loud\n"
+        f"ws,{a.name},three.mp4,0\n"
+        f"ws,{a.name},four.mp4,9\n"
+        f"ws,{a.name},five.mp4,\n"
+        f"ws,{a.name},six.mp4,nan\n")
+    jobs = read_jobs(tmp_path / "jobs.csv", "render")
+    assert jobs[0].error is None and jobs[0].spec["articulation_gain"] == 1.5
+    bad = {j.row: j.error for j in jobs if j.error is not None}
+    assert sorted(bad) == [2, 3, 4, 6]
+    assert "articulation_gain: 'loud' is not a number" in bad[2]
+    for row in (3, 4, 6):
+        assert "--articulation-gain" in bad[row] and "out of range" in bad[row], bad[row]
+    assert jobs[4].error is None and "articulation_gain" not in jobs[4].spec
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"avatar": "ws", "audio": a.name, "articulation_gain": 2}) + "\n"
+                                         + json.dumps({"avatar": "ws", "audio": a.name, "output": "b.mp4",
+                                                       "articulation_gain": True}) + "\n")
+    j1, j2 = read_jobs(tmp_path / "jobs.jsonl", "render")
+    assert j1.spec["articulation_gain"] == 2.0 and "is not a number" in j2.error
+
+
+def test_articulation_gain_column_reaches_the_render(trained_ws, tmp_path):
+    """A batch row's ``articulation_gain`` renders what ``gstalk render --articulation-gain``
+    renders, unlike the default gain; a bad one fails alone with its row in the results file."""
+    from gstalk.batch.runner import run_batch
+    from gstalk.stages.render import run_render
+
+    a0 = _tones(tmp_path / "audio", 1)[0]
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("avatar,audio,output,articulation_gain\n"
+                    f"{trained_ws},audio/speech0.wav,out/g3.mp4,3\n"
+                    f"{trained_ws},audio/speech0.wav,out/bad.mp4,-1\n")
+    s = run_batch("render", jobs, workers=1)
+    assert (s["ok"], s["failed"]) == (1, 1), s
+    assert [f["row"] for f in s["failures"]] == [2] and "--articulation-gain" in s["failures"][0]["error"]
+    run_render(trained_ws, a0, tmp_path / "g3.mp4", articulation_gain=3.0)
+    run_render(trained_ws, a0, tmp_path / "g1.mp4")
+    got = _decoded(tmp_path / "out" / "g3.mp4")
+    np.testing.assert_array_equal(got, _decoded(tmp_path / "g3.mp4"))
+    assert not np.array_equal(got, _decoded(tmp_path / "g1.mp4"))  # the gain changed the render
+
+
 def test_local_engine_renders_what_serial_render_does_and_bad_rows_fail_alone(trained_ws, bundle_file, tmp_path):
     from typer.testing import CliRunner
 
@@ -148,12 +201,23 @@ def test_local_engine_renders_what_serial_render_does_and_bad_rows_fail_alone(tr
     np.testing.assert_array_equal(_decoded(tmp_path / "out" / "b1.mp4"), _decoded(tmp_path / "serial1.mp4"))
 
 
-def test_ray_engine_renders_what_serial_render_does(trained_ws, bundle_file, tmp_path):
+def test_ray_engine_renders_what_serial_render_does(trained_ws, bundle_file, tmp_path, monkeypatch):
     """A local Ray cluster started by the test itself (2 CPUs): each avatar goes into the
-    object store once; outputs equal serial `gstalk render`; a bad row fails alone."""
+    object store once (the driver's ``ray.put`` calls are counted: one per distinct avatar,
+    not one per row); outputs equal serial `gstalk render`; a bad row fails alone."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'gstalk[ray]')")
     from gstalk.batch.runner import run_batch
+    from gstalk.bundle import read_bundle_bytes
     from gstalk.stages.render import run_render
+
+    puts: list[tuple[str, Any]] = []
+    real_put = ray.put
+
+    def counting_put(value, *a, **kw):  # type: ignore[no-untyped-def]
+        puts.append(value)
+        return real_put(value, *a, **kw)
+
+    monkeypatch.setattr(ray, "put", counting_put)
 
     a0, a1, a2 = _tones(tmp_path / "audio", 3)
     jobs = tmp_path / "jobs.csv"
@@ -168,6 +232,10 @@ def test_ray_engine_renders_what_serial_render_does(trained_ws, bundle_file, tmp
     finally:
         ray.shutdown()
     assert (s["ok"], s["failed"]) == (3, 1), s
+    # 4 rows, 2 avatars (the workspace, packed in memory, and the bundle of 3 rows): 2 puts
+    assert [kind for kind, _ in puts] == ["bundle", "bundle"]
+    want = read_bundle_bytes(bundle_file.read_bytes()).sha256
+    assert sum(read_bundle_bytes(data).sha256 == want for _, data in puts) == 1
     res = {x["row"]: x for x in _results(tmp_path / "jobs.results.jsonl")}
     assert res[4]["status"] == "failed" and "--blink" in res[4]["error"]
     assert all(res[i]["engine"] == "ray" for i in (1, 2, 3))

@@ -301,3 +301,42 @@ def test_render_and_eval_take_a_config_or_its_fields_as_keywords():
         with_options(RenderConfig, None, {"blink": "sometimes"}, "render")
     with pytest.raises(UsageError, match="--lmd-landmarks 'dlib'"):
         with_options(EvalConfig, None, {"lmd_landmarks": "dlib"}, "eval")
+
+
+@pytest.mark.slow
+def test_gstalk_run_with_device_cpu_records_the_cpu_in_every_stage(mannequin_clip, tmp_path):
+    """The whole pipeline, ``gstalk run --device cpu`` as a user types it (through typer's
+    runner) on the synthetic clip: every stage that takes a device (coarse, fine, render,
+    eval; extract and track run on the CPU only) records ``cpu`` in the manifest, and each
+    output exists and parses."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+    from gstalk.media import probe
+    from gstalk.tensorio import load_tensors
+    from gstalk.workspace import COARSE_GAUSSIANS, FINE_MODEL, Workspace
+
+    ws_dir = tmp_path / "cpu ws"
+    r = CliRunner().invoke(app, ["run", str(mannequin_clip.path), "--preset", "test", "-w", str(ws_dir),
+                                 "--device", "cpu", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["device"] == "cpu" and out["preset"] == "test"
+    ws = Workspace.open(ws_dir)
+    for name in ("extract", "track", "coarse", "fine", "eval"):
+        assert ws.stage(name).status == "done", name
+    for name in ("coarse", "fine", "eval"):
+        assert ws.stage(name).config["device"] == "cpu", name
+    assert ws.stage("coarse").summary["device"] == "cpu" and ws.stage("fine").summary["device"] == "cpu"
+    render = ws.manifest["renders"]["test"]
+    assert render["device"] == "cpu" and render["output"] == out["video"]
+    assert out["metrics"]["device"] == "cpu"
+    for rel in (COARSE_GAUSSIANS, FINE_MODEL):
+        tensors, _ = load_tensors(ws_dir / rel)
+        assert tensors and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), rel
+    info = probe(out["video"])
+    assert info.video.n_frames == render["frames"] > 0
+    metrics = json.loads((ws_dir / "eval" / "metrics.json").read_text())
+    assert np.isfinite(metrics["psnr"]) and metrics["psnr"] == pytest.approx(out["metrics"]["psnr"])

@@ -241,6 +241,43 @@ def test_render_bad_inputs_keep_the_server_up(served, tmp_path):  # type: ignore
     assert_still_serving(served.url)
 
 
+def test_render_at_capacity_is_refused_with_a_retry_then_served(served, tmp_path):  # type: ignore[no-untyped-def]
+    """POST /v1/render while every slot is held: 503 ``capacity`` with a ``Retry-After``
+    header and ``retry_after_s`` (nothing rendered, nothing held by the refusal); once the
+    slots are free the same upload renders."""
+    import soundfile as sf
+
+    from gstalk.serve.app import RETRY_AFTER_S
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech_pcm(0.5), 16000, subtype="PCM_16")
+    cap = served.state.capacity
+    held = []
+    try:
+        while (t := cap.acquire("ws", "render")) is not None:
+            held.append(t)
+        assert held, "the test avatar fits at least one render"
+        active = cap.active()
+        code, data, headers = post(served.url, "/v1/render?avatar=ws", wav.read_bytes())
+        assert code == 503, data[:300]
+        e = json.loads(data)["error"]
+        assert e["code"] == "capacity" and "at capacity" in e["message"] and e["hint"] == f"retry in {RETRY_AFTER_S} s"
+        assert e["retry_after_s"] == RETRY_AFTER_S > 0
+        assert {k.lower(): v for k, v in headers.items()}["retry-after"] == str(RETRY_AFTER_S)
+        assert cap.active() == active  # the refusal took no slot
+        # a live session is refused alike (close 1013), not only uploads
+        res = session(served.url, None, after_s=0.5)
+        assert res["close"] is not None and res["close"][0] == 1013
+    finally:
+        for t in held:
+            cap.release(t)
+    assert cap.active() == 0
+    code, data, headers = post(served.url, "/v1/render?avatar=ws", wav.read_bytes())
+    assert code == 200, data[:300]
+    assert headers["content-type"] == "video/mp4" and int(headers["x-gstalk-frames"]) > 0
+    assert cap.active() == 0  # the render gave its slot back
+
+
 @contextlib.contextmanager
 def server_process(*args: str):  # type: ignore[no-untyped-def]
     """``gstalk serve ARGS --port 0 --json`` in its own process: (process, start-up summary)."""
@@ -363,6 +400,98 @@ def test_limits_and_token(trained_ws):  # type: ignore[no-untyped-def]
         res = session(srv.url, speech_pcm(4.0), after_s=1.0, token="s3cret")  # longer than --max-session
         assert res["close"][0] == 1008 and "session limit" in res["close"][1]
         assert [e["code"] for e in errors(res)] == ["session_limit"]
+
+
+def test_a_client_that_does_not_read_its_frames_is_closed(trained_ws):  # type: ignore[no-untyped-def]
+    """A live client that sends audio in real time but never reads: once its frames back up
+    past ``max_pending_s`` (0.5 s here, 3 s by default) the server closes it with 1008
+    ``not_reading`` and frees its slot; the client, reading at last, gets that close.
+
+    What lies between the server's queue and the client is made small and fixed, so the
+    frames back up within seconds whatever the machine's TCP autotuning: the client's
+    receive buffer (4 KiB), the server's send buffer (8 KiB, set on the listening socket,
+    which its connections inherit), the client's own queue (16 messages, then its reader
+    pauses) and asyncio's 64 KiB write buffer: about 100 kB, 1-2 s of 128-px frames."""
+    import socket
+
+    from gstalk.serve.server import BackgroundServer, prepare
+    from gstalk.serve.session import Limits
+
+    # one session, whatever the start-up measurement says on a loaded machine (this test is not about capacity)
+    state = prepare([trained_ws], measure_frames=10, sessions=1, limits=Limits(max_pending_s=0.5))
+    with BackgroundServer(state) as srv:
+        p = urllib.parse.urlsplit(srv.url)
+        srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # the server's connections inherit it
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.settimeout(10)
+        sock.connect((p.hostname, p.port))
+        close = None
+        with connect(ws_url(srv.url), sock=sock, max_size=None, max_queue=16, open_timeout=10) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+            pcm = speech_pcm(20.0)
+            t0 = time.perf_counter()
+            closed_at = None
+            for k, a in enumerate(range(0, len(pcm), 320)):  # 20 ms chunks in real time, nothing read
+                time.sleep(max(0.0, t0 + k * 0.02 - time.perf_counter()))
+                if not state.sessions:  # the server ended the session
+                    closed_at = time.perf_counter() - t0
+                    break
+                try:
+                    ws.send(pcm[a:a + 320].tobytes())
+                except ConnectionClosed:
+                    break
+            assert closed_at is not None and closed_at < 15, "the session was not closed while the client sent"
+            deadline = time.monotonic() + 5  # the slot is released just after the session is dropped
+            while state.capacity.active() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert state.capacity.active() == 0  # its slot is free
+            texts = []
+            try:
+                while True:  # read at last: the frames that were waiting, then the close
+                    m = ws.recv(timeout=10)
+                    if isinstance(m, str):
+                        texts.append(json.loads(m))
+            except ConnectionClosed as e:
+                close = (e.rcvd.code, e.rcvd.reason) if e.rcvd else None
+        assert close is not None and close[0] == 1008 and "not reading" in close[1], close
+        assert all(t.get("code") in (None, "not_reading") for t in texts if t.get("type") == "error")
+        assert_still_serving(srv.url)
+
+
+def test_serve_takes_an_avatar_bundle(trained_ws, tmp_path):  # type: ignore[no-untyped-def]
+    """``gstalk export WS -o talker.gstalk`` then a server on the bundle alone: it lists the
+    avatar by the bundle's name, its render endpoint returns the bytes `gstalk render` writes
+    from the same bundle, and a live session gets frames."""
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from gstalk.cli import app
+    from gstalk.serve.server import BackgroundServer, prepare
+
+    bundle = tmp_path / "talker.gstalk"
+    r = CliRunner().invoke(app, ["export", str(trained_ws), "-o", str(bundle)])
+    assert r.exit_code == 0 and bundle.is_file(), r.output
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech_pcm(0.6), 16000, subtype="PCM_16")
+    state = prepare([bundle], measure_frames=10, sessions=1)  # a live session even on a loaded machine
+    with BackgroundServer(state) as srv:
+        code, body = get(srv.url, "/v1/avatars")
+        assert code == 200
+        (a,) = body["avatars"]
+        assert a["name"] == "talker" and a["size"] == 128 and a["model"] == "gstalker"
+        code, video, headers = post(srv.url, "/v1/render?avatar=talker&filename=speech.wav", wav.read_bytes())
+        assert code == 200, video[:300]
+        assert headers["content-type"] == "video/mp4" and headers["x-gstalk-frames"] == "15"  # 0.6 s at 25 fps
+        out = tmp_path / "cli.mp4"
+        r = CliRunner().invoke(app, ["render", str(bundle), "--audio", str(wav), "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        assert video == out.read_bytes()
+        # a live session of the bundle's avatar gets pictures (how many a second is another test's
+        # business: on a loaded machine frames are skipped)
+        res = session(srv.url, speech_pcm(0.4), after_s=1.0)
+        assert res["ready"]["avatar"] == "talker" and res["close"] is None
+        assert any(jpeg > 0 for _, _, jpeg in res["frames"])
 
 
 def test_sigterm_closes_sessions_cleanly(trained_ws):  # type: ignore[no-untyped-def]

@@ -715,7 +715,8 @@ def batch_render(
     jobs: Annotated[Path, typer.Argument(help="CSV (with a header) or JSONL jobs file; one row per video: avatar "
                                               "(workspace or .gstalk bundle), audio, and optionally output and any "
                                               "render option as a column: pose, background, alpha, size, blink, "
-                                              "raster. Relative paths are from the jobs file's folder.")],
+                                              "raster, device, articulation_gain. Relative paths are from the jobs "
+                                              "file's folder.")],
     engine: Engine = "local", address: Address = None, workers: Workers = None, threads: Threads = None,
     gpus_per_job: Gpus = 0.0, force: Force = False, results: ResultsOpt = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
@@ -733,8 +734,8 @@ def batch_render(
 def batch_train(
     videos: Annotated[Path, typer.Argument(help="CSV (with a header) or JSONL jobs file; one row per training video: "
                                                 "video, and optionally workspace (default VIDEO_STEM_ws), preset "
-                                                "(cpu-quick), model (gstalker), seed (0), raster, eval (true) and "
-                                                "bundle (a .gstalk path to export to).")],
+                                                "(cpu-quick), model (gstalker), seed (0), raster, device, eval (true) "
+                                                "and bundle (a .gstalk path to export to).")],
     engine: Engine = "local", address: Address = None, workers: Workers = None, threads: Threads = None,
     gpus_per_job: Gpus = 0.0, force: Force = False, results: ResultsOpt = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,

@@ -4,7 +4,7 @@ One row is one job. ``batch render`` rows name ``avatar`` (a workspace, a ``.gst
 bundle or an unpacked bundle folder) and ``audio``, and optionally ``output`` and any
 ``gstalk render`` option as a column (:data:`RENDER_OPTIONS`, named as the flags are).
 ``batch train`` rows name ``video``, and optionally ``workspace``, ``preset``, ``model``,
-``seed``, ``raster``, ``eval`` and ``bundle`` (:data:`TRAIN_OPTIONS`). Relative paths are
+``seed``, ``raster``, ``device``, ``eval`` and ``bundle`` (:data:`TRAIN_OPTIONS`). Relative paths are
 taken from the jobs file's folder. Empty CSV cells mean "the default".
 
 A row that cannot run (unknown option, a value of the wrong type, a missing input file, an
@@ -28,10 +28,11 @@ from gstalk.errors import InputError, UsageError
 KINDS = ("render", "train")
 REQUIRED = {"render": ("avatar", "audio"), "train": ("video",)}
 RENDER_OPTIONS: dict[str, type] = {"output": str, "pose": str, "background": str, "alpha": bool, "size": int,
-                                   "blink": str, "raster": str, "device": str}
+                                   "blink": str, "raster": str, "device": str, "articulation_gain": float}
 """Optional columns of a render row: the output path, then ``gstalk render``'s options
-(``device``: auto, cpu, cuda, cuda:N; left out of the spec unless the row sets it, so older
-results files still match)."""
+(``device``: auto, cpu, cuda, cuda:N; ``articulation_gain``: a number in (0, 5], checked when
+the file is read; both left out of the spec unless the row sets them, so older results files
+still match)."""
 TRAIN_OPTIONS: dict[str, type] = {"workspace": str, "preset": str, "model": str, "seed": int, "raster": str,
                                   "device": str, "eval": bool, "bundle": str}
 """Optional columns of a train row (``eval``: evaluate after fine, default yes; ``bundle``: export
@@ -175,6 +176,15 @@ def _typed(name: str, value: Any, kind: type) -> Any:
         if isinstance(value, str) and value.lstrip("+-").isdigit():
             return int(value)
         raise ValueError(f"{name}: {value!r} is not an integer")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name}: {value!r} is not a number")
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"{name}: {value!r} is not a text value")
     return str(value)
@@ -204,6 +214,14 @@ def _job(kind: str, row: int, line: int, values: dict[str, Any], err: str | None
     except ValueError as exc:
         job.error = str(exc)
         return job
+    if "articulation_gain" in spec:
+        from gstalk.config import check_articulation_gain
+
+        try:
+            spec["articulation_gain"] = check_articulation_gain(spec["articulation_gain"])
+        except UsageError as exc:
+            job.error = str(exc)
+            return job
 
     def resolve(v: str) -> str:
         q = Path(v).expanduser()

@@ -113,7 +113,8 @@ def render_job(spec: dict[str, Any], avatar: Callable[[], Avatar]) -> dict[str, 
     from gstalk.workspace import sha256_output
 
     cfg = RenderConfig(pose=spec["pose"], background=spec["background"], alpha=spec["alpha"], size=spec["size"],
-                       blink=spec["blink"], raster=spec["raster"], device=spec.get("device") or "auto")
+                       blink=spec["blink"], raster=spec["raster"], device=spec.get("device") or "auto",
+                       articulation_gain=spec.get("articulation_gain"))
     s = run_render(avatar(), spec["audio"], spec["output"], cfg)
     out = Path(s["output"])
     return {"output": str(out), "output_sha256": sha256_output(out),

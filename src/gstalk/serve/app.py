@@ -82,11 +82,20 @@ class ServerState:
 
 
 def _error(status: int, code: str, message: str, hint: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """``{"error": {"code", "message", "hint"?, **extra}}`` with ``status``."""
     body: dict[str, Any] = {"code": code, "message": message}
     if hint:
         body["hint"] = hint
+    body.update(extra)
     return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _try_later(code: str, message: str) -> JSONResponse:
+    """503: the ``Retry-After`` header and ``retry_after_s`` in the body (as the WebSocket's
+    1013 refusal has), both :data:`RETRY_AFTER_S` seconds."""
+    return _error(503, code, message, f"retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)},
+                  retry_after_s=RETRY_AFTER_S)
 
 
 def _token_ok(state: ServerState, conn: Request | WebSocket) -> bool:
@@ -149,7 +158,7 @@ def create_app(state: ServerState) -> Starlette:
         if not _token_ok(state, request):
             return _error(401, "token", "token missing or wrong", "send Authorization: Bearer TOKEN or ?token=TOKEN")
         if state.shutting_down.is_set():
-            return _error(503, "shutdown", "the server is shutting down", headers={"Retry-After": str(RETRY_AFTER_S)})
+            return _try_later("shutdown", "the server is shutting down")
         q = request.query_params
         live, why = _pick_avatar(state, q.get("avatar"))
         if live is None:
@@ -195,8 +204,8 @@ def create_app(state: ServerState) -> Starlette:
                 return _error(422, "bad_audio", why, "send a speech file that ffmpeg reads (WAV, MP3, FLAC, M4A, ...)")
             ticket = state.capacity.acquire(live.name, "render")
             if ticket is None:
-                return _error(503, "capacity", f"the server is at capacity ({state.capacity.active()} sessions or "
-                              f"renders); retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+                return _try_later("capacity", f"the server is at capacity ({state.capacity.active()} sessions or "
+                                  "renders)")
             try:
                 out = tmp / "out.mp4"
                 summary = await run_in_threadpool(_render_file, state, live, audio, out, pose, blink, gain)

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from gstalk.errors import UsageError
@@ -37,8 +38,10 @@ def prepare(paths: list[Any], *, backend: str = "auto", sessions: int | None = N
     """Load and warm every avatar, measure each one's live speed, and build the server state.
 
     Args:
-        paths: workspaces (fine done), bundles or unpacked bundles (or
-            :class:`~gstalk.serve.live.LiveAvatar` s already loaded).
+        paths: workspaces (fine done), bundles or unpacked bundles, each named after its
+            folder or file (``obama.gstalk``: ``obama``), or
+            :class:`~gstalk.serve.live.LiveAvatar` s already loaded (their own name); a
+            second of the same name gets ``-2``.
         backend: rasterizer backend.
         sessions: replace the measured capacity rule by this many sessions (None: measured).
         measure_frames: frames timed per avatar at start-up.
@@ -68,9 +71,11 @@ def prepare(paths: list[Any], *, backend: str = "auto", sessions: int | None = N
             lives.append(p)
             continue
         reporter.log(f"loading {p}")
-        lives.append(load_live_avatar(p, backend=backend))
-    for live in lives:
-        live.name = live.name.removesuffix(".gstalk")
+        live = load_live_avatar(p, backend=backend)
+        # named after the folder or file given (`obama.gstalk` -> obama), not the name of the
+        # workspace a bundle was exported from
+        live.name = Path(p).resolve().name.removesuffix(".gstalk") or live.name
+        lives.append(live)
     _unique_names(lives)
     measured: dict[str, Any] = {}
     process: dict[str, float] = {}
