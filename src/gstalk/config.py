@@ -94,6 +94,16 @@ class CoarseConfig:
     device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50
     checkpoint_every: int = 1000  # iterations between coarse/checkpoint.safetensors writes (0 = never)
+    # Per-frame head pose refinement (gstalk.train.pose_refine): registration passes over the
+    # training frames at pose_passes steps spread from 40% of the iterations to the last one,
+    # then over the test frames with the Gaussians frozen; 0 = off (the tracked poses). The
+    # refined cameras (coarse/cameras.safetensors) replace the tracked ones for fine, render
+    # and eval. See docs/methods.md, "Pose refinement".
+    pose_passes: int = 3
+    pose_sigma_rot_deg: float = 1.0  # prior std of each rotation component of a correction, degrees
+    pose_sigma_trans_mm: float = 2.0  # prior std of its translation across the image, mm
+    pose_sigma_depth_mm: float = 10.0  # prior std of its translation along the optical axis, mm
+    pose_noise_px: float = 0.05  # registration error of the mean face point, px: weighs the image against the prior
 
 
 ModelName = Literal["gstalker", "audioplane", "egstalker"]
