@@ -233,17 +233,23 @@ def coarse(
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(
         help="Continue an interrupted run from coarse/checkpoint.safetensors (also on another device).")] = False,
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Change one coarse setting, e.g. --set pose_passes=0 (no pose "
+                                           "refinement) or --set n_mouth=0 (repeatable; the keys are CoarseConfig's "
+                                           "fields, docs/methods.md).")] = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density
-    control). Writes WORKSPACE/coarse/gaussians.safetensors and point_cloud.ply (3DGS PLY); a checkpoint every 1000
-    iterations lets a killed run continue with --resume."""
+    control), refining each frame's head pose as they train (pose_passes). Writes WORKSPACE/coarse/gaussians
+    .safetensors, point_cloud.ply (3DGS PLY) and cameras.safetensors (the refined cameras that fine, render and eval
+    use); a checkpoint every 1000 iterations lets a killed run continue with --resume."""
     with _guard(debug):
-        from gstalk.config import override
+        from gstalk.config import override, parse_assignments
         from gstalk.stages.coarse import run_coarse
 
         root = _workspace(workspace)
         cfg = override(_preset(preset, root).coarse, iterations=iterations, raster=raster, device=device)
+        cfg = parse_assignments(cfg, settings)
         ws = run_coarse(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("coarse").summary, as_json)
 

@@ -340,12 +340,16 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
 
             articulation = standardise(tracks.articulation(), idx)
     sel = torch.tensor(idx, dtype=torch.long)
+    from gstalk.tracking.schemes import eye_boxes
+
+    eyes = torch.from_numpy(eye_boxes(tracks.landmarks[sel].numpy(), images.shape[2], images.shape[1]))
     return FrameSet(
         images=torch.from_numpy(images), backgrounds=torch.from_numpy(bgs), viewmats=cams.viewmats[sel],
         K=cams.K, head_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 0])),
         mouth_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 1])), mouth_boxes=tracks.mouth_box[sel],
         blink=tracks.blink[sel], audio=audio, frame_ids=sel, articulation=articulation,
         torso_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 2])), plate=torch.from_numpy(plate),
+        eye_boxes=eyes,
     )
 
 

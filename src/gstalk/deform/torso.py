@@ -62,16 +62,23 @@ class TorsoField(nn.Module):
     Args:
         n: number of torso Gaussians M.
         hidden: width of the field's two hidden layers.
+        n_frames: frames of the clip, for a registered offset per frame (``offsets``); 0
+            for a field without them (trained before torso registration).
 
     Parameters (raw, as :mod:`gstalk.gaussians.model`): ``means`` [M, 3] metres (camera
     space), ``scales`` [M, 3] log metres, ``quats`` [M, 4] wxyz, ``opacities`` [M] logits,
     ``sh0`` [M, 1, 3]; buffers ``uv`` [M, 2] seed pixels in [-1, 1], ``pose_mean`` [9] and
-    ``pose_std`` [9] (pose code normalisation).
+    ``pose_std`` [9] (pose code normalisation), and with ``n_frames`` ``offsets``
+    [n_frames, 2]: each frame's torso shift across the image (camera x, y, metres), found by
+    registering the torso's render to the frame (:func:`gstalk.train.pose_refine.torso_shifts`):
+    the body moves in ways the head pose does not tell.
     """
 
-    def __init__(self, n: int, hidden: int = 64):
+    def __init__(self, n: int, hidden: int = 64, n_frames: int = 0):
         super().__init__()
-        self.n, self.hidden = n, hidden
+        self.n, self.hidden, self.n_frames = n, hidden, n_frames
+        if n_frames > 0:
+            self.register_buffer("offsets", torch.zeros(n_frames, 2))
         self.means = nn.Parameter(torch.zeros(n, 3))
         self.scales = nn.Parameter(torch.zeros(n, 3))
         self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
@@ -89,7 +96,18 @@ class TorsoField(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """JSON-able constructor arguments (stored in the model spec)."""
-        return {"n": self.n, "hidden": self.hidden}
+        out = {"n": self.n, "hidden": self.hidden}
+        if self.n_frames > 0:
+            out["n_frames"] = self.n_frames
+        return out
+
+    def offset(self, frame: int | None) -> torch.Tensor | None:
+        """Frame ``frame``'s registered shift [3] (camera x, y, 0; metres), or None (no frame,
+        a frame outside the clip, or a field without offsets)."""
+        if frame is None or self.n_frames == 0 or not 0 <= int(frame) < self.n_frames:
+            return None
+        o = self.offsets[int(frame)]
+        return torch.cat([o, o.new_zeros(1)])
 
     def gaussian_parameters(self) -> list[nn.Parameter]:
         """The torso Gaussians' raw tensors: means, scales, quats, opacities, sh0."""
@@ -99,14 +117,19 @@ class TorsoField(nn.Module):
         """The pose-conditioned MLP's weights and biases."""
         return list(self.mlp.parameters())
 
-    def forward(self, viewmat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, viewmat: torch.Tensor, frame: int | None = None) -> dict[str, torch.Tensor]:
         """Deformed raw torso Gaussians for one head pose W2C [1, 4, 4] (or [4, 4]), in camera
-        space: a dict of means [M, 3], scales [M, 3], quats [M, 4], opacities [M], sh0
+        space, shifted by clip frame ``frame``'s registered offset (:meth:`offset`; none when
+        None): a dict of means [M, 3], scales [M, 3], quats [M, 4], opacities [M], sh0
         [M, 1, 3], shN [M, 0, 3] (render with an identity viewmat)."""
         code = (pose_code(viewmat.reshape(1, 4, 4)) - self.pose_mean) / self.pose_std
         x = torch.cat([pixel_encoding(self.uv), code.expand(self.n, -1)], dim=-1)
         d = self.mlp(x)
-        return {"means": self.means + d[:, 0:3] * self.depth_scale,
+        means = self.means
+        shift = self.offset(frame)
+        if shift is not None:
+            means = means + shift
+        return {"means": means + d[:, 0:3] * self.depth_scale,
                 "scales": self.scales + d[:, 3:6],
                 "quats": self.quats,
                 "opacities": self.opacities + d[:, 6],
@@ -132,7 +155,7 @@ def torso_seed_pixels(torso_masks: np.ndarray, stride: int, min_fraction: float 
 
 
 def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.Tensor, K: torch.Tensor,
-               scene_scale: float, *, stride: int = 3, hidden: int = 64) -> TorsoField:
+               scene_scale: float, *, stride: int = 3, hidden: int = 64, n_frames: int = 0) -> TorsoField:
     """Seed a :class:`TorsoField` from the training frames.
 
     Args:
@@ -141,13 +164,14 @@ def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.
         scene_scale: head radius, metres (the torso plane lies this far behind the head
             centre; field offsets are in these units).
         stride: seed grid spacing in pixels.
+        n_frames: frames of the clip, for per-frame registered offsets (0: none).
 
     Returns:
         The field (M Gaussians; M = 0 when no pixel is torso in enough frames).
     """
     masks = torso_masks.numpy()
     px = torso_seed_pixels(masks, stride)
-    field = TorsoField(len(px), hidden)
+    field = TorsoField(len(px), hidden, n_frames)
     if len(px) == 0:
         return field
     depth = float(viewmats[:, 2, 3].median()) + scene_scale
@@ -178,13 +202,14 @@ def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.
 
 
 def render_torso(torso: TorsoField, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, *,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3]:
-    (premultiplied colours [1, H, W, 3], alphas [1, H, W, 1]), float32, on the torso's
-    device (``viewmat`` and ``K`` are moved there)."""
+                 backend: str = "auto", frame: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3], shifted
+    by clip frame ``frame``'s registered offset (:meth:`TorsoField.offset`): (premultiplied
+    colours [1, H, W, 3], alphas [1, H, W, 1]), float32, on the torso's device (``viewmat``
+    and ``K`` are moved there)."""
     from gstalk.gaussians.splat import splat
 
     dev = torso.means.device
-    params = torso(viewmat.to(dev))
+    params = torso(viewmat.to(dev), frame)
     colors, alphas, _ = splat(params, torch.eye(4, device=dev)[None], K.to(dev), width, height, backend=backend)
     return colors, alphas

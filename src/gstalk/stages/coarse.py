@@ -31,7 +31,7 @@ import torch
 
 from gstalk.config import CoarseConfig, to_dict
 from gstalk.dataset import build_frameset, split_indices
-from gstalk.gaussians import head_init_points, init_params, save_ply
+from gstalk.gaussians import head_init_points, init_params, mouth_init_points, save_ply
 from gstalk.gaussians.model import params_to
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
@@ -175,7 +175,9 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
         params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in groups["params"].items()})
     else:
         warn_if_replacing(ckpt_path, reporter)
-        pts = head_init_points(canonical_face().vertices, cfg.n_random, seed=ws.seed)
+        verts = canonical_face().vertices
+        pts = np.concatenate([head_init_points(verts, cfg.n_random, seed=ws.seed),
+                              mouth_init_points(verts, cfg.n_mouth, seed=ws.seed + 1)])
         rgb = sample_colors(pts, data, 0)
         params = init_params(torch.from_numpy(pts), torch.from_numpy(rgb), cfg.sh_degree, seed=ws.seed)
         params = params_to(params, device)

@@ -242,9 +242,11 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
                                          "frames: too short for a correlation; see `gstalk eval --audio`")
     if "syncnet" in nets:
         results["model"].setdefault("real_video", {}).update(real_lse)
+    results["model"].update(blink_metrics(results["model"]["_eye_blink"], tracks, list(test)))
     for v in (results["model"], results["baselines"]["coarse"], *results["codes"].values()):
         v.pop("_opening")
         v.pop("_truth_opening", None)
+        v.pop("_eye_blink", None)
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
@@ -287,6 +289,43 @@ def stability_metrics(pred: torch.Tensor, gt: torch.Tensor, face_boxes: torch.Te
     trend = linear_trend(frame_psnr.numpy(), fps)
     out["psnr_trend_db"], out["psnr_slope_db_per_s"] = trend["trend"], trend["slope_per_s"]
     return out
+
+
+def blink_metrics(render_blink: np.ndarray, tracks: Any, frames: list[int], closed: float = 0.5) -> dict[str, Any]:
+    """Do the renders close their eyes when the footage does? MediaPipe's eye blink (mean of
+    eyeBlinkLeft/Right) read on the renders against the one it read on the ground-truth
+    frames (the track stage's), over the test frames.
+
+    Args:
+        render_blink: [F] the renders' eye blink (NaN where no face was read).
+        tracks: the workspace's :class:`~gstalk.dataset.Tracks` (MediaPipe blendshapes; FAN
+            tracks have none and give {}).
+        frames: [F] the test frames' workspace numbers.
+        closed: a frame counts as closed-eyed when its normalised blink (``tracks.blink``,
+            the model's input) is at least this.
+
+    Returns:
+        {"blink_closed_frames": count, "eye_blink_closed", "eye_blink_closed_truth": mean
+        eye blink of the renders / ground truth on those frames (NaN without any),
+        "eye_blink_open", "eye_blink_open_truth": on the others, "blink_corr": Pearson
+        correlation of the two series (NaN when either is constant)}; {} without blendshapes.
+    """
+    names = list(tracks.blendshape_names)
+    cols = [names.index(k) for k in ("eyeBlinkLeft", "eyeBlinkRight") if k in names]
+    if not cols:
+        return {}
+    truth = tracks.blendshapes[frames][:, cols].mean(1).double().numpy()
+    shut = tracks.blink[frames].numpy() >= closed
+    ok = np.isfinite(render_blink)
+
+    def mean(x: np.ndarray, m: np.ndarray) -> float:
+        return float(x[m].mean()) if m.any() else float("nan")
+
+    r, t = render_blink[ok], truth[ok]
+    corr = float(np.corrcoef(r, t)[0, 1]) if ok.sum() > 2 and r.std() > 1e-9 and t.std() > 1e-9 else float("nan")
+    return {"blink_closed_frames": int(shut.sum()), "eye_blink_closed": mean(render_blink, shut & ok),
+            "eye_blink_closed_truth": mean(truth, shut & ok), "eye_blink_open": mean(render_blink, ~shut & ok),
+            "eye_blink_open_truth": mean(truth, ~shut & ok), "blink_corr": corr}
 
 
 def render_split(renderer: HeadRenderer, cond: torch.Tensor, frames: range, reporter: Reporter,
@@ -387,7 +426,9 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
         {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
         (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
         "lip_frames": frames measured, "_opening": [F] mouth opening of each render (NaN
-        where no face was found), and, only when MediaPipe read the ground truth (FAN tracks),
+        where no face was found), "_eye_blink": [F] MediaPipe's eye blink (mean of
+        eyeBlinkLeft/Right) on each render (NaN where none), and, only when MediaPipe read
+        the ground truth (FAN tracks),
         "_truth_opening": [F] its mouth opening there (both not JSON, popped by the caller)}.
     """
     from gstalk.metrics.landmarks import MOUTH_IDS, blendshape_error, lmd
@@ -424,10 +465,15 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
             if progress is not None:
                 progress()
     opening = np.full(len(renders), np.nan)
+    eye_blink = np.full(len(renders), np.nan)
+    extra["_eye_blink"] = eye_blink
     if not keep or ref_lms is None or ref_bss is None:
         nan = float("nan")
         return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening, **extra}
     opening[keep] = mouth_opening(np.stack(lms))
+    blink_cols = [list(names).index(k) for k in ("eyeBlinkLeft", "eyeBlinkRight") if k in names]
+    if blink_cols:
+        eye_blink[keep] = np.stack(bss)[:, blink_cols].mean(1)
     sel = [frames[k] for k in keep]
     ids = list(MOUTH_IDS)
     d = lmd(np.stack(lms)[:, ids], ref_lms[sel][:, ids])
@@ -516,6 +562,11 @@ def report_markdown(m: dict[str, Any]) -> str:
     for name, v in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
     lines += stability_lines(m)
+    if m.get("blink_closed_frames") is not None:
+        lines += ["", f"Eyes: {m['blink_closed_frames']} test frame(s) with closed eyes (tracked blink ≥ 0.5); "
+                  f"MediaPipe's eye blink there: render {m['eye_blink_closed']:.2f}, ground truth "
+                  f"{m['eye_blink_closed_truth']:.2f}; elsewhere render {m['eye_blink_open']:.2f}, ground truth "
+                  f"{m['eye_blink_open_truth']:.2f}; correlation over the split {m['blink_corr']:.2f}."]
     split = m.get("error_split") or {}
     if split:
         lines += ["", f"Where the mouth error is: a perfect audio → code map would gain "

@@ -328,3 +328,79 @@ def schedule(iterations: int, passes: int, start: float = 0.4) -> list[int]:
     if passes == 1:
         return [iterations]
     return sorted({max(1, int(round(iterations * (start + (1.0 - start) * k / (passes - 1))))) for k in range(passes)})
+
+
+def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float = 8.0,
+                 min_pixels: int = 100, progress: Callable[[], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each frame's torso lies from the torso field's render of it: the median of
+    the dense optical flow (DIS) from the render (over the plate, with the frame's current
+    offset) to the frame's torso over the plate, over the textured pixels (the strongest
+    third of the frame's gradients) that both call torso, 3 px or more inside its outline.
+
+    Args:
+        torso: a :class:`~gstalk.deform.torso.TorsoField` (with ``offsets``), on ``data``'s device.
+        data: the frames (``backgrounds`` = torso over plate, ``torso_masks``, ``plate``,
+            ``viewmats``, ``K``, ``frame_ids``).
+        max_px: a measured shift is clamped to this length (pixels at the working size).
+        min_pixels: frames with fewer torso pixels are left out (shift 0, not valid).
+
+    Returns:
+        ([F, 2] float32 shift in pixels (x right, y down), [F] bool valid).
+    """
+    import cv2
+
+    from gstalk.deform.torso import render_torso
+    from gstalk.gaussians.splat import composite
+
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    shifts = torch.zeros(len(data), 2)
+    valid = torch.zeros(len(data), dtype=torch.bool)
+    plate = data.plate_image()
+    for i in range(len(data)):
+        frame = int(data.frame_ids[i])
+        with torch.no_grad():
+            colors, alphas = render_torso(torso, data.viewmats[i:i + 1], data.K, data.width, data.height,
+                                          backend=backend, frame=frame)
+            render = composite(colors, alphas, plate).clamp(0, 1)[0].cpu().numpy()
+            alpha = alphas[0, ..., 0].cpu().numpy()
+        target = data.background(i)[0].cpu().numpy()
+        assert data.torso_masks is not None
+        # inside both torsos, away from their outlines (where the render's edge is soft)
+        inside = (data.torso_masks[i].cpu().numpy() > 127) & (alpha > 0.5)
+        mask = cv2.erode(inside.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+        if mask.sum() < min_pixels:
+            if progress is not None:
+                progress()
+            continue
+        g0 = np.ascontiguousarray(np.clip(render @ luma * 255.0, 0, 255).astype(np.uint8))
+        g1 = np.ascontiguousarray(np.clip(target @ luma * 255.0, 0, 255).astype(np.uint8))
+        # flow is only measured where the frame has texture (collar, folds, edges): the
+        # strongest third of the luma gradients inside the mask
+        grad = np.hypot(cv2.Sobel(g1, cv2.CV_32F, 1, 0), cv2.Sobel(g1, cv2.CV_32F, 0, 1))
+        mask &= grad >= np.quantile(grad[mask], 2.0 / 3.0)
+        mask &= grad > 8.0  # and not in flat regions (noise)
+        if mask.sum() < min_pixels // 3:
+            if progress is not None:
+                progress()
+            continue
+        flow = dis.calc(g0, g1, None)
+        s = torch.from_numpy(np.median(flow[mask], axis=0).astype(np.float32))
+        n = float(s.norm())
+        shifts[i] = s * (max_px / n) if n > max_px else s
+        valid[i] = True
+        if progress is not None:
+            progress()
+    return shifts, valid
+
+
+def shift_torso(torso: torch.nn.Module, frames: torch.Tensor, shifts_px: torch.Tensor, K: torch.Tensor) -> None:
+    """Add pixel shifts [F, 2] to the registered offsets of clip frames ``frames`` [F] of a
+    :class:`~gstalk.deform.torso.TorsoField`, converted to metres at the torso's median
+    depth with the intrinsics K [3, 3] (px)."""
+    with torch.no_grad():
+        z = float(torso.means[:, 2].median())
+        f = torch.stack([K[0, 0], K[1, 1]]).to(torso.offsets)
+        idx = frames.to(torso.offsets.device)
+        torso.offsets[idx] += shifts_px.to(torso.offsets) * z / f
