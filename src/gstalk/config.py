@@ -236,6 +236,9 @@ class FineConfig:
     # torso field's render from 30% of the iterations on, then for the test frames with the
     # field frozen; 0 = off (the torso follows the head pose only). See docs/methods.md, "Torso".
     torso_passes: int = 2
+    # ... and the torso's turn about the optical axis and scale per frame with the shift (a
+    # similarity fitted to the flow; false = the shift only). See docs/methods.md, "Torso".
+    torso_turns: bool = True
     raster: str = "auto"
     device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50

@@ -15,6 +15,7 @@ by the A/V offset the track stage measured (or ``--av-offset``). Writes ``ws/fin
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -69,10 +70,10 @@ def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter:
 def register_test_torso(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device: torch.device,
                         reporter: Reporter) -> list[dict[str, float]]:
     """Register the torso of the test frames to the finished torso field (``cfg.torso_passes``
-    passes, the field frozen: the shift only, as the coarse stage registers their head pose),
+    passes, the field frozen: the shift and turn only, as the coarse stage registers their head pose),
     so eval renders each test frame's torso where the frame has it. Returns each pass's
-    frames and mean shift in px; [] without a registrable torso."""
-    from gstalk.train.pose_refine import shift_torso, torso_shifts
+    frames, mean shift in px and mean turn in degrees; [] without a registrable torso."""
+    from gstalk.train.pose_refine import torso_warps, warp_torso
 
     torso = trainer.model.torso
     _, test = split_indices(ws)
@@ -82,10 +83,13 @@ def register_test_torso(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, de
     out = []
     with reporter.task("torso registration (test frames)", cfg.torso_passes * len(test)) as bar:
         for _ in range(cfg.torso_passes):
-            shifts, valid = torso_shifts(torso, tdata, backend=cfg.raster, progress=bar.advance)
-            shift_torso(torso, tdata.frame_ids[valid], shifts[valid], tdata.K)
+            warps, valid = torso_warps(torso, tdata, backend=cfg.raster, turns=getattr(torso, "has_turns", False),
+                                       progress=bar.advance)
+            warp_torso(torso, tdata.frame_ids[valid], warps[valid], tdata.K)
+            any_ = bool(valid.any())
             out.append({"frames": float(valid.sum()),
-                        "shift_px": float(shifts[valid].norm(dim=1).mean()) if valid.any() else 0.0})
+                        "shift_px": float(warps[valid, :2].norm(dim=1).mean()) if any_ else 0.0,
+                        "turn_deg": float(warps[valid, 2].abs().mean()) * 180.0 / math.pi if any_ else 0.0})
     return out
 
 
@@ -129,7 +133,8 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
         torch.manual_seed(ws.seed)
         n_all = int(ws.stage("extract").summary["n_frames"]) if cfg.torso_passes > 0 else 0
         torso = init_torso(data.images, data.torso_masks, data.viewmats, data.K, float(cmeta["scene_scale"]),
-                           stride=cfg.torso_stride, hidden=cfg.torso_hidden, n_frames=n_all)
+                           stride=cfg.torso_stride, hidden=cfg.torso_hidden, n_frames=n_all,
+                           turns=cfg.torso_turns)
         if torso.n == 0:
             reporter.log("  [yellow]no torso in the masks: the torso field is left out[/yellow]")
             torso = None

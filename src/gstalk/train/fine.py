@@ -52,7 +52,7 @@ from gstalk.render.head import HeadRender, TalkingHead
 from gstalk.train.coarse import exp_decay, gaussian_optimizers
 from gstalk.train.frames import FrameSet
 from gstalk.train.losses import masked_l1, photometric_loss
-from gstalk.train.pose_refine import schedule, shift_torso, torso_shifts
+from gstalk.train.pose_refine import schedule, torso_warps, warp_torso
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -225,13 +225,17 @@ class FineTrainer:
 
     def register_torso(self) -> dict[str, float]:
         """One torso registration pass over the training frames: each frame's torso offset
-        moves by the shift its render is found off by (:func:`~gstalk.train.pose_refine.torso_shifts`)."""
+        (and turn, for a field with turns) moves by the warp its render is found off by
+        (:func:`~gstalk.train.pose_refine.torso_warps`)."""
         torso = self.model.torso
         assert torso is not None
-        shifts, valid = torso_shifts(torso, self.data, backend=self.cfg.raster)
-        shift_torso(torso, self.data.frame_ids[valid], shifts[valid], self.data.K)
+        warps, valid = torso_warps(torso, self.data, backend=self.cfg.raster,
+                                   turns=getattr(torso, "has_turns", False))
+        warp_torso(torso, self.data.frame_ids[valid], warps[valid], self.data.K)
+        any_ = bool(valid.any())
         stats = {"step": float(self.step), "frames": float(valid.sum()),
-                 "shift_px": float(shifts[valid].norm(dim=1).mean()) if valid.any() else 0.0}
+                 "shift_px": float(warps[valid, :2].norm(dim=1).mean()) if any_ else 0.0,
+                 "turn_deg": float(warps[valid, 2].abs().mean() * 180.0 / math.pi) if any_ else 0.0}
         self.torso_history.append(stats)
         return stats
 

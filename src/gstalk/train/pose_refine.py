@@ -9,9 +9,10 @@ frame with its current camera, measures where the frame shows what the render sh
 optical flow, DIS: Kroeger et al. 2016, OpenCV, on the head without the mouth), reads it at
 the canonical face mesh's points and solves for the 6-DoF correction that moves them there,
 with a Gaussian prior that keeps the correction small (:func:`lift`). Gradient descent on the
-pose through the rasterizer was measured first and did not pay: the coarse stage draws each
-frame about five times, too few Adam steps for a pose; an affine image registration (ECC)
-could not tell a turn of the head from a shift (docs/methods.md).
+pose through the rasterizer was tried first (the coarse stage draws each frame about five
+times: too few Adam steps for a pose), and an affine image registration (ECC) could not tell
+a turn of the head from a shift; those probes' numbers were not kept (docs/methods.md,
+"Pose refinement").
 
 A correction δ = (ω, τ) of a frame acts on its world(canonical head)-to-camera matrix
 ``V = [R | t]`` (OpenCV camera, metres) as
@@ -333,20 +334,37 @@ def schedule(iterations: int, passes: int, start: float = 0.4) -> list[int]:
 def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float = 8.0,
                  min_pixels: int = 100, progress: Callable[[], None] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far each frame's torso lies from the torso field's render of it: the median of
-    the dense optical flow (DIS) from the render (over the plate, with the frame's current
-    offset) to the frame's torso over the plate, over the textured pixels (the strongest
-    third of the frame's gradients) that both call torso, 3 px or more inside its outline.
+    """How far each frame's torso lies from the torso field's render of it, as a shift only:
+    :func:`torso_warps` without turns. Returns ([F, 2] float32 shift in pixels (x right, y
+    down), [F] bool valid)."""
+    warps, valid = torso_warps(torso, data, backend=backend, max_px=max_px, min_pixels=min_pixels,
+                               turns=False, progress=progress)
+    return warps[:, :2].contiguous(), valid
+
+
+def torso_warps(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float = 8.0,
+                max_turn_deg: float = 3.0, max_log_scale: float = 0.03, min_pixels: int = 100, turns: bool = True,
+                progress: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each frame's torso lies from the torso field's render of it: the dense optical
+    flow (DIS) from the render (over the plate, with the frame's current warp) to the frame's
+    torso over the plate, over the textured pixels (the strongest third of the frame's
+    gradients) that both call torso, 3 px or more inside its outline; summarised as a shift
+    (the median flow) or, with ``turns``, as a similarity about the principal point (a
+    rotation, a scale and a shift, fitted to the flow with RANSAC, 1 px inlier threshold:
+    ``p' - c = k R(a) (p - c) + s`` for pixel p, principal point c).
 
     Args:
         torso: a :class:`~gstalk.deform.torso.TorsoField` (with ``offsets``), on ``data``'s device.
         data: the frames (``backgrounds`` = torso over plate, ``torso_masks``, ``plate``,
             ``viewmats``, ``K``, ``frame_ids``).
         max_px: a measured shift is clamped to this length (pixels at the working size).
-        min_pixels: frames with fewer torso pixels are left out (shift 0, not valid).
+        max_turn_deg, max_log_scale: the turn and log scale are clamped to these.
+        min_pixels: frames with fewer torso pixels are left out (zeros, not valid).
+        turns: fit the rotation and scale too (else they are 0).
 
     Returns:
-        ([F, 2] float32 shift in pixels (x right, y down), [F] bool valid).
+        ([F, 4] float32: shift s in pixels (x right, y down), angle a in rad (clockwise in the
+        image), log scale log k; [F] bool valid).
     """
     import cv2
 
@@ -355,9 +373,10 @@ def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto
 
     luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    shifts = torch.zeros(len(data), 2)
+    warps = torch.zeros(len(data), 4)
     valid = torch.zeros(len(data), dtype=torch.bool)
     plate = data.plate_image()
+    cx, cy = float(data.K[0, 2]), float(data.K[1, 2])
     for i in range(len(data)):
         frame = int(data.frame_ids[i])
         with torch.no_grad():
@@ -386,21 +405,59 @@ def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto
                 progress()
             continue
         flow = dis.calc(g0, g1, None)
-        s = torch.from_numpy(np.median(flow[mask], axis=0).astype(np.float32))
+        shift = np.median(flow[mask], axis=0).astype(np.float32)
+        angle = log_k = 0.0
+        if turns:
+            ys, xs = np.nonzero(mask)
+            src = np.stack([xs - cx, ys - cy], axis=1).astype(np.float32)
+            dst = src + flow[ys, xs]
+            m, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=1.0,
+                                               maxIters=500, refineIters=10)
+            if m is not None and np.isfinite(m).all():
+                angle = float(np.clip(math.atan2(m[1, 0], m[0, 0]), -math.radians(max_turn_deg),
+                                      math.radians(max_turn_deg)))
+                log_k = float(np.clip(math.log(max(math.hypot(m[0, 0], m[1, 0]), 1e-6)), -max_log_scale,
+                                      max_log_scale))
+                # the shift that goes with the clamped turn: the flow's median residual
+                k, c, sn = math.exp(log_k), math.cos(angle), math.sin(angle)
+                moved = np.stack([k * (c * src[:, 0] - sn * src[:, 1]), k * (sn * src[:, 0] + c * src[:, 1])], 1)
+                shift = np.median(dst - moved, axis=0).astype(np.float32)
+        s = torch.from_numpy(shift)
         n = float(s.norm())
-        shifts[i] = s * (max_px / n) if n > max_px else s
+        warps[i, :2] = s * (max_px / n) if n > max_px else s
+        warps[i, 2], warps[i, 3] = angle, log_k
         valid[i] = True
         if progress is not None:
             progress()
-    return shifts, valid
+    return warps, valid
 
 
 def shift_torso(torso: torch.nn.Module, frames: torch.Tensor, shifts_px: torch.Tensor, K: torch.Tensor) -> None:
     """Add pixel shifts [F, 2] to the registered offsets of clip frames ``frames`` [F] of a
     :class:`~gstalk.deform.torso.TorsoField`, converted to metres at the torso's median
     depth with the intrinsics K [3, 3] (px)."""
+    warp_torso(torso, frames, torch.cat([shifts_px, shifts_px.new_zeros(len(shifts_px), 2)], dim=1), K)
+
+
+def warp_torso(torso: torch.nn.Module, frames: torch.Tensor, warps: torch.Tensor, K: torch.Tensor) -> None:
+    """Compose measured warps [F, 4] (:func:`torso_warps`: shift px, angle rad, log scale)
+    onto the registered warps of clip frames ``frames`` [F] of a
+    :class:`~gstalk.deform.torso.TorsoField`: the new warp acts after the frame's current one
+    (offset ← k R offset + shift, angle and log scale add), shifts converted to metres at
+    the torso's median depth with the intrinsics K [3, 3] (px). A field without turns takes
+    the shift only."""
     with torch.no_grad():
         z = float(torso.means[:, 2].median())
         f = torch.stack([K[0, 0], K[1, 1]]).to(torso.offsets)
         idx = frames.to(torso.offsets.device)
-        torso.offsets[idx] += shifts_px.to(torso.offsets) * z / f
+        w = warps.to(torso.offsets)
+        shift = w[:, :2] * z / f
+        if getattr(torso, "has_turns", False):
+            a, lk = w[:, 2], w[:, 3]
+            k, c, s = torch.exp(lk), torch.cos(a), torch.sin(a)
+            o = torso.offsets[idx]
+            turned = torch.stack([k * (c * o[:, 0] - s * o[:, 1]), k * (s * o[:, 0] + c * o[:, 1])], dim=1)
+            torso.offsets[idx] = turned + shift
+            torso.turns[idx] += w[:, 2:]
+        else:
+            torso.offsets[idx] += shift
