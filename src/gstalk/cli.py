@@ -240,9 +240,9 @@ def coarse(
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density
-    control), refining each frame's head pose as they train (pose_passes). Writes WORKSPACE/coarse/gaussians
-    .safetensors, point_cloud.ply (3DGS PLY) and cameras.safetensors (the refined cameras that fine, render and eval
-    use); a checkpoint every 1000 iterations lets a killed run continue with --resume."""
+    control), refining each frame's head pose as they train (pose_passes). Writes
+    WORKSPACE/coarse/gaussians.safetensors, point_cloud.ply (3DGS PLY) and cameras.safetensors (the refined cameras
+    that fine, render and eval use); a checkpoint every 1000 iterations lets a killed run continue with --resume."""
     with _guard(debug):
         from gstalk.config import override, parse_assignments
         from gstalk.stages.coarse import run_coarse
@@ -577,11 +577,16 @@ def run(
     fan_weights: FanWeights = None,
     raster: Raster = "auto",
     device: Device = "auto",
+    size: Annotated[str, typer.Option(
+        help="Working size in pixels (an even number from 64 to 2048), or auto: twice the preset's size when the "
+             "face crop in the video has that many pixels and the measured cost fits the preset's time budget, else "
+             "the preset's size. On 2 CPU cores 512 px measured 2.8x a 256 px run, over cpu-quick's 10 minutes, so "
+             "auto keeps 256 there; on a GPU 512 px is not measured yet (give --size 512).")] = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Run every stage on VIDEO: extract, track, coarse, fine, render and eval, on one device (--device). Prints the
-    rendered video's path (with --json: per-stage times, the video and the metrics). With --detector fan, track uses
-    FAN and eval adds FAN's LMD."""
+    rendered video's path (with --json: per-stage times, the working size and why, the video and the metrics). With
+    --detector fan, track uses FAN and eval adds FAN's LMD."""
     with _guard(debug):
         from gstalk.pipeline import run_all
         from gstalk.progress import print_table
@@ -589,7 +594,7 @@ def run(
 
         rep = _reporter(quiet)
         r = run_all(video, workspace, preset=preset, audio=audio, output=output, seed=seed, detector=detector,
-                    fan_weights=fan_weights, raster=raster, device=device, reporter=rep)
+                    fan_weights=fan_weights, raster=raster, device=device, size=size, reporter=rep)
         if as_json:
             _print_json(r)
         else:
