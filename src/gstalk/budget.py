@@ -24,10 +24,11 @@ RUN_BUDGET_S: dict[str, float | None] = {"cpu-quick": 600.0, "cpu-long": None, "
 # a default cpu-quick `gstalk run` of man-black-sweater_latentsync.mp4 (20 s) at 256 px took
 # 426 s (extract 6, track 7, coarse 178, fine 219, eval 13); at 512 px a fine iteration took
 # 3.5x as long (997 against 283 ms, 60 iterations each, the same Gaussians) and the
-# rasterizer's forward + backward 2.1x (159 against 72-77 ms, 30k Gaussians), which puts the
-# whole run at about 2.8x (coarse at 2.1x, fine, extract, track and eval at 3.5x).
+# rasterizer's forward + backward 2.1x (159 against 72-77 ms, 30k Gaussians), extract + track
+# took 21 s against 14 s, which puts the whole run at about 1,210 s, 2.85x (coarse at 2.1x,
+# fine, render and eval at 3.5x).
 CPU_RUN_S_256 = 426.0
-CPU_COST_512 = 2.8
+CPU_COST_512 = 2.85
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def choose_size(crop_side_src: float, base_size: int, preset: str, device_type: 
                                      f"measured on {device_type} yet (--size {big} forces it)")
     est = estimated_run_s(big, base_size)
     if est > budget:
-        return SizeChoice(base_size, f"{big} px measured {CPU_COST_512:.1f}x the {base_size} px run on 2 CPU cores "
+        return SizeChoice(base_size, f"{big} px measured {CPU_COST_512:g}x the {base_size} px run on 2 CPU cores "
                                      f"(about {est / 60:.0f} min), over the {preset} budget of {budget / 60:.0f} min "
                                      f"(--size {big} forces it)")
     return SizeChoice(big, f"the face crop is {crop_side_src:.0f} px in the video and {big} px takes about "

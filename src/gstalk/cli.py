@@ -580,7 +580,7 @@ def run(
     size: Annotated[str, typer.Option(
         help="Working size in pixels (an even number from 64 to 2048), or auto: twice the preset's size when the "
              "face crop in the video has that many pixels and the measured cost fits the preset's time budget, else "
-             "the preset's size. On 2 CPU cores 512 px measured 2.8x a 256 px run, over cpu-quick's 10 minutes, so "
+             "the preset's size. On 2 CPU cores 512 px measured 2.85x a 256 px run, over cpu-quick's 10 minutes, so "
              "auto keeps 256 there; on a GPU 512 px is not measured yet (give --size 512).")] = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
