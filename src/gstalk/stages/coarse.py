@@ -218,9 +218,6 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
                 pose_s += time.perf_counter() - pass_started[0]
         trainer.run(cb, checkpoint, pose_cb)
     train_s = time.perf_counter() - t
-    t_test = time.perf_counter()
-    cameras = final_cameras(ws, trainer, test, cfg, device, reporter)
-    pose_s += time.perf_counter() - t_test
     ms_per_it = 1000 * train_s / max(cfg.iterations - first, 1)  # the steps this process ran
     params = trainer.params
     ws.path("coarse").mkdir(parents=True, exist_ok=True)
@@ -228,6 +225,9 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     save_tensors(ws.path(COARSE_GAUSSIANS), dict(params.items()), meta)
     cpu_params = {k: v.detach().cpu() for k, v in params.items()}
     save_ply(ws.path(COARSE_PLY), cpu_params)
+    t_test = time.perf_counter()  # the test frames' cameras, against the Gaussians just written
+    cameras = final_cameras(ws, trainer, test, cfg, device, reporter)
+    pose_s += time.perf_counter() - t_test
     # quality on the training frames (a subsample) and a preview
     sub = list(range(0, len(data), max(1, len(data) // 20)))
     renders = render_frames(dict(params.items()), trainer.data.subset(sub), cfg.raster)
