@@ -42,9 +42,10 @@ def bundle_file(trained_ws: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
     """The renderer takes an Avatar now; its frame equals the chain spelled out over the
-    workspace's own files (fine model, tracks, plate), bit for bit."""
+    workspace's own files (fine model, the coarse stage's refined cameras, tracks, plate), bit
+    for bit; the torso with the frame's registered warp."""
     from gstalk.avatar import Avatar
-    from gstalk.dataset import load_background, load_fine_model, load_tracks
+    from gstalk.dataset import load_background, load_cameras, load_fine_model, load_tracks
     from gstalk.deform.audio import neighbour_indices
     from gstalk.deform.base import apply_deltas
     from gstalk.deform.torso import render_torso
@@ -67,8 +68,10 @@ def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
         c = model.conditions(torch.from_numpy(windows))[ids]
         code = model.encode_audio(c)[0]
         deformed = apply_deltas(params, model.deform(model.spatial(params["means"]), code, tracks.blink[4:5]))
-        vm = tracks.viewmats[4:5]
-        tc, ta = render_torso(model.torso, vm, tracks.K, 128, 128)
+        cams = load_cameras(ws)
+        assert cams.refined  # the trained workspace's coarse stage refined its poses
+        vm = cams.viewmats[4:5]
+        tc, ta = render_torso(model.torso, vm, tracks.K, 128, 128, frame=4)
         bg = (composite(tc, ta, plate).clamp(0, 1) * 255.0).round().to(torch.uint8).float() / 255.0
         colors, alphas, _ = splat(deformed, vm, tracks.K, 128, 128)
         want = composite(colors, alphas, bg).clamp(0, 1)[0]

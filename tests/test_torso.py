@@ -130,3 +130,118 @@ def test_field_state_round_trips_through_its_spec():
     for k, v in t(vm).items():
         torch.testing.assert_close(u(vm)[k], v)
     assert np.isfinite(u.pose_std.numpy()).all() and (u.pose_std > 0).all()
+
+
+def _textured_frames(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torso with a texture (stripes and a collar-like V) on a black plate, at 96 px."""
+    import cv2
+
+    size = 96
+    imgs = np.zeros((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    rng = np.random.default_rng(0)
+    tex = cv2.GaussianBlur((rng.random((size, size)) * 255).astype(np.uint8), (0, 0), 1.2)
+    for i in range(n):
+        imgs[i, 50:, 16:80] = tex[50:, 16:80, None] // 2 + np.array([90, 60, 40], np.uint8)
+        cv2.line(imgs[i], (30, 50), (48, 80), (240, 240, 240), 3)
+        cv2.line(imgs[i], (66, 50), (48, 80), (240, 240, 240), 3)
+        masks[i, 50:, 16:80] = 255
+    return torch.from_numpy(imgs), torch.from_numpy(masks)
+
+
+def test_registered_offsets_shift_the_torso_and_registration_finds_a_known_shift():
+    from gstalk.train.frames import FrameSet
+    from gstalk.train.pose_refine import shift_torso, torso_shifts
+
+    size = 96
+    k96 = torch.tensor([[120.0, 0.0, 48.0], [0.0, 120.0, 48.0], [0.0, 0.0, 1.0]])
+    imgs, masks = _textured_frames()
+    vm = _poses(3)
+    t = init_torso(imgs, masks, vm, k96, 0.1, stride=1, n_frames=3)
+    assert t.spec()["n_frames"] == 3 and t.offsets.shape == (3, 2)
+    # a field trained before registration (no n_frames) has no offsets and renders as before
+    assert "n_frames" not in init_torso(imgs, masks, vm, k96, 0.1, stride=4).spec()
+    depth = float(t.means[:, 2].detach().median())
+    with torch.no_grad():
+        t.offsets[1] = torch.tensor([3.0, -2.0]) * depth / 120.0  # frame 1's torso 3 px right, 2 px up
+        c0, a0 = render_torso(t, vm[:1], k96, size, size, frame=0)
+        c1, a1 = render_torso(t, vm[:1], k96, size, size, frame=1)
+        cn, an = render_torso(t, vm[:1], k96, size, size)  # no frame: no offset
+    torch.testing.assert_close(cn, c0)
+    # frame 1's render is frame 0's moved by (3, -2) px, away from the borders
+    torch.testing.assert_close(c1[0, 60:88, 25:70], c0[0, 62:90, 22:67], atol=0.02, rtol=0)
+    # the frames all show the same torso: registration measures frame 1 off by about (-3, +2)
+    # px more than the others (DIS flow on a 96 px frame underestimates the vertical part by
+    # up to a third; the seeded field itself is off the frames by under a pixel)
+    data = FrameSet(images=imgs, backgrounds=imgs, viewmats=vm, K=k96, head_masks=torch.zeros_like(masks),
+                    mouth_masks=torch.zeros_like(masks), mouth_boxes=torch.zeros(3, 4), blink=torch.zeros(3),
+                    audio=None, frame_ids=torch.arange(3), torso_masks=masks,
+                    plate=torch.zeros(size, size, 3, dtype=torch.uint8))
+    shifts, valid = torso_shifts(t, data, backend="torch")
+    assert valid.all()
+    torch.testing.assert_close(shifts[1] - shifts[0], torch.tensor([-3.0, 2.0]), atol=0.8, rtol=0)
+    torch.testing.assert_close(shifts[2], shifts[0], atol=0.05, rtol=0)
+    # three passes (the fine stage runs two) bring every frame's torso onto the frame: frame
+    # 1's offset equals the others' again, within 0.3 px, and nothing is left to correct
+    for _ in range(3):
+        shift_torso(t, data.frame_ids[valid], shifts[valid], k96)
+        shifts, valid = torso_shifts(t, data, backend="torch")
+    px = t.offsets * 120.0 / depth
+    assert (px[1] - px[0]).abs().max() < 0.3 and shifts.abs().max() < 0.15, (px, shifts)
+
+
+def _quat_matrix(q: torch.Tensor) -> torch.Tensor:
+    w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
+    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
+
+
+def test_a_turn_about_the_optical_axis_rotates_means_and_orientations():
+    from gstalk.deform.torso import turn_about_axis
+
+    g = torch.Generator().manual_seed(0)
+    means, scales = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    quats = torch.randn(5, 4, generator=g)
+    a, lk = torch.tensor(0.3), torch.tensor(0.05)
+    m, s, q = turn_about_axis(means, scales, quats, a, lk)
+    rz = torch.tensor([[math.cos(0.3), -math.sin(0.3), 0.0], [math.sin(0.3), math.cos(0.3), 0.0], [0.0, 0.0, 1.0]])
+    # x, y turn by 0.3 rad (x towards y) and grow by e^0.05; depth stays
+    torch.testing.assert_close(m[:, :2], math.exp(0.05) * (means @ rz.T)[:, :2])
+    torch.testing.assert_close(m[:, 2], means[:, 2])
+    torch.testing.assert_close(s, scales + 0.05)
+    # each Gaussian's orientation is turned with it: R(q') = R_z R(q)
+    torch.testing.assert_close(_quat_matrix(q), rz @ _quat_matrix(quats), atol=1e-5, rtol=0)
+
+
+def test_registration_finds_a_known_turn_and_undoes_it():
+    from gstalk.train.frames import FrameSet
+    from gstalk.train.pose_refine import torso_warps, warp_torso
+
+    size = 96
+    k96 = torch.tensor([[120.0, 0.0, 48.0], [0.0, 120.0, 48.0], [0.0, 0.0, 1.0]])
+    imgs, masks = _textured_frames()
+    vm = _poses(3)
+    t = init_torso(imgs, masks, vm, k96, 0.1, stride=1, n_frames=3, turns=True)
+    assert t.spec()["turns"] and t.turns.shape == (3, 2)
+    u = TorsoField(**t.spec())  # the turns travel with the state
+    u.load_state_dict(t.state_dict())
+    with torch.no_grad():
+        t.turns[1, 0] = math.radians(2.0)  # frame 1's torso turned 2° clockwise about the principal point
+    data = FrameSet(images=imgs, backgrounds=imgs, viewmats=vm, K=k96, head_masks=torch.zeros_like(masks),
+                    mouth_masks=torch.zeros_like(masks), mouth_boxes=torch.zeros(3, 4), blink=torch.zeros(3),
+                    audio=None, frame_ids=torch.arange(3), torso_masks=masks,
+                    plate=torch.zeros(size, size, 3, dtype=torch.uint8))
+    warps, valid = torso_warps(t, data, backend="torch")
+    assert valid.all()
+    # the frames all show the unturned torso: frame 1 is measured about -2° off, the others ~0
+    assert abs(math.degrees(float(warps[1, 2] - warps[0, 2])) + 2.0) < 0.6, warps
+    assert abs(math.degrees(float(warps[2, 2] - warps[0, 2]))) < 0.2, warps
+    for _ in range(3):
+        warp_torso(t, data.frame_ids[valid], warps[valid], k96)
+        warps, valid = torso_warps(t, data, backend="torch")
+    # registered: frame 1's turn is back to the others' within 0.3°
+    assert abs(math.degrees(float(t.turns[1, 0] - t.turns[0, 0]))) < 0.3, t.turns
+    # without turns the shift-only registration is what it was
+    t2 = init_torso(imgs, masks, vm, k96, 0.1, stride=1, n_frames=3)
+    assert "turns" not in t2.spec() and not hasattr(t2, "turns")

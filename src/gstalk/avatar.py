@@ -88,7 +88,8 @@ class Avatar:
             trained with one, the torso field as ``model.torso``).
         meta: the metadata of ``fine/model.safetensors`` (``spec``, ``av_offset_frames``, ...).
         viewmats: [N, 4, 4] float32 world(canonical head)-to-camera of every training-clip
-            frame (the smoothed head pose, OpenCV, metres): the idle head motion.
+            frame (OpenCV, metres; the coarse stage's refined head pose, or the smoothed
+            tracked one in a workspace made before pose refinement): the idle head motion.
         K: [3, 3] float32 intrinsics in pixels at ``size``.
         blink: [N] float32 eye blink in [0, 1] of every frame.
         train, test: the frame ranges of the train/test split.
@@ -166,6 +167,7 @@ class Avatar:
             PoseFrameTorso,
             load_audio_settings,
             load_background,
+            load_cameras,
             load_fine_model,
             load_tracks,
             split_indices,
@@ -173,10 +175,11 @@ class Avatar:
 
         params, model, meta = load_fine_model(ws)
         tracks = load_tracks(ws)
+        cams = load_cameras(ws)  # the coarse stage's refined poses when it made them
         train, test = split_indices(ws)
         ex = ws.stage("extract").summary
-        return cls(name=ws.root.resolve().name, params=params, model=model, meta=meta, viewmats=tracks.viewmats,
-                   K=tracks.K, blink=tracks.blink, train=train, test=test, fps=float(ex["fps"]),
+        return cls(name=ws.root.resolve().name, params=params, model=model, meta=meta, viewmats=cams.viewmats,
+                   K=cams.K, blink=tracks.blink, train=train, test=test, fps=float(ex["fps"]),
                    size=int(ex["size"]), plate=load_background(ws), audio=load_audio_settings(ws),
                    provenance=workspace_provenance(ws, meta), seed=ws.seed,
                    torso_frames=None if getattr(model, "torso", None) is not None else PoseFrameTorso(ws.root))

@@ -233,17 +233,23 @@ def coarse(
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(
         help="Continue an interrupted run from coarse/checkpoint.safetensors (also on another device).")] = False,
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Change one coarse setting, e.g. --set pose_passes=0 (no pose "
+                                           "refinement) or --set n_mouth=0 (repeatable; the keys are CoarseConfig's "
+                                           "fields, docs/methods.md).")] = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density
-    control). Writes WORKSPACE/coarse/gaussians.safetensors and point_cloud.ply (3DGS PLY); a checkpoint every 1000
-    iterations lets a killed run continue with --resume."""
+    control), refining each frame's head pose as they train (pose_passes). Writes
+    WORKSPACE/coarse/gaussians.safetensors, point_cloud.ply (3DGS PLY) and cameras.safetensors (the refined cameras
+    that fine, render and eval use); a checkpoint every 1000 iterations lets a killed run continue with --resume."""
     with _guard(debug):
-        from gstalk.config import override
+        from gstalk.config import override, parse_assignments
         from gstalk.stages.coarse import run_coarse
 
         root = _workspace(workspace)
         cfg = override(_preset(preset, root).coarse, iterations=iterations, raster=raster, device=device)
+        cfg = parse_assignments(cfg, settings)
         ws = run_coarse(str(root), cfg, resume=resume, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("coarse").summary, as_json)
 
@@ -572,11 +578,16 @@ def run(
     fan_weights: FanWeights = None,
     raster: Raster = "auto",
     device: Device = "auto",
+    size: Annotated[str, typer.Option(
+        help="Working size in pixels (an even number from 64 to 2048), or auto: twice the preset's size when the "
+             "face crop in the video has that many pixels and the measured cost fits the preset's time budget, else "
+             "the preset's size. On 2 CPU cores 512 px measured 2.85x a 256 px run, over cpu-quick's 10 minutes, so "
+             "auto keeps 256 there; on a GPU 512 px is not measured yet (give --size 512).")] = "auto",
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Run every stage on VIDEO: extract, track, coarse, fine, render and eval, on one device (--device). Prints the
-    rendered video's path (with --json: per-stage times, the video and the metrics). With --detector fan, track uses
-    FAN and eval adds FAN's LMD."""
+    rendered video's path (with --json: per-stage times, the working size and why, the video and the metrics). With
+    --detector fan, track uses FAN and eval adds FAN's LMD."""
     with _guard(debug):
         from gstalk.pipeline import run_all
         from gstalk.progress import print_table
@@ -584,7 +595,7 @@ def run(
 
         rep = _reporter(quiet)
         r = run_all(video, workspace, preset=preset, audio=audio, output=output, seed=seed, detector=detector,
-                    fan_weights=fan_weights, raster=raster, device=device, reporter=rep)
+                    fan_weights=fan_weights, raster=raster, device=device, size=size, reporter=rep)
         if as_json:
             _print_json(r)
         else:

@@ -81,6 +81,9 @@ class DensifyConfig:
 class CoarseConfig:
     iterations: int = 2500
     n_random: int = 2000  # random points in the head box besides the mesh vertices
+    # points inside the mouth behind the lips (teeth, the inside of the mouth), which the
+    # fine stage's field reveals as the lips part (gstalk.gaussians.mouth_init_points); 0 = none
+    n_mouth: int = 600
     sh_degree: int = 1
     ssim_lambda: float = 0.2  # L = (1-λ) L1 + λ (1-SSIM)
     lr_means: float = 1.6e-4  # x scene extent (m), decayed x0.01 over training
@@ -94,6 +97,16 @@ class CoarseConfig:
     device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50
     checkpoint_every: int = 1000  # iterations between coarse/checkpoint.safetensors writes (0 = never)
+    # Per-frame head pose refinement (gstalk.train.pose_refine): registration passes over the
+    # training frames at pose_passes steps spread from 40% of the iterations to the last one,
+    # then over the test frames with the Gaussians frozen; 0 = off (the tracked poses). The
+    # refined cameras (coarse/cameras.safetensors) replace the tracked ones for fine, render
+    # and eval. See docs/methods.md, "Pose refinement".
+    pose_passes: int = 3
+    pose_sigma_rot_deg: float = 1.0  # prior std of each rotation component of a correction, degrees
+    pose_sigma_trans_mm: float = 2.0  # prior std of its translation across the image, mm
+    pose_sigma_depth_mm: float = 10.0  # prior std of its translation along the optical axis, mm
+    pose_noise_px: float = 0.05  # registration error of the mean face point, px: weighs the image against the prior
 
 
 ModelName = Literal["gstalker", "audioplane", "egstalker"]
@@ -173,6 +186,12 @@ class FineConfig:
     lr_gaussians_scale: float = 0.1  # canonical Gaussian lrs x this during fine
     ssim_lambda: float = 0.2
     mouth_weight: float = 2.0  # extra L1 weight on the mouth mask
+    # Eyes: blinks are a few percent of the frames and the eyes a fraction of a percent of the
+    # pixels, so the field learnt to ignore the blink input (obama.mp4: renders at blink 0 and
+    # 1 differed by 0.001 on average). Frames are drawn with probability ∝ 1 + blink_oversample
+    # x blink, and the eye boxes get an extra L1 weight; 0 = off. See docs/methods.md, "Eyes".
+    eye_weight: float = 2.0
+    blink_oversample: float = 4.0
     deform_reg: float = 0.01  # weight of the mean |offset| penalty (position in cm)
     conditioning: Conditioning = "articulation"  # "articulation" (audio -> mouth code -> field) or "audio"
     # std of the noise on the tracked code during training (std units): 0.3 since CodeNet (on
@@ -219,6 +238,14 @@ class FineConfig:
     torso_stride: int = 3  # px between torso Gaussian seeds at the trained size
     torso_hidden: int = 64
     lr_torso: float = 1e-3  # the torso field's MLP (its Gaussians use the coarse stage's rates)
+    # registration passes of the torso (gstalk.train.pose_refine.torso_shifts): each frame's
+    # torso shift across the image, which the head pose does not tell, measured against the
+    # torso field's render from 30% of the iterations on, then for the test frames with the
+    # field frozen; 0 = off (the torso follows the head pose only). See docs/methods.md, "Torso".
+    torso_passes: int = 2
+    # ... and the torso's turn about the optical axis and scale per frame with the shift (a
+    # similarity fitted to the flow; false = the shift only). See docs/methods.md, "Torso".
+    torso_turns: bool = True
     raster: str = "auto"
     device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50
@@ -330,7 +357,7 @@ PRESETS: dict[str, Preset] = {
         name="test",
         extract=ExtractConfig(size=128),
         track=TrackConfig(grabcut_size=64, min_face_px=24.0),
-        coarse=CoarseConfig(iterations=60, n_random=300,
+        coarse=CoarseConfig(iterations=60, n_random=300, n_mouth=100,
                             densify=DensifyConfig(start=20, stop=50, every=10, reset_opacity_every=0,
                                                   max_gaussians=4000),
                             log_every=10, checkpoint_every=20),

@@ -17,6 +17,7 @@ from gstalk.tensorio import load_tensors
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import (
     AUDIO_FEATURES,
+    COARSE_CAMERAS,
     EXTRACT_AUDIO,
     EXTRACT_FRAMES,
     FINE_MODEL,
@@ -148,6 +149,43 @@ def load_tracks(ws: Workspace) -> Tracks:
 
 
 @dataclass
+class Cameras:
+    """The per-frame cameras the model is trained, rendered and evaluated with.
+
+    Attributes:
+        viewmats: [N, 4, 4] float32 world(canonical head)-to-camera of every frame (OpenCV,
+            metres): the coarse stage's refined poses, or the track stage's.
+        K: [3, 3] float32 intrinsics in pixels.
+        refined: whether ``viewmats`` are the coarse stage's refined poses
+            (``coarse/cameras.safetensors``) rather than the tracked ones.
+    """
+
+    viewmats: torch.Tensor
+    K: torch.Tensor
+    refined: bool
+
+
+def load_cameras(ws: Workspace, which: str = "auto") -> Cameras:
+    """Every frame's camera: ``which="auto"`` gives the coarse stage's refined poses when its
+    run is done and wrote them (``coarse/cameras.safetensors``, gstalk with pose refinement),
+    else the tracked ones; ``"tracked"`` always the track stage's (what the coarse stage
+    starts from).
+
+    Raises:
+        WorkspaceError: the tracks or the cameras file is missing or unreadable.
+        ValueError: an unknown ``which``.
+    """
+    if which not in ("auto", "tracked"):
+        raise ValueError(f"which must be 'auto' or 'tracked', got {which!r}")
+    path = ws.path(COARSE_CAMERAS)
+    if which == "auto" and ws.stage("coarse").status == "done" and path.is_file():
+        t, _ = load_tensors(path)
+        return Cameras(viewmats=t["viewmats"].float(), K=t["K"].float(), refined=True)
+    tracks = load_tracks(ws)
+    return Cameras(viewmats=tracks.viewmats, K=tracks.K, refined=False)
+
+
+@dataclass
 class AudioFeatures:
     """``extract/audio_features.safetensors``: normalised steps [T, C], their mean/std [C] and rate."""
 
@@ -267,12 +305,15 @@ class PoseFrameTorso:
         return load_frame(ws, i), load_masks(ws, [i])[0][..., 2]
 
 
-def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: int | None = None) -> FrameSet:
+def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: int | None = None,
+                   cameras: str = "auto") -> FrameSet:
     """Load frames, backgrounds, cameras, masks and (optionally) audio windows into a
     :class:`~gstalk.train.frames.FrameSet`.
 
     Args:
         indices: workspace frame numbers.
+        cameras: ``auto`` (the coarse stage's refined poses when there are some, else the
+            tracked ones) or ``tracked`` (:func:`load_cameras`).
         audio_offset: None to skip audio; else the A/V offset in frames applied when cutting
             the feature windows (frame i gets the window of audio frame i + offset). With
             audio, the mouth articulation code of every frame is loaded too, standardised
@@ -282,6 +323,7 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
 
     idx = list(indices)
     tracks = load_tracks(ws)
+    cams = load_cameras(ws, cameras)
     plate = load_background(ws)
     images = load_frames(ws, idx)
     masks = load_masks(ws, idx)
@@ -298,12 +340,16 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
 
             articulation = standardise(tracks.articulation(), idx)
     sel = torch.tensor(idx, dtype=torch.long)
+    from gstalk.tracking.schemes import eye_boxes
+
+    eyes = torch.from_numpy(eye_boxes(tracks.landmarks[sel].numpy(), images.shape[2], images.shape[1]))
     return FrameSet(
-        images=torch.from_numpy(images), backgrounds=torch.from_numpy(bgs), viewmats=tracks.viewmats[sel],
-        K=tracks.K, head_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 0])),
+        images=torch.from_numpy(images), backgrounds=torch.from_numpy(bgs), viewmats=cams.viewmats[sel],
+        K=cams.K, head_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 0])),
         mouth_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 1])), mouth_boxes=tracks.mouth_box[sel],
         blink=tracks.blink[sel], audio=audio, frame_ids=sel, articulation=articulation,
         torso_masks=torch.from_numpy(np.ascontiguousarray(masks[..., 2])), plate=torch.from_numpy(plate),
+        eye_boxes=eyes,
     )
 
 

@@ -10,6 +10,7 @@ instead of chaining the stages itself::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ SEQUENCE = ("extract", "track", "coarse", "fine", "render", "eval")
 def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: str = "cpu-quick",
             audio: str | Path | None = None, output: str | Path | None = None, seed: int = 0,
             detector: str | None = None, fan_weights: str | Path | None = None, raster: str = "auto",
-            device: str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+            device: str = "auto", size: int | str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
     """Run every stage of :data:`SEQUENCE` on ``video`` with the preset ``preset``.
 
     Args:
@@ -33,9 +34,13 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
             measure FAN's LMD).
         raster, device: the rasterizer backend and device of coarse, fine, render and eval
             (``auto``: CUDA with gsplat when there is a GPU, else the C++ CPU backend).
+        size: the working size in pixels, or ``auto``: twice the preset's when the face in the
+            video is large enough and the measured cost fits the preset's time budget on this
+            device (:func:`gstalk.budget.choose_size`), else the preset's.
 
     Returns:
-        {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device", "preset"}.
+        {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device", "preset",
+        "size", "size_reason"}.
 
     Raises:
         Whatever the stages raise; a bad device, rasterizer or FAN weights file before
@@ -56,7 +61,12 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
     dev = str(stage_device(device, raster))  # and a device or rasterizer that cannot run here
     times: dict[str, float] = {}
     t = time.perf_counter()
-    ws = run_extract(video, workspace, p.extract, preset=p.name, seed=seed, reporter=reporter)
+    extract_cfg, reason = working_size(video, p.extract, p.name, dev, size)
+    if extract_cfg.size != p.extract.size:  # the track stage's smallest face scales with the frames
+        track_cfg = dataclasses.replace(track_cfg,
+                                        min_face_px=track_cfg.min_face_px * extract_cfg.size / p.extract.size)
+    reporter.log(f"[bold]run[/bold] {extract_cfg.size} px: {reason}")
+    ws = run_extract(video, workspace, extract_cfg, preset=p.name, seed=seed, reporter=reporter)
     times["extract"] = time.perf_counter() - t
     root = str(ws.root)
     for name, fn in (("track", lambda: run_track(root, track_cfg, reporter=reporter)),
@@ -73,7 +83,40 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
     m = run_eval(root, EvalConfig(raster=raster, device=dev, lmd_landmarks=track_cfg.detector,  # type: ignore[arg-type]
                                   fan_weights=track_cfg.fan_weights), reporter=reporter)
     times["eval"] = time.perf_counter() - t
-    return {"workspace": root, "video": r["output"], "seconds": times, "metrics": m, "device": dev, "preset": p.name}
+    return {"workspace": root, "video": r["output"], "seconds": times, "metrics": m, "device": dev, "preset": p.name,
+            "size": extract_cfg.size, "size_reason": reason}
+
+
+def working_size(video: str | Path, cfg: Any, preset: str, device: str, size: int | str) -> tuple[Any, str]:
+    """The extract config ``run`` uses: ``cfg`` (an :class:`~gstalk.config.ExtractConfig`)
+    at ``size`` px, or with ``size="auto"`` at the size :func:`gstalk.budget.choose_size`
+    picks from the video's face crop, the preset's budget and ``device``; and why (a sentence).
+
+    Raises:
+        UsageError: a size that is not ``auto`` or an even number of pixels from 64 to 2048.
+    """
+    import torch
+
+    from gstalk.budget import RUN_BUDGET_S, choose_size
+    from gstalk.errors import UsageError
+    from gstalk.stages.extract import source_crop_side
+
+    if size != "auto":
+        try:
+            px = int(size)
+        except (TypeError, ValueError):
+            px = -1
+        if px < 64 or px > 2048 or px % 2:
+            raise UsageError(f"--size {size} is not a working size.", hint="give auto, or an even number of pixels "
+                                                                        "from 64 to 2048 (e.g. 256 or 512)")
+        return dataclasses.replace(cfg, size=px), "set with --size"
+    if RUN_BUDGET_S.get(preset) is None:  # no budget: no need to look at the face
+        return cfg, f"the {preset} preset's own size"
+    side = source_crop_side(video, cfg)
+    if side is None:  # no face: extract says why
+        return cfg, "the preset's size"
+    choice = choose_size(side, cfg.size, preset, torch.device(device).type)
+    return dataclasses.replace(cfg, size=choice.size), choice.reason
 
 
 def evaluate_stale(paths: list[Path], *, raster: str = "auto", device: str = "auto",

@@ -54,7 +54,9 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "track": ("extract",),
     "coarse": ("extract", "track"),
     "fine": ("extract", "track", "coarse"),
-    "render": ("extract", "track", "fine"),
+    # render reads the coarse stage's refined cameras (coarse/cameras.safetensors): a coarse
+    # re-run after fine makes the model stale for render too
+    "render": ("extract", "track", "coarse", "fine"),
     "eval": ("extract", "track", "coarse", "fine"),
 }
 
@@ -75,6 +77,7 @@ COARSE_PLY = "coarse/point_cloud.ply"
 COARSE_PREVIEW = "coarse/preview.png"
 COARSE_SUMMARY = "coarse/summary.json"
 COARSE_CHECKPOINT = "coarse/checkpoint.safetensors"
+COARSE_CAMERAS = "coarse/cameras.safetensors"
 FINE_MODEL = "fine/model.safetensors"
 FINE_PLY = "fine/point_cloud.ply"
 FINE_PREVIEW = "fine/preview.png"
@@ -92,7 +95,7 @@ CHECKPOINTS = {"coarse": COARSE_CHECKPOINT, "fine": FINE_CHECKPOINT}
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "extract": (EXTRACT_FRAMES, EXTRACT_AUDIO, AUDIO_FEATURES, EXTRACT_SUMMARY),
     "track": (TRACKS, TRACK_MASKS, PLATE, TRACK_PREVIEW, TRACK_SUMMARY),
-    "coarse": (COARSE_GAUSSIANS, COARSE_PLY, COARSE_PREVIEW, COARSE_SUMMARY),
+    "coarse": (COARSE_GAUSSIANS, COARSE_PLY, COARSE_PREVIEW, COARSE_SUMMARY, COARSE_CAMERAS),
     "fine": (FINE_MODEL, FINE_PLY, FINE_PREVIEW, FINE_SUMMARY),
     "eval": (EVAL_METRICS, EVAL_REPORT, EVAL_SAMPLES, EVAL_PSNR_PLOT, EVAL_MOUTH_PLOT),
 }

@@ -62,16 +62,32 @@ class TorsoField(nn.Module):
     Args:
         n: number of torso Gaussians M.
         hidden: width of the field's two hidden layers.
+        n_frames: frames of the clip, for a registered offset per frame (``offsets``); 0
+            for a field without them (trained before torso registration).
+        turns: with ``n_frames``, also a registered turn and scale per frame (``turns``):
+            the torso rotates and scales about the optical axis as well as shifting (False:
+            a field trained with shifts only, before turns were registered).
 
     Parameters (raw, as :mod:`gstalk.gaussians.model`): ``means`` [M, 3] metres (camera
     space), ``scales`` [M, 3] log metres, ``quats`` [M, 4] wxyz, ``opacities`` [M] logits,
     ``sh0`` [M, 1, 3]; buffers ``uv`` [M, 2] seed pixels in [-1, 1], ``pose_mean`` [9] and
-    ``pose_std`` [9] (pose code normalisation).
+    ``pose_std`` [9] (pose code normalisation), and with ``n_frames`` ``offsets``
+    [n_frames, 2]: each frame's torso shift across the image (camera x, y, metres), found by
+    registering the torso's render to the frame (:func:`gstalk.train.pose_refine.torso_shifts`):
+    the body moves in ways the head pose does not tell; with ``turns`` also ``turns``
+    [n_frames, 2]: each frame's torso rotation about the camera's optical axis (rad, from
+    x towards y: clockwise in the image) and log scale across it, applied before the shift
+    (the shoulders lean and come closer; measured on obama's test split: up to 1.5°).
     """
 
-    def __init__(self, n: int, hidden: int = 64):
+    def __init__(self, n: int, hidden: int = 64, n_frames: int = 0, turns: bool = False):
         super().__init__()
-        self.n, self.hidden = n, hidden
+        self.n, self.hidden, self.n_frames = n, hidden, n_frames
+        self.has_turns = bool(turns and n_frames > 0)
+        if n_frames > 0:
+            self.register_buffer("offsets", torch.zeros(n_frames, 2))
+        if self.has_turns:
+            self.register_buffer("turns", torch.zeros(n_frames, 2))
         self.means = nn.Parameter(torch.zeros(n, 3))
         self.scales = nn.Parameter(torch.zeros(n, 3))
         self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
@@ -89,7 +105,28 @@ class TorsoField(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """JSON-able constructor arguments (stored in the model spec)."""
-        return {"n": self.n, "hidden": self.hidden}
+        out = {"n": self.n, "hidden": self.hidden}
+        if self.n_frames > 0:
+            out["n_frames"] = self.n_frames
+        if self.has_turns:
+            out["turns"] = True
+        return out
+
+    def turn(self, frame: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Frame ``frame``'s registered turn: (angle [] rad about the optical axis, log scale
+        []), or None (no frame, a frame outside the clip, or a field without turns)."""
+        if frame is None or not self.has_turns or not 0 <= int(frame) < self.n_frames:
+            return None
+        t = self.turns[int(frame)]
+        return t[0], t[1]
+
+    def offset(self, frame: int | None) -> torch.Tensor | None:
+        """Frame ``frame``'s registered shift [3] (camera x, y, 0; metres), or None (no frame,
+        a frame outside the clip, or a field without offsets)."""
+        if frame is None or self.n_frames == 0 or not 0 <= int(frame) < self.n_frames:
+            return None
+        o = self.offsets[int(frame)]
+        return torch.cat([o, o.new_zeros(1)])
 
     def gaussian_parameters(self) -> list[nn.Parameter]:
         """The torso Gaussians' raw tensors: means, scales, quats, opacities, sh0."""
@@ -99,19 +136,46 @@ class TorsoField(nn.Module):
         """The pose-conditioned MLP's weights and biases."""
         return list(self.mlp.parameters())
 
-    def forward(self, viewmat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, viewmat: torch.Tensor, frame: int | None = None) -> dict[str, torch.Tensor]:
         """Deformed raw torso Gaussians for one head pose W2C [1, 4, 4] (or [4, 4]), in camera
-        space: a dict of means [M, 3], scales [M, 3], quats [M, 4], opacities [M], sh0
+        space, shifted by clip frame ``frame``'s registered offset (:meth:`offset`; none when
+        None): a dict of means [M, 3], scales [M, 3], quats [M, 4], opacities [M], sh0
         [M, 1, 3], shN [M, 0, 3] (render with an identity viewmat)."""
         code = (pose_code(viewmat.reshape(1, 4, 4)) - self.pose_mean) / self.pose_std
         x = torch.cat([pixel_encoding(self.uv), code.expand(self.n, -1)], dim=-1)
         d = self.mlp(x)
-        return {"means": self.means + d[:, 0:3] * self.depth_scale,
-                "scales": self.scales + d[:, 3:6],
-                "quats": self.quats,
+        means = self.means + d[:, 0:3] * self.depth_scale
+        scales = self.scales + d[:, 3:6]
+        quats = self.quats
+        turn = self.turn(frame)
+        if turn is not None:
+            means, scales, quats = turn_about_axis(means, scales, quats, turn[0], turn[1])
+        shift = self.offset(frame)
+        if shift is not None:
+            means = means + shift
+        return {"means": means,
+                "scales": scales,
+                "quats": quats,
                 "opacities": self.opacities + d[:, 6],
                 "sh0": self.sh0 + d[:, None, 7:10],
                 "shN": self.sh0.new_zeros(self.n, 0, 3)}
+
+
+def turn_about_axis(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, angle: torch.Tensor,
+                    log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate camera-space Gaussians by ``angle`` (rad) about the camera's optical axis (z;
+    from x towards y, clockwise in the image) and scale their x, y by exp(``log_scale``): the
+    image turns and scales about the principal point. means [M, 3] m, raw scales [M, 3] (log;
+    all three grow by ``log_scale``), quats [M, 4] wxyz (unnormalised) → the same, moved."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    k = torch.exp(log_scale)
+    x, y = means[:, 0], means[:, 1]
+    means = torch.stack([k * (c * x - s * y), k * (s * x + c * y), means[:, 2]], dim=-1)
+    # q_z ⊗ q with q_z = (cos a/2, 0, 0, sin a/2)
+    hw, hz = torch.cos(angle / 2), torch.sin(angle / 2)
+    w, qx, qy, qz = quats.unbind(-1)
+    quats = torch.stack([hw * w - hz * qz, hw * qx - hz * qy, hw * qy + hz * qx, hw * qz + hz * w], dim=-1)
+    return means, scales + log_scale, quats
 
 
 def torso_seed_pixels(torso_masks: np.ndarray, stride: int, min_fraction: float = 0.3) -> np.ndarray:
@@ -132,7 +196,8 @@ def torso_seed_pixels(torso_masks: np.ndarray, stride: int, min_fraction: float 
 
 
 def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.Tensor, K: torch.Tensor,
-               scene_scale: float, *, stride: int = 3, hidden: int = 64) -> TorsoField:
+               scene_scale: float, *, stride: int = 3, hidden: int = 64, n_frames: int = 0,
+               turns: bool = False) -> TorsoField:
     """Seed a :class:`TorsoField` from the training frames.
 
     Args:
@@ -141,13 +206,15 @@ def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.
         scene_scale: head radius, metres (the torso plane lies this far behind the head
             centre; field offsets are in these units).
         stride: seed grid spacing in pixels.
+        n_frames: frames of the clip, for per-frame registered offsets (0: none).
+        turns: with ``n_frames``, per-frame registered turns and scales too.
 
     Returns:
         The field (M Gaussians; M = 0 when no pixel is torso in enough frames).
     """
     masks = torso_masks.numpy()
     px = torso_seed_pixels(masks, stride)
-    field = TorsoField(len(px), hidden)
+    field = TorsoField(len(px), hidden, n_frames, turns)
     if len(px) == 0:
         return field
     depth = float(viewmats[:, 2, 3].median()) + scene_scale
@@ -178,13 +245,14 @@ def init_torso(images: torch.Tensor, torso_masks: torch.Tensor, viewmats: torch.
 
 
 def render_torso(torso: TorsoField, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, *,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3]:
-    (premultiplied colours [1, H, W, 3], alphas [1, H, W, 1]), float32, on the torso's
-    device (``viewmat`` and ``K`` are moved there)."""
+                 backend: str = "auto", frame: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3], shifted
+    by clip frame ``frame``'s registered offset (:meth:`TorsoField.offset`): (premultiplied
+    colours [1, H, W, 3], alphas [1, H, W, 1]), float32, on the torso's device (``viewmat``
+    and ``K`` are moved there)."""
     from gstalk.gaussians.splat import splat
 
     dev = torso.means.device
-    params = torso(viewmat.to(dev))
+    params = torso(viewmat.to(dev), frame)
     colors, alphas, _ = splat(params, torch.eye(4, device=dev)[None], K.to(dev), width, height, backend=backend)
     return colors, alphas

@@ -7,6 +7,7 @@ from gstalk.gaussians.model import (
                                     count,
                                     head_init_points,
                                     init_params,
+                                    mouth_init_points,
                                     rgb_to_sh0,
                                     sh0_to_rgb,
                                     sh_degree_of,
@@ -14,4 +15,4 @@ from gstalk.gaussians.model import (
 from gstalk.gaussians.ply import load_ply, save_ply
 
 __all__ = ["PARAM_NAMES", "Densifier", "activated", "count", "head_init_points", "init_params", "load_ply",
-           "rgb_to_sh0", "save_ply", "sh0_to_rgb", "sh_degree_of"]
+           "mouth_init_points", "rgb_to_sh0", "save_ply", "sh0_to_rgb", "sh_degree_of"]

@@ -137,6 +137,42 @@ def head_init_points(vertices: np.ndarray, n_random: int, seed: int = 0) -> np.n
     return np.concatenate([vertices, pts], 0).astype(np.float32)
 
 
+def mouth_init_points(vertices: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Initial points inside the mouth, behind the lips: where the teeth and the inside of
+    the mouth show when it opens. The static head of the coarse stage has a closed (average)
+    mouth, so without them nothing lies there for the fine stage's field to reveal.
+
+    The points fill the space between the mouth corners (inset by a fifth), from the upper
+    inner lip down half the mouth's width (the jaw's opening), and from 3 to 12 mm behind an
+    arch through the inner lips (the dental arch: front teeth ahead of the corners).
+
+    Args:
+        vertices: [V, 3] the canonical face mesh (metres, y up, z towards the viewer),
+            MediaPipe's 468 vertices.
+        n: how many points (0: none).
+
+    Returns:
+        [n, 3] float32 points.
+    """
+    from gstalk.tracking.canonical import LIPS_INNER, MOUTH_LEFT, MOUTH_RIGHT, UPPER_LIP_INNER
+
+    if n <= 0:
+        return np.zeros((0, 3), np.float32)
+    rng = np.random.default_rng(seed)
+    left, right = vertices[MOUTH_LEFT], vertices[MOUTH_RIGHT]
+    half = abs(left[0] - right[0]) / 2 * 0.8
+    cx = (left[0] + right[0]) / 2
+    top = vertices[UPPER_LIP_INNER, 1] - 0.001
+    bottom = top - 0.5 * abs(left[0] - right[0])
+    front_mid = vertices[list(LIPS_INNER), 2].max()
+    front_corner = (left[2] + right[2]) / 2
+    x = rng.uniform(-half, half, n)
+    y = rng.uniform(bottom, top, n)
+    front = front_mid - (front_mid - front_corner) * (x / (half / 0.8)) ** 2
+    z = front - rng.uniform(0.003, 0.012, n)
+    return np.stack([cx + x, y, z], 1).astype(np.float32)
+
+
 def count(params: torch.nn.ParameterDict) -> int:
     """Number of Gaussians."""
     return int(params["means"].shape[0])

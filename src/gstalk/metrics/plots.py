@@ -63,12 +63,14 @@ def zscore_nan(x: Sequence[float] | np.ndarray) -> np.ndarray:
     return (a - a[ok].mean()) / s if s > 1e-12 else np.where(ok, 0.0, np.nan)
 
 
-def psnr_plot(path: str | Path, frames: Sequence[int], series: Mapping[str, Sequence[float]]) -> None:
+def psnr_plot(path: str | Path, frames: Sequence[int], series: Mapping[str, Sequence[float]],
+              styles: Mapping[str, str] | None = None) -> None:
     """Per-frame PSNR (dB) of the test split: frames [N] workspace frame numbers, one [N]
-    series per model/baseline (inf, for a perfect frame, is drawn as a gap)."""
+    series per model/baseline (inf, for a perfect frame, is drawn as a gap); ``styles``:
+    label -> matplotlib format string (e.g. a dotted trend line)."""
     clean = {k: np.where(np.isfinite(np.asarray(v, dtype=np.float64)), v, np.nan) for k, v in series.items()}
     line_plot(path, frames, clean, title="PSNR per test frame (render vs ground truth)", xlabel="frame",
-              ylabel="PSNR (dB)")
+              ylabel="PSNR (dB)", styles=styles)
 
 
 def mouth_plot(path: str | Path, frames: Sequence[int], series: Mapping[str, Sequence[float]], *, title: str) -> None:

@@ -207,7 +207,7 @@ class HeadRenderer:
         [1, 4, 4] W2C (default: frame ``frame``'s); without one it is frame ``frame``'s torso,
         from the avatar's background source."""
         if self.torso is not None:
-            return self.render_torso(self.viewmats[frame:frame + 1] if viewmat is None else viewmat)
+            return self.render_torso(self.viewmats[frame:frame + 1] if viewmat is None else viewmat, frame)
         assert self.torso_frames is not None
         rgb_frame, torso_mask = self.torso_frames(frame)
         if self.alpha:  # the torso, premultiplied, with its alpha
@@ -224,15 +224,15 @@ class HeadRenderer:
         return torch.from_numpy(np.ascontiguousarray(img))[None]
 
     @torch.no_grad()
-    def render_torso(self, viewmat: torch.Tensor) -> torch.Tensor:
-        """The torso field rendered for head pose W2C ``viewmat`` [1, 4, 4] over the plate or
-        backdrop: [1, H, W, 3] uint8 on the CPU (``alpha``: [1, H, W, 4], premultiplied RGB
-        and alpha)."""
+    def render_torso(self, viewmat: torch.Tensor, frame: int | None = None) -> torch.Tensor:
+        """The torso field rendered for head pose W2C ``viewmat`` [1, 4, 4] (and, when
+        given, pose frame ``frame``'s registered torso offset) over the plate or backdrop:
+        [1, H, W, 3] uint8 on the CPU (``alpha``: [1, H, W, 4], premultiplied RGB and alpha)."""
         from gstalk.deform.torso import render_torso
 
         assert self.torso is not None
         colors, alphas = render_torso(self.torso, viewmat.reshape(1, 4, 4), self.K, self.width, self.height,
-                                      backend=self.backend)
+                                      backend=self.backend, frame=frame)
         img = torch.cat([colors, alphas], -1) if self.alpha else composite(colors, alphas, self._plate_f)
         return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu()
 

@@ -5,8 +5,15 @@ Writes ``ws/coarse/``:
 - ``gaussians.safetensors``: raw parameters (see :mod:`gstalk.gaussians.model`), metadata
   with the SH degree, the scene scale and the canonical box;
 - ``point_cloud.ply``: the same Gaussians as a standard 3DGS PLY;
+- ``cameras.safetensors``: every frame's refined camera (``viewmats`` [N, 4, 4] W2C, the
+  ``tracked`` ones they started from, ``corrections`` [N, 6]: rotation vector in radians and
+  translation in metres, camera axes; ``registered`` [N]; ``K``), which fine, render and eval
+  use instead of the tracked ones (:func:`gstalk.dataset.load_cameras`): the training frames
+  refined while the Gaussians train, the test frames registered to the finished Gaussians
+  (:mod:`gstalk.train.pose_refine`); with ``pose_passes=0`` the tracked cameras;
 - ``preview.png``: ground truth | render of a few training frames;
-- ``summary.json``: iterations, Gaussian count, final loss, train PSNR, seconds.
+- ``summary.json``: iterations, Gaussian count, final loss, train PSNR, seconds, the pose
+  refinement's passes.
 
 While it trains, ``checkpoint.safetensors`` (parameters, Adam moments, densification
 statistics, RNG states; every ``checkpoint_every`` iterations) lets a killed run continue
@@ -24,7 +31,7 @@ import torch
 
 from gstalk.config import CoarseConfig, to_dict
 from gstalk.dataset import build_frameset, split_indices
-from gstalk.gaussians import head_init_points, init_params, save_ply
+from gstalk.gaussians import head_init_points, init_params, mouth_init_points, save_ply
 from gstalk.gaussians.model import params_to
 from gstalk.images import write_preview
 from gstalk.progress import SILENT, Reporter
@@ -34,6 +41,7 @@ from gstalk.train.checkpoint import load_resumable, restore_training, save_check
 from gstalk.train.coarse import CoarseTrainer, render_frames
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import (
+    COARSE_CAMERAS,
     COARSE_CHECKPOINT,
     COARSE_GAUSSIANS,
     COARSE_PLY,
@@ -63,6 +71,64 @@ def sample_colors(points: np.ndarray, data: FrameSet, frame: int = 0) -> np.ndar
     x = np.clip(uv[:, 0].astype(int), 0, data.width - 1)
     y = np.clip(uv[:, 1].astype(int), 0, data.height - 1)
     return data.images[frame].numpy()[y, x].astype(np.float32) / 255.0
+
+
+def final_cameras(ws: Workspace, trainer: CoarseTrainer, test: range, cfg: CoarseConfig, device: torch.device,
+                  reporter: Reporter) -> dict[str, Any]:
+    """Register the test frames to the finished Gaussians (``cfg.pose_passes`` passes, the
+    Gaussians frozen: the pose only, as tracking does) and write every frame's camera to
+    ``coarse/cameras.safetensors``. Returns the summary of the refinement: the training
+    passes, the test passes, the mean corrections and the pose jitter before and after."""
+    from gstalk.dataset import load_cameras
+    from gstalk.tracking.pose import jitter
+    from gstalk.train.coarse import correction_stats
+    from gstalk.train.pose_refine import corrected_viewmats, registration_pass
+
+    tracked_all = load_cameras(ws, "tracked")
+    n_all = int(tracked_all.viewmats.shape[0])
+    prior = trainer.pose_prior
+    corrections = torch.zeros(n_all, 6)
+    registered = torch.zeros(n_all, dtype=torch.bool)
+    train_ids = trainer.data.frame_ids
+    corrections[train_ids] = trainer.corrections
+    test_passes: list[dict[str, float]] = []
+    if cfg.pose_passes > 0 and len(test):
+        registered[train_ids] = trainer.registered
+        tdata = build_frameset(ws, test, cameras="tracked").to(device)
+        params = {k: v.detach() for k, v in trainer.params.items()}
+        tc = torch.zeros(len(test), 6)
+        ok = torch.zeros(len(test), dtype=torch.bool)
+        with reporter.task("pose refinement (test frames)", cfg.pose_passes * len(test)) as bar:
+            for _ in range(cfg.pose_passes):
+                res = registration_pass(params, tdata, tdata.viewmats, tc, prior, backend=cfg.raster,
+                                        sh_degree=trainer.sh_degree(), progress=bar.advance)
+                tc, ok = res.corrections, ok | res.registered
+                test_passes.append({**correction_stats(tc, prior), "registered": float(res.registered.sum()),
+                                    "failed": float(res.failed), "rejected": float(res.rejected)})
+        corrections[list(test)] = tc
+        registered[list(test)] = ok
+    viewmats = corrected_viewmats(tracked_all.viewmats, corrections, prior)
+    physical = corrections * prior.sigma()
+    save_tensors(ws.path(COARSE_CAMERAS),
+                 {"viewmats": viewmats.contiguous(), "tracked": tracked_all.viewmats.contiguous(),
+                  "corrections": physical.contiguous(), "registered": registered.to(torch.uint8),
+                  "K": tracked_all.K.contiguous()},
+                 {"method": "registration" if cfg.pose_passes else "none", "passes": cfg.pose_passes,
+                  "prior": {"sigma_rot_deg": prior.sigma_rot_deg, "sigma_trans_mm": list(prior.sigma_trans_mm),
+                            "noise_px": prior.noise_px},
+                  "units": {"viewmats": "m", "corrections": "rad (rotation vector), m (translation)", "K": "px"}})
+    jr, jt = jitter(tracked_all.viewmats[list(train_ids)].double().numpy())
+    js, jts = jitter(viewmats[list(train_ids)].double().numpy())
+    out = {"passes": trainer.pose_history, "test_passes": test_passes,
+           "train": correction_stats(trainer.corrections, prior),
+           "test": correction_stats(corrections[list(test)], prior) if len(test) else {},
+           "jitter_rot_deg_tracked": jr, "jitter_rot_deg_refined": js,
+           "jitter_trans_mm_tracked": jt, "jitter_trans_mm_refined": jts}
+    if cfg.pose_passes:
+        reporter.log(f"  pose refinement: training frames corrected by {out['train']['rot_deg']:.2f}° and "
+                     f"{out['train']['trans_mm']:.1f} mm on average (depth {out['train']['depth_mm']:.1f} mm), test "
+                     f"frames by {out['test'].get('rot_deg', 0.0):.2f}° and {out['test'].get('trans_mm', 0.0):.1f} mm")
+    return out
 
 
 # settings that may change between a stopped run and its resumption
@@ -95,11 +161,11 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
             device: torch.device) -> dict[str, Any]:
     from gstalk.device import describe
 
-    train, _ = split_indices(ws)
+    train, test = split_indices(ws)
     torch.manual_seed(ws.seed)
     reporter.log(f"[bold]coarse[/bold] {len(train)} training frames, {cfg.iterations} iterations on "
-                 f"{describe(device)}")
-    data = build_frameset(ws, train)
+                 f"{describe(device)}" + (f", {cfg.pose_passes} pose refinement passes" if cfg.pose_passes else ""))
+    data = build_frameset(ws, train, cameras="tracked")
     box = head_box()
     scene_scale = float((box[1] - box[0]).norm() / 2)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
@@ -109,7 +175,9 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
         params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in groups["params"].items()})
     else:
         warn_if_replacing(ckpt_path, reporter)
-        pts = head_init_points(canonical_face().vertices, cfg.n_random, seed=ws.seed)
+        verts = canonical_face().vertices
+        pts = np.concatenate([head_init_points(verts, cfg.n_random, seed=ws.seed),
+                              mouth_init_points(verts, cfg.n_mouth, seed=ws.seed + 1)])
         rgb = sample_colors(pts, data, 0)
         params = init_params(torch.from_numpy(pts), torch.from_numpy(rgb), cfg.sh_degree, seed=ws.seed)
         params = params_to(params, device)
@@ -117,14 +185,20 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     if resume:
         restore_training(trainer, groups, meta)
         trainer.history = list(meta["info"].get("history", []))
+        trainer.pose_history = list(meta["info"].get("pose_history", []))
+        if "corrections" in groups.get("extra", {}):
+            trainer.set_corrections(groups["extra"]["corrections"])
+            trainer.registered = groups["extra"]["registered"].bool().cpu()
         reporter.log(f"  resuming at iteration {trainer.step}")
 
     def checkpoint(tr: CoarseTrainer) -> None:
         save_checkpoint(ckpt_path, step=tr.step, params=tr.params, optimizers=tr.optimizers,
                         densify=tr.densify_state, rng=tr.rng,
-                        info={"settings": settings, "history": tr.history[-20:]})
+                        extra={"corrections": tr.corrections, "registered": tr.registered.to(torch.uint8)},
+                        info={"settings": settings, "history": tr.history[-20:], "pose_history": tr.pose_history})
 
     t, first = time.perf_counter(), trainer.step
+    pose_s = 0.0
     with reporter.task("coarse", cfg.iterations) as bar:
         bar.advance(trainer.step)
 
@@ -132,7 +206,17 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
             bar.advance()
             if step % 10 == 0:
                 bar.update(info=f"loss {stats['loss']:.4f}  {int(stats['n'])} Gaussians")
-        trainer.run(cb, checkpoint)
+
+        pass_started = [0.0]
+
+        def pose_cb(done: int, total: int) -> None:
+            nonlocal pose_s
+            if done == 1:
+                pass_started[0] = time.perf_counter()
+            bar.update(info=f"pose refinement {done}/{total} frames")
+            if done == total:
+                pose_s += time.perf_counter() - pass_started[0]
+        trainer.run(cb, checkpoint, pose_cb)
     train_s = time.perf_counter() - t
     ms_per_it = 1000 * train_s / max(cfg.iterations - first, 1)  # the steps this process ran
     params = trainer.params
@@ -141,6 +225,9 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     save_tensors(ws.path(COARSE_GAUSSIANS), dict(params.items()), meta)
     cpu_params = {k: v.detach().cpu() for k, v in params.items()}
     save_ply(ws.path(COARSE_PLY), cpu_params)
+    t_test = time.perf_counter()  # the test frames' cameras, against the Gaussians just written
+    cameras = final_cameras(ws, trainer, test, cfg, device, reporter)
+    pose_s += time.perf_counter() - t_test
     # quality on the training frames (a subsample) and a preview
     sub = list(range(0, len(data), max(1, len(data) // 20)))
     renders = render_frames(dict(params.items()), trainer.data.subset(sub), cfg.raster)
@@ -150,9 +237,10 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     write_preview(ws.path(COARSE_PREVIEW), gt[:4], renders[:4])
     n = int(params["means"].shape[0])
     reporter.log(f"  {n} Gaussians, train PSNR {psnr:.2f} dB, {train_s:.0f} s "
-                 f"({ms_per_it:.0f} ms/iteration)")
+                 f"({ms_per_it:.0f} ms/iteration, of which {pose_s:.0f} s pose refinement)")
     summary = {"iterations": cfg.iterations, "n_gaussians": n, "train_psnr": psnr, "train_seconds": train_s,
                "ms_per_iteration": ms_per_it, "scene_scale": scene_scale, "device": str(device),
+               "pose_refinement": {**cameras, "seconds": pose_s},
                "history": trainer.history[-20:]}
     write_json(ws.path(COARSE_SUMMARY), summary)
     ckpt_path.unlink(missing_ok=True)

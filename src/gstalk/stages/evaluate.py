@@ -187,13 +187,17 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         },
         "codes": {name: image_metrics(r, gt, mouth_boxes, face_boxes) for name, r in code_rows.items()},
     }
+    fps = float(ex["fps"])
+    per_frame_psnr = {"model": psnr(fine_t, gt), "coarse": psnr(coarse_t, gt), "mean_frame": psnr(mean_t, gt)}
+    for name, v, pred in (("model", results["model"], fine_t), ("coarse", results["baselines"]["coarse"], coarse_t),
+                          ("mean_frame", results["baselines"]["mean_frame"], mean_t)):
+        v.update(stability_metrics(pred, gt, face_boxes, per_frame_psnr[name], fps))
     if "lpips" in nets:
         with reporter.task("LPIPS", 3) as bar:
             for v, pred in ((results["model"], fine_t), (results["baselines"]["mean_frame"], mean_t),
                             (results["baselines"]["coarse"], coarse_t)):
                 v.update(lpips_metrics(nets["lpips"], pred, gt, face_boxes))
                 bar.advance()
-    fps = float(ex["fps"])
     samples, rate = load_audio(ws)
     real_lse: dict[str, Any] = {}
     if "syncnet" in nets:
@@ -227,8 +231,9 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         v["mouth_motion"] = float(o.std() / max(real_open.std(), 1e-9))
     predicted = LipSyncProxy.load().predict(samples, rate, int(ex["n_frames"]), fps)[list(test)]
     per_frame = {
-        "frame": list(test), "psnr": psnr(fine_t, gt).tolist(), "coarse_psnr": psnr(coarse_t, gt).tolist(),
-        "mean_frame_psnr": psnr(mean_t, gt).tolist(), "mouth_opening": results["model"]["_opening"].tolist(),
+        "frame": list(test), "psnr": per_frame_psnr["model"].tolist(),
+        "coarse_psnr": per_frame_psnr["coarse"].tolist(), "mean_frame_psnr": per_frame_psnr["mean_frame"].tolist(),
+        "mouth_opening": results["model"]["_opening"].tolist(),
         "real_mouth_opening": real_open.tolist(), "predicted_opening": predicted.tolist(),
     }
     if len(test) >= MIN_SYNC_FRAMES:
@@ -243,9 +248,11 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
                                          "frames: too short for a correlation; see `gstalk eval --audio`")
     if "syncnet" in nets:
         results["model"].setdefault("real_video", {}).update(real_lse)
+    results["model"].update(blink_metrics(results["model"]["_eye_blink"], tracks, list(test)))
     for v in (results["model"], results["baselines"]["coarse"], *results["codes"].values()):
         v.pop("_opening")
         v.pop("_truth_opening", None)
+        v.pop("_eye_blink", None)
     out = {
         "schema_version": METRICS_SCHEMA, "gstalk_version": __version__, "created": now_iso(),
         "workspace": str(ws.root), "split": {"test": [test.start, test.stop]}, "n_frames": len(test),
@@ -271,6 +278,60 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
     with atomic_write(ws.path(EVAL_REPORT), "w") as f:
         f.write(report_markdown(out))
     return out
+
+
+def stability_metrics(pred: torch.Tensor, gt: torch.Tensor, face_boxes: torch.Tensor, frame_psnr: torch.Tensor,
+                      fps: float) -> dict[str, float]:
+    """Sharpness and drift of renders [F, H, W, 3] against the ground truth [F, H, W, 3]
+    (both in [0, 1]) over consecutive test frames:
+    :func:`~gstalk.metrics.sharpness.sharpness_ratio` in the face boxes [F, 4] px
+    (``face_sharpness``, ``face_sharpness_truth``, ``sharpness_ratio``) and the linear trend
+    of the per-frame PSNR ``frame_psnr`` [F] dB: ``psnr_trend_db`` (the fitted line's change
+    from the first to the last test frame; negative = getting worse) and
+    ``psnr_slope_db_per_s``."""
+    from gstalk.metrics.sharpness import linear_trend, sharpness_ratio
+
+    out = sharpness_ratio(pred, gt, face_boxes)
+    trend = linear_trend(frame_psnr.numpy(), fps)
+    out["psnr_trend_db"], out["psnr_slope_db_per_s"] = trend["trend"], trend["slope_per_s"]
+    return out
+
+
+def blink_metrics(render_blink: np.ndarray, tracks: Any, frames: list[int], closed: float = 0.5) -> dict[str, Any]:
+    """Do the renders close their eyes when the footage does? MediaPipe's eye blink (mean of
+    eyeBlinkLeft/Right) read on the renders against the one it read on the ground-truth
+    frames (the track stage's), over the test frames.
+
+    Args:
+        render_blink: [F] the renders' eye blink (NaN where no face was read).
+        tracks: the workspace's :class:`~gstalk.dataset.Tracks` (MediaPipe blendshapes; FAN
+            tracks have none and give {}).
+        frames: [F] the test frames' workspace numbers.
+        closed: a frame counts as closed-eyed when its normalised blink (``tracks.blink``,
+            the model's input) is at least this.
+
+    Returns:
+        {"blink_closed_frames": count, "eye_blink_closed", "eye_blink_closed_truth": mean
+        eye blink of the renders / ground truth on those frames (NaN without any),
+        "eye_blink_open", "eye_blink_open_truth": on the others, "blink_corr": Pearson
+        correlation of the two series (NaN when either is constant)}; {} without blendshapes.
+    """
+    names = list(tracks.blendshape_names)
+    cols = [names.index(k) for k in ("eyeBlinkLeft", "eyeBlinkRight") if k in names]
+    if not cols:
+        return {}
+    truth = tracks.blendshapes[frames][:, cols].mean(1).double().numpy()
+    shut = tracks.blink[frames].numpy() >= closed
+    ok = np.isfinite(render_blink)
+
+    def mean(x: np.ndarray, m: np.ndarray) -> float:
+        return float(x[m].mean()) if m.any() else float("nan")
+
+    r, t = render_blink[ok], truth[ok]
+    corr = float(np.corrcoef(r, t)[0, 1]) if ok.sum() > 2 and r.std() > 1e-9 and t.std() > 1e-9 else float("nan")
+    return {"blink_closed_frames": int(shut.sum()), "eye_blink_closed": mean(render_blink, shut & ok),
+            "eye_blink_closed_truth": mean(truth, shut & ok), "eye_blink_open": mean(render_blink, ~shut & ok),
+            "eye_blink_open_truth": mean(truth, ~shut & ok), "blink_corr": corr}
 
 
 def render_split(renderer: HeadRenderer, cond: torch.Tensor, frames: range, reporter: Reporter,
@@ -338,10 +399,18 @@ def write_plots(d: Path, per_frame: dict[str, Any]) -> None:
     ``mouth.png`` (mouth opening read on the renders and on the ground truth, and the opening
     the lip-sync proxy predicts from the audio, each z-scored) in the folder ``d``."""
     from gstalk.metrics.plots import mouth_plot, psnr_plot
+    from gstalk.metrics.sharpness import linear_trend
 
     frames = per_frame["frame"]
+    fine = np.asarray(per_frame["psnr"], dtype=np.float64)
+    trend = linear_trend(fine)
+    ok = np.isfinite(fine)
+    centre = float(fine[ok].mean() - trend["slope_per_frame"] * np.arange(len(fine))[ok].mean()) if ok.any() else 0.0
+    trend_label = f"fine model: linear trend ({trend['trend']:+.2f} dB over the split)"
     psnr_plot(d / PLOTS["psnr"], frames, {"fine model": per_frame["psnr"], "baseline: coarse": per_frame["coarse_psnr"],
-                                          "baseline: mean frame": per_frame["mean_frame_psnr"]})
+                                          "baseline: mean frame": per_frame["mean_frame_psnr"],
+                                          trend_label: centre + trend["slope_per_frame"] * np.arange(len(fine))},
+              styles={trend_label: "k:"})
     mouth_plot(d / PLOTS["mouth"], frames,
                {"render (MediaPipe)": per_frame["mouth_opening"],
                 "ground truth (tracked)": per_frame["real_mouth_opening"],
@@ -363,7 +432,9 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
         {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
         (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
         "lip_frames": frames measured, "_opening": [F] mouth opening of each render (NaN
-        where no face was found), and, only when MediaPipe read the ground truth (FAN tracks),
+        where no face was found), "_eye_blink": [F] MediaPipe's eye blink (mean of
+        eyeBlinkLeft/Right) on each render (NaN where none), and, only when MediaPipe read
+        the ground truth (FAN tracks),
         "_truth_opening": [F] its mouth opening there (both not JSON, popped by the caller)}.
     """
     from gstalk.metrics.landmarks import MOUTH_IDS, blendshape_error, lmd
@@ -400,10 +471,15 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
             if progress is not None:
                 progress()
     opening = np.full(len(renders), np.nan)
+    eye_blink = np.full(len(renders), np.nan)
+    extra["_eye_blink"] = eye_blink
     if not keep or ref_lms is None or ref_bss is None:
         nan = float("nan")
         return {"lmd": nan, "lmd_512": nan, "aue": nan, "aue_parts": {}, "lip_frames": 0, "_opening": opening, **extra}
     opening[keep] = mouth_opening(np.stack(lms))
+    blink_cols = [list(names).index(k) for k in ("eyeBlinkLeft", "eyeBlinkRight") if k in names]
+    if blink_cols:
+        eye_blink[keep] = np.stack(bss)[:, blink_cols].mean(1)
     sel = [frames[k] for k in keep]
     ids = list(MOUTH_IDS)
     d = lmd(np.stack(lms)[:, ids], ref_lms[sel][:, ids])
@@ -491,6 +567,12 @@ def report_markdown(m: dict[str, Any]) -> str:
         + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
     for name, v in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
+    lines += stability_lines(m)
+    if m.get("blink_closed_frames") is not None:
+        lines += ["", f"Eyes: {m['blink_closed_frames']} test frame(s) with closed eyes (tracked blink ≥ 0.5); "
+                  f"MediaPipe's eye blink there: render {m['eye_blink_closed']:.2f}, ground truth "
+                  f"{m['eye_blink_closed_truth']:.2f}; elsewhere render {m['eye_blink_open']:.2f}, ground truth "
+                  f"{m['eye_blink_open_truth']:.2f}; correlation over the split {m['blink_corr']:.2f}."]
     split = m.get("error_split") or {}
     if split:
         lines += ["", f"Where the mouth error is: a perfect audio → code map would gain "
@@ -544,6 +626,24 @@ def report_markdown(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stability_lines(m: dict[str, Any]) -> list[str]:
+    """Markdown lines of the sharpness and drift table (fine model and baselines), or none
+    for metrics written before they were measured."""
+    rows = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+    rows = [(n, v) for n, v in rows if "sharpness_ratio" in v]
+    if not rows:
+        return []
+    lines = ["", "| | face sharpness (render / ground truth) | PSNR trend along the split (dB) | dB per second |",
+             "|---|---|---|---|"]
+    lines += [f"| {n} | {v['sharpness_ratio']:.2f} | {v['psnr_trend_db']:+.2f} | {v['psnr_slope_db_per_s']:+.2f} |"
+              for n, v in rows]
+    lines += ["", "Sharpness: the variance of the Laplacian of the luma in the face box (no resampling), the "
+              "renders' mean over the ground truth's (1 = as much fine detail as the footage). PSNR trend: the "
+              "least-squares line through the per-frame PSNR, its change from the first to the last test frame "
+              "(negative: the render drifts away from the ground truth along the split; psnr.png)."]
+    return lines
+
+
 def lmd_lines(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the LMD table: one row per model and landmark detector, naming the
     detector (MediaPipe always; FAN when ``lmd_fan`` was measured)."""
@@ -592,7 +692,7 @@ def metrics_table(m: dict[str, Any]) -> Any:
     return t
 
 
-GATE_KEYS = (*KEYS, "render_fps")
+GATE_KEYS = (*KEYS, "render_fps", "sharpness_ratio", "psnr_trend_db")
 
 
 def parse_thresholds(items: list[str]) -> dict[str, float]:

@@ -211,6 +211,23 @@ def find_crop(video: Path, src_size: tuple[int, int], duration_s: float, cfg: Ex
                                 "faces_seen": faces_seen, "multi_face_at_s": multi, "small_face_search": in_tiles}
 
 
+def source_crop_side(video: str | Path, cfg: ExtractConfig) -> float | None:
+    """The side, in the video's pixels, of the head-and-shoulders crop extract would take
+    (:func:`find_crop`), or None when the video cannot tell (no video stream, no face: extract
+    itself then says why)."""
+    video = Path(video)
+    try:
+        info = probe(video)
+        if info.video is None:
+            return None
+        duration = info.video.duration_s or info.duration_s
+        crop, _ = find_crop(video, (info.video.width, info.video.height), duration, cfg,
+                            src_fps=info.video.fps or cfg.fps)
+    except (InputError, TrackingError):
+        return None
+    return float(crop[2])
+
+
 def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractConfig, *, preset: str, seed: int = 0,
                 reporter: Reporter = SILENT) -> Workspace:
     """Run the extract stage.

@@ -15,6 +15,7 @@ by the A/V offset the track stage measured (or ``--av-offset``). Writes ``ws/fin
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -66,6 +67,32 @@ def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter:
     return ws
 
 
+def register_test_torso(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device: torch.device,
+                        reporter: Reporter) -> list[dict[str, float]]:
+    """Register the torso of the test frames to the finished torso field (``cfg.torso_passes``
+    passes, the field frozen: the shift and turn only, as the coarse stage registers their head pose),
+    so eval renders each test frame's torso where the frame has it. Returns each pass's
+    frames, mean shift in px and mean turn in degrees; [] without a registrable torso."""
+    from gstalk.train.pose_refine import torso_warps, warp_torso
+
+    torso = trainer.model.torso
+    _, test = split_indices(ws)
+    if torso is None or getattr(torso, "n_frames", 0) == 0 or cfg.torso_passes <= 0 or not len(test):
+        return []
+    tdata = build_frameset(ws, test).to(device)
+    out = []
+    with reporter.task("torso registration (test frames)", cfg.torso_passes * len(test)) as bar:
+        for _ in range(cfg.torso_passes):
+            warps, valid = torso_warps(torso, tdata, backend=cfg.raster, turns=getattr(torso, "has_turns", False),
+                                       progress=bar.advance)
+            warp_torso(torso, tdata.frame_ids[valid], warps[valid], tdata.K)
+            any_ = bool(valid.any())
+            out.append({"frames": float(valid.sum()),
+                        "shift_px": float(warps[valid, :2].norm(dim=1).mean()) if any_ else 0.0,
+                        "turn_deg": float(warps[valid, 2].abs().mean()) * 180.0 / math.pi if any_ else 0.0})
+    return out
+
+
 def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, device: torch.device) -> dict[str, Any]:
     from gstalk.config import CoarseConfig, from_dict
     from gstalk.device import describe
@@ -104,8 +131,10 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
         # its own seed, so every model starts from the same torso (its training does not see
         # the head), and the models' scores over it compare
         torch.manual_seed(ws.seed)
+        n_all = int(ws.stage("extract").summary["n_frames"]) if cfg.torso_passes > 0 else 0
         torso = init_torso(data.images, data.torso_masks, data.viewmats, data.K, float(cmeta["scene_scale"]),
-                           stride=cfg.torso_stride, hidden=cfg.torso_hidden)
+                           stride=cfg.torso_stride, hidden=cfg.torso_hidden, n_frames=n_all,
+                           turns=cfg.torso_turns)
         if torso.n == 0:
             reporter.log("  [yellow]no torso in the masks: the torso field is left out[/yellow]")
             torso = None
@@ -157,6 +186,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
             if step % 10 == 0:
                 bar.update(info=f"loss {stats['loss']:.4f}")
         trainer.run(cb, checkpoint)
+    torso_test = register_test_torso(ws, trainer, cfg, device, reporter)
     fit = trainer.articulation_fit
     fit_level = None
     if fit is not None:
@@ -196,6 +226,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
                "train_seconds": train_s, "ms_per_iteration": ms_per_it,
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
                "conditioning": cfg.conditioning, "articulation_fit": fit, "articulation_prior": prior_note,
+               "torso_registration": {"passes": trainer.torso_history, "test": torso_test},
                "device": str(device), "history": trainer.history[-20:]}
     write_json(ws.path(FINE_SUMMARY), summary)
     return summary

@@ -79,7 +79,7 @@ def deformed_vertices(opening: float) -> np.ndarray:
 
 
 def render(opening: float, pose: np.ndarray, focal: float, size: int,
-           background: tuple[int, int, int] = (70, 120, 170)) -> tuple[np.ndarray, np.ndarray]:
+           background: tuple[int, int, int] = (70, 120, 170), blink: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Render the mannequin.
 
     Args:
@@ -87,6 +87,8 @@ def render(opening: float, pose: np.ndarray, focal: float, size: int,
         pose: [4, 4] head-to-camera transform (OpenCV camera, metres).
         focal: focal length in pixels (principal point at the image centre).
         size: image side in pixels.
+        blink: eyelid closure in [0, 1]: the eye's white and iris shrink to its horizontal
+            midline (1: closed, a dark lash line on skin).
 
     Returns:
         ([size, size, 3] uint8 RGB image, [468, 2] projected vertex positions in pixels).
@@ -129,10 +131,23 @@ def render(opening: float, pose: np.ndarray, focal: float, size: int,
             col = tuple(int(c) for c in np.clip(base[cls[t]] * shade[t], 0, 255))
             poly(uv[tri[t]], col)
     for eye in (EYE_LEFT, EYE_RIGHT):
-        poly(uv[list(eye)], (240, 240, 240))
-        c = uv[list(eye)].mean(0)
-        r = 0.3 * np.ptp(uv[list(eye)][:, 1]) + 1.0
-        cv2.circle(img, tuple(np.round(c * s).astype(int)), int(r * s), (40, 30, 25), -1, cv2.LINE_AA, 4)
+        pts = uv[list(eye)]
+        c = pts.mean(0)
+        r = 0.3 * np.ptp(pts[:, 1]) + 1.0
+        if blink <= 0.0:
+            poly(pts, (240, 240, 240))
+            cv2.circle(img, tuple(np.round(c * s).astype(int)), int(r * s), (40, 30, 25), -1, cv2.LINE_AA, 4)
+            continue
+        open_ = 1.0 - min(float(blink), 1.0)
+        lids = pts.copy()
+        lids[:, 1] = c[1] + (pts[:, 1] - c[1]) * open_  # the lids meet at the eye's midline
+        if open_ > 0.05:
+            poly(lids, (240, 240, 240))
+            cv2.circle(img, tuple(np.round(c * s).astype(int)), int(max(r * open_, 0.5) * s), (40, 30, 25), -1,
+                       cv2.LINE_AA, 4)
+        left, right = pts[np.argmin(pts[:, 0])], pts[np.argmax(pts[:, 0])]
+        cv2.line(img, tuple(np.round(left * s).astype(int)), tuple(np.round(right * s).astype(int)), (50, 35, 30),
+                 max(1, int(round(r * 0.6))), cv2.LINE_AA, 4)  # the lashes
     return img, uv
 
 
@@ -167,6 +182,7 @@ class Clip:
         focal: focal length in pixels; size: frame side in pixels.
         opening: [F] jaw opening per frame; audio: [S] samples at ``sample_rate``.
         offset_frames: frames the audio was shifted late against the mouth.
+        blink: [F] eyelid closure per frame in [0, 1] (zeros without blinks).
     """
 
     path: Path
@@ -177,10 +193,25 @@ class Clip:
     audio: np.ndarray
     sample_rate: int
     offset_frames: int
+    blink: np.ndarray | None = None
+
+
+def blink_track(n: int, fps: float, every_s: float) -> np.ndarray:
+    """[n] eyelid closure per frame: a blink every ``every_s`` seconds (the first after half
+    of it), each over 5 frames at 25 fps with the profile 0.3, 0.8, 1, 0.8, 0.3."""
+    out = np.zeros(n, np.float32)
+    profile = np.array([0.3, 0.8, 1.0, 0.8, 0.3], np.float32)
+    t = 0.5 * every_s
+    while t * fps < n:
+        i = int(round(t * fps))
+        seg = out[i:i + len(profile)]
+        out[i:i + len(profile)] = np.maximum(seg, profile[:len(seg)])
+        t += every_s
+    return out
 
 
 def make_clip(path: str | Path, duration_s: float = 3.0, size: int = 256, fps: float = 25.0, focal: float | None = None,
-              offset_frames: int = 0, motion: float = 1.0, seed: int = 0) -> Clip:
+              offset_frames: int = 0, motion: float = 1.0, seed: int = 0, blink_every_s: float | None = None) -> Clip:
     """Write a synthetic talking-mannequin video (H.264 + AAC) with known ground truth.
 
     Args:
@@ -192,6 +223,8 @@ def make_clip(path: str | Path, duration_s: float = 3.0, size: int = 256, fps: f
         offset_frames: delay the audio by this many frames against the mouth (positive =
             audio late, like ``obama.mp4``).
         motion: scale of the slow head sway (0 = still).
+        blink_every_s: close the eyes every this many seconds (:func:`blink_track`); None:
+            never (the clip is then exactly what it was before blinks existed).
     """
     import tempfile
 
@@ -210,11 +243,12 @@ def make_clip(path: str | Path, duration_s: float = 3.0, size: int = 256, fps: f
                                 pitch=motion * 0.06 * np.sin(2 * np.pi * 0.31 * ti + 1.0),
                                 roll=motion * 0.03 * np.sin(2 * np.pi * 0.17 * ti),
                                 t=(motion * 0.005 * np.sin(2 * np.pi * 0.2 * ti), 0.012, 0.42)) for ti in k])
+    blinks = np.zeros(n, np.float32) if blink_every_s is None else blink_track(n, fps, blink_every_s)
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "audio.wav"
         write_wav(wav, audio, sr)
         with VideoWriter(path, size, size, fps, audio_path=wav, crf=12) as w:
             for i in range(n):
-                w.write(render(float(env[i]), poses[i], focal, size)[0])
+                w.write(render(float(env[i]), poses[i], focal, size, blink=float(blinks[i]))[0])
     return Clip(path=path, poses=poses, focal=focal, size=size, opening=env, audio=audio, sample_rate=sr,
-                offset_frames=offset_frames)
+                offset_frames=offset_frames, blink=blinks)

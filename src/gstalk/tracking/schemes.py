@@ -192,3 +192,26 @@ def to_ibug68(mediapipe_landmarks: np.ndarray) -> np.ndarray:
     :data:`IBUG68_MESH_IDS`): an approximation of an iBUG annotation, used to compare the two
     layouts, never as a FAN result."""
     return np.asarray(mediapipe_landmarks)[..., list(IBUG68_MESH_IDS), :]
+
+
+def eye_boxes(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A box per eye and frame around the eye and its lids, sized by the eye's corner-to-corner
+    width (which a blink does not change): 1.5 x that width across, 1.1 x it tall, centred on
+    the corners' midpoint, clamped to the image.
+
+    Args:
+        landmarks: [N, L, >=2] pixels (478 MediaPipe or 68 iBUG points).
+        width, height: image size, pixels.
+
+    Returns:
+        [N, 2, 4] float32 (x0, y0, x1, y1) px, the subject's right eye then the left.
+    """
+    s = scheme_of(landmarks)
+    out = []
+    for eye in (s.eye_right, s.eye_left):
+        a, b = landmarks[:, eye[0], :2], landmarks[:, eye[3], :2]  # the two corners
+        c = (a + b) / 2
+        w = np.linalg.norm(a - b, axis=-1).clip(min=2.0)
+        box = np.stack([c[:, 0] - 0.75 * w, c[:, 1] - 0.55 * w, c[:, 0] + 0.75 * w, c[:, 1] + 0.55 * w], axis=-1)
+        out.append(np.clip(box, 0, [width, height, width, height]))
+    return np.stack(out, axis=1).astype(np.float32)

@@ -2,7 +2,8 @@
 
 Keys: ``params.<name>`` (Gaussian parameters), ``module.<name>`` (a deformation model's
 state dict), ``optim.<opt>.<index>.<exp_avg|exp_avg_sq|step>`` (Adam state of the
-``index``-th parameter of optimizer ``opt``), ``densify.<key>``, ``rng.torch``; the
+``index``-th parameter of optimizer ``opt``), ``densify.<key>``, ``extra.<name>`` (other
+state of the run, e.g. pose corrections), ``rng.torch``; the
 metadata holds the step, the numpy generator state and free-form info. Loading never
 executes code (no pickle).
 
@@ -35,8 +36,9 @@ def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 def save_checkpoint(path: str | Path, *, step: int, params: torch.nn.ParameterDict | None = None,
                     module: torch.nn.Module | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
                     densify: dict[str, torch.Tensor] | None = None, rng: np.random.Generator | None = None,
-                    info: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint atomically (see the module docstring for the layout)."""
+                    info: dict[str, Any] | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a checkpoint atomically (see the module docstring for the layout); ``extra``:
+    other tensors of the run (``extra.<name>``, e.g. the coarse stage's pose corrections)."""
     t: dict[str, torch.Tensor] = {}
     for k, v in (params or {}).items():
         t[f"params.{k}"] = v.detach()
@@ -50,6 +52,8 @@ def save_checkpoint(path: str | Path, *, step: int, params: torch.nn.ParameterDi
                     t[f"optim.{name}.{i}.{key}"] = val.detach().reshape(val.shape)
     for k, v in (densify or {}).items():
         t[f"densify.{k}"] = v
+    for k, v in (extra or {}).items():
+        t[f"extra.{k}"] = v.detach()
     t["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "info": info or {}}
     if rng is not None:

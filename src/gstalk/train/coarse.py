@@ -3,8 +3,11 @@
 Each step draws one training frame, renders the Gaussians with that frame's camera
 (= inverse head pose), composites them over the frame's background (torso over the
 plate) and minimises (1 - λ) L1 + λ D-SSIM (3DGS Eq. 7), with adaptive density control
-(:class:`~gstalk.gaussians.Densifier`). Pure: tensors in, tensors out, progress through
-a callback; files are the stage's business.
+(:class:`~gstalk.gaussians.Densifier`). With ``pose_passes`` > 0 the cameras are refined
+too: after the steps of :func:`~gstalk.train.pose_refine.schedule` a registration pass
+(:func:`~gstalk.train.pose_refine.registration_pass`) corrects every training frame's
+camera against the current Gaussians, and training goes on with the corrected cameras.
+Pure: tensors in, tensors out, progress through a callback; files are the stage's business.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from gstalk.gaussians import Densifier
 from gstalk.gaussians.splat import composite, splat
 from gstalk.train.frames import FrameSet
 from gstalk.train.losses import photometric_loss
+from gstalk.train.pose_refine import PosePrior, corrected_viewmats, registration_pass, schedule
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -49,6 +53,15 @@ class CoarseTrainer:
         cfg: :class:`~gstalk.config.CoarseConfig`.
         scene_scale: head radius in metres (learning rate and densification scale).
         seed: random seed for frame sampling.
+
+    Attributes:
+        tracked: [F, 4, 4] the training frames' cameras as ``data`` came (the tracked ones).
+        corrections: [F, 6] float32 their pose corrections in prior units
+            (:mod:`gstalk.train.pose_refine`); ``data.viewmats`` holds the corrected cameras.
+        registered: [F] bool, frames some registration pass has corrected.
+        pose_history: one dict per registration pass (step, frames registered, failed,
+            rejected, the mean shift the registration found in px, mean correction in degrees
+            and mm).
     """
 
     params: torch.nn.ParameterDict
@@ -58,6 +71,7 @@ class CoarseTrainer:
     seed: int = 0
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    pose_history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -70,6 +84,40 @@ class CoarseTrainer:
         self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0], self.device)
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
+        self.tracked = self.data.viewmats.detach().cpu().clone()
+        self.corrections = torch.zeros(len(self.data), 6)
+        self.registered = torch.zeros(len(self.data), dtype=torch.bool)
+        self.pose_prior = pose_prior(c)
+        self.pose_steps = set(schedule(c.iterations, c.pose_passes))
+
+    def set_corrections(self, corrections: torch.Tensor) -> None:
+        """Use ``corrections`` [F, 6] (prior units) for the training frames' cameras."""
+        self.corrections = corrections.detach().float().cpu().clone()
+        vm = corrected_viewmats(self.tracked, self.corrections, self.pose_prior)
+        self.data.viewmats = vm.to(self.data.viewmats.device)
+
+    def refine_poses(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """One registration pass over the training frames against the current Gaussians;
+        returns its statistics (also appended to :attr:`pose_history`)."""
+        n = len(self.data)
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], n)
+
+        params = {k: v.detach() for k, v in self.params.items()}
+        res = registration_pass(params, self.data, self.tracked, self.corrections, self.pose_prior,
+                                backend=self.cfg.raster, sh_degree=self.sh_degree(), progress=tick)
+        self.set_corrections(res.corrections)
+        self.registered |= res.registered
+        stats = {"step": float(self.step), **correction_stats(res.corrections, self.pose_prior),
+                 "registered": float(res.registered.sum()), "failed": float(res.failed),
+                 "rejected": float(res.rejected),
+                 "shift_px": float(res.shift_px[res.registered].mean()) if res.registered.any() else float("nan")}
+        self.pose_history.append(stats)
+        return stats
 
     def sh_degree(self) -> int:
         """Active SH degree: one more band every 1000 steps (3DGS), up to the stored degree."""
@@ -102,11 +150,16 @@ class CoarseTrainer:
         return out
 
     def run(self, callback: Callback | None = None,
-            checkpoint: Callable[[CoarseTrainer], None] | None = None) -> list[dict[str, float]]:
+            checkpoint: Callable[[CoarseTrainer], None] | None = None,
+            pose_progress: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
         """Train until ``cfg.iterations``; ``callback(step, stats)`` after each step,
-        ``checkpoint(self)`` every ``cfg.checkpoint_every`` steps (not after the last)."""
+        ``checkpoint(self)`` every ``cfg.checkpoint_every`` steps (not after the last), a
+        registration pass after each step of the pose schedule (``pose_progress(done,
+        total)`` after each of its frames)."""
         while self.step < self.cfg.iterations:
             stats = self.train_step()
+            if self.step in self.pose_steps:
+                self.refine_poses(pose_progress)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
                 self.history.append({"step": float(self.step), **stats})
             if callback is not None:
@@ -115,6 +168,24 @@ class CoarseTrainer:
             if checkpoint is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.iterations:
                 checkpoint(self)
         return self.history
+
+
+def pose_prior(cfg: CoarseConfig) -> PosePrior:
+    """The pose corrections' prior of a coarse config."""
+    return PosePrior(sigma_rot_deg=cfg.pose_sigma_rot_deg,
+                     sigma_trans_mm=(cfg.pose_sigma_trans_mm, cfg.pose_sigma_trans_mm, cfg.pose_sigma_depth_mm),
+                     noise_px=cfg.pose_noise_px)
+
+
+def correction_stats(corrections: torch.Tensor, prior: PosePrior) -> dict[str, float]:
+    """Mean size of corrections [F, 6] (prior units): rotation in degrees, translation
+    across the image and along the optical axis in millimetres."""
+    d = corrections.float() * prior.sigma()
+    if len(d) == 0:
+        return {"rot_deg": 0.0, "trans_mm": 0.0, "depth_mm": 0.0}
+    return {"rot_deg": float(d[:, :3].norm(dim=1).mean() * 180.0 / math.pi),
+            "trans_mm": float(d[:, 3:5].norm(dim=1).mean() * 1000.0),
+            "depth_mm": float(d[:, 5].abs().mean() * 1000.0)}
 
 
 def render_frames(params: dict[str, torch.Tensor], data: FrameSet, backend: str = "auto") -> torch.Tensor:

@@ -3,14 +3,17 @@
 Each step draws a training frame t, encodes the condition windows of the K frames around
 t, deforms the canonical Gaussians G' = G + ΔG(μ, c_t, e_t), renders them with frame t's
 camera over its background and minimises
-(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask) + w_reg · mean|ΔG| (+ λ_mask · L_mask
+(1 - λ) L1 + λ D-SSIM + w_mouth · L1(mouth mask) + w_eye · L1(eye boxes) + w_reg · mean|ΔG| (+ λ_mask · L_mask
 for a model with a dynamism weight, Audio-Plane Eq. 8-9; + λ_lpips · LPIPS when the user
-gives LPIPS weights, ``lpips_weights``). The canonical Gaussians keep
+gives LPIPS weights, ``lpips_weights``); frames with closed eyes are drawn more often
+(``blink_oversample``). The canonical Gaussians keep
 training at a reduced learning rate, as in GSTalker, and 3DGS density control goes on
 (clone/split/prune from the screen-space gradients of the *deformed* renders, between
 ``densify_from`` and ``densify_until``), as GSTalker and TalkingGaussian do. A model with a
 torso field (:mod:`gstalk.deform.torso`) trains it in the same step, on its own layer:
-its render over the background plate against the frame's torso over the plate.
+its render over the background plate against the frame's torso over the plate; from 30% of
+the iterations on, ``torso_passes`` registration passes measure each frame's torso shift
+(:func:`~gstalk.train.pose_refine.torso_shifts`) and the field renders that frame shifted.
 
 With ``conditioning="articulation"`` (the default) a fresh run first fits the model's
 audio → articulation regressor (:func:`~gstalk.deform.articulation.fit_articulation`,
@@ -49,6 +52,7 @@ from gstalk.render.head import HeadRender, TalkingHead
 from gstalk.train.coarse import exp_decay, gaussian_optimizers
 from gstalk.train.frames import FrameSet
 from gstalk.train.losses import masked_l1, photometric_loss
+from gstalk.train.pose_refine import schedule, torso_warps, warp_torso
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -143,6 +147,11 @@ class FineTrainer:
         if self.model.articulator is not None and self.data.articulation is None:
             raise ValueError("an articulation-conditioned model needs the tracked articulation in the FrameSet")
         self._base_codes: torch.Tensor | None = None
+        self._draw_p: np.ndarray | None = None
+        torso = self.model.torso
+        registrable = torso is not None and getattr(torso, "n_frames", 0) > 0 and self.data.torso_masks is not None
+        self.torso_steps = set(schedule(c.iterations, c.torso_passes, start=0.3)) if registrable else set()
+        self.torso_history: list[dict[str, float]] = []
         self.model_settings = c.model_config()
         self.head = TalkingHead(self.params, self.model, self.data.K, self.data.width, self.data.height,
                                 backend=c.raster)
@@ -214,6 +223,22 @@ class FineTrainer:
         return self.head.render(self.condition_windows(i), d.blink[i:i + 1], d.viewmats[i:i + 1], d.background(i),
                                 settings=self.model_settings)
 
+    def register_torso(self) -> dict[str, float]:
+        """One torso registration pass over the training frames: each frame's torso offset
+        (and turn, for a field with turns) moves by the warp its render is found off by
+        (:func:`~gstalk.train.pose_refine.torso_warps`)."""
+        torso = self.model.torso
+        assert torso is not None
+        warps, valid = torso_warps(torso, self.data, backend=self.cfg.raster,
+                                   turns=getattr(torso, "has_turns", False))
+        warp_torso(torso, self.data.frame_ids[valid], warps[valid], self.data.K)
+        any_ = bool(valid.any())
+        stats = {"step": float(self.step), "frames": float(valid.sum()),
+                 "shift_px": float(warps[valid, :2].norm(dim=1).mean()) if any_ else 0.0,
+                 "turn_deg": float(warps[valid, 2].abs().mean() * 180.0 / math.pi) if any_ else 0.0}
+        self.torso_history.append(stats)
+        return stats
+
     def torso_forward(self, i: int) -> torch.Tensor:
         """The torso field for training frame ``i``'s head pose over the background plate:
         [1, H, W, 3] (its target is the frame's torso over the plate, ``data.background``)."""
@@ -222,7 +247,7 @@ class FineTrainer:
         d = self.data
         assert self.model.torso is not None
         colors, alphas = render_torso(self.model.torso, d.viewmats[i:i + 1], d.K, d.width, d.height,
-                                      backend=self.cfg.raster)
+                                      backend=self.cfg.raster, frame=int(d.frame_ids[i]))
         return composite(colors, alphas, d.plate_image())
 
     def deformation_penalty(self, deltas: Deltas) -> torch.Tensor:
@@ -247,9 +272,21 @@ class FineTrainer:
                                      "`gstalk fine WS --resume --set lr_net=5e-4 --set lr_grid=5e-3`")
         return {"loss": loss, "skipped": 1.0}
 
+    def draw_frame(self) -> int:
+        """The training frame (position in the set) of the next step: uniform, or with
+        ``blink_oversample`` > 0 with probability ∝ 1 + blink_oversample x blink (so the few
+        frames with closed eyes are seen often enough to learn them)."""
+        k = self.cfg.blink_oversample
+        if k <= 0:
+            return int(self.rng.integers(len(self.data)))
+        if self._draw_p is None:
+            w = 1.0 + k * self.data.blink.detach().double().cpu().clamp(0, 1).numpy()
+            self._draw_p = w / w.sum()
+        return int(self.rng.choice(len(self.data), p=self._draw_p))
+
     def train_step(self) -> dict[str, float]:
         c, d = self.cfg, self.data
-        i = int(self.rng.integers(len(d)))
+        i = self.draw_frame()
         self._set_lrs()
         out = self.forward(i)
         pred, meta = out.image, out.meta
@@ -258,6 +295,8 @@ class FineTrainer:
         loss = photometric_loss(pred, gt, c.ssim_lambda)
         if c.mouth_weight > 0:
             loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
+        if c.eye_weight > 0 and d.eye_boxes is not None:
+            loss = loss + c.eye_weight * masked_l1(pred, gt, d.eye_mask(i))
         if c.deform_reg > 0:
             loss = loss + c.deform_reg * self.deformation_penalty(out.deltas)
         lp = None
@@ -307,6 +346,8 @@ class FineTrainer:
             self.articulation_fit = self.fit_articulator()
         while self.step < self.cfg.iterations:
             stats = self.train_step()
+            if self.step in self.torso_steps:
+                self.register_torso()
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.iterations:
                 self.history.append({"step": float(self.step), **stats})
             if callback is not None:

@@ -42,6 +42,8 @@ class FrameSet:
             this set's frames, indexed by frame number; or None.
         torso_masks: [F, H, W] uint8 {0, 255} (person and not head), or None.
         plate: [H, W, 3] uint8 background plate (the scene without the person), or None.
+        eye_boxes: [F, 2, 4] float32 (x0, y0, x1, y1) px around each eye and its lids
+            (:func:`~gstalk.tracking.schemes.eye_boxes`), or None.
         device: where the accessors (:meth:`image`, :meth:`background`, ...) deliver their
             tensors (:meth:`to`); ``frame_ids`` stays on the CPU.
     """
@@ -59,6 +61,7 @@ class FrameSet:
     articulation: torch.Tensor | None = None
     torso_masks: torch.Tensor | None = None
     plate: torch.Tensor | None = None
+    eye_boxes: torch.Tensor | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     def __len__(self) -> int:
@@ -90,7 +93,7 @@ class FrameSet:
             resident_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else nbytes
         resident = nbytes <= resident_bytes or device.type != "cuda"  # pinned memory is CUDA's
         moved = {k: (t.to(device) if resident else t.pin_memory()) for k, t in big.items()}
-        for k in ("viewmats", "K", "mouth_boxes", "blink", "audio", "articulation", "plate"):
+        for k in ("viewmats", "K", "mouth_boxes", "blink", "audio", "articulation", "plate", "eye_boxes"):
             t = getattr(self, k)
             moved[k] = None if t is None else t.to(device)
         return dataclasses.replace(self, **moved, device=device)
@@ -128,6 +131,16 @@ class FrameSet:
         """[1, H, W, 1] float32 in {0, 1}."""
         return (self._frame(self.mouth_masks, i)[..., None] > 127).float()
 
+    def eye_mask(self, i: int) -> torch.Tensor:
+        """[1, H, W, 1] float32 in {0, 1}: the pixels of frame ``i``'s two eye boxes."""
+        assert self.eye_boxes is not None
+        ys = torch.arange(self.height, device=self.device, dtype=torch.float32)[:, None] + 0.5
+        xs = torch.arange(self.width, device=self.device, dtype=torch.float32)[None, :] + 0.5
+        m = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
+        for x0, y0, x1, y1 in self.eye_boxes[i].to(self.device):
+            m |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+        return m[None, :, :, None].float()
+
     def head_mask(self, i: int) -> torch.Tensor:
         """[1, H, W, 1] float32 in {0, 1}."""
         return (self._frame(self.head_masks, i)[..., None] > 127).float()
@@ -140,4 +153,4 @@ class FrameSet:
                         mouth_boxes=self.mouth_boxes[sel], blink=self.blink[sel], audio=self.audio,
                         frame_ids=self.frame_ids[sel], articulation=self.articulation,
                         torso_masks=None if self.torso_masks is None else self.torso_masks[sel], plate=self.plate,
-                        device=self.device)
+                        eye_boxes=None if self.eye_boxes is None else self.eye_boxes[sel], device=self.device)
