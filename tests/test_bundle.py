@@ -65,7 +65,7 @@ def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
     tracks = load_tracks(ws)
     plate = torch.from_numpy(load_background(ws))[None].float() / 255.0
     with torch.no_grad():
-        c = model.conditions(torch.from_numpy(windows))[ids]
+        c = model.conditions(torch.from_numpy(windows), r.articulation_gain)[ids]  # render's default gain
         code = model.encode_audio(c)[0]
         deformed = apply_deltas(params, model.deform(model.spatial(params["means"]), code, tracks.blink[4:5]))
         cams = load_cameras(ws)

@@ -57,7 +57,7 @@ FanWeights = Annotated[Optional[Path], typer.Option(
 ArticulationGain = Annotated[Optional[float], typer.Option(
     "--articulation-gain", help="How much the mouth moves with the speech: the predicted mouth articulation code is "
                                 "scaled by this (1 = as calibrated on the training frames; >1 more, <1 less; like "
-                                "GeneFace++'s mouth amplitude). Default: the measured default (docs/methods.md).",
+                                "GeneFace++'s mouth amplitude). Default: 1.3, measured (docs/methods.md).",
     show_default=False)]
 WorkspaceArg = Annotated[Optional[Path], typer.Argument(
     help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]

@@ -73,6 +73,9 @@ class ServerState:
     sessions: dict[str, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     shutting_down: threading.Event = field(default_factory=threading.Event)
+    # live sessions whose WebSocket close has not been sent yet (a session leaves ``sessions``
+    # when it ends, before its close goes out)
+    closing: set[str] = field(default_factory=set)
 
     def shutdown(self) -> None:
         """Close every live session with 1001 (callable from any thread, e.g. a signal handler)."""
@@ -397,6 +400,7 @@ async def _live_session(state: ServerState, ws: WebSocket) -> None:
                       jpeg_quality=state.jpeg_quality, process_s=state.process_s.get(live.name, 0.04))
     handle.session = session
     state.sessions[session.id] = handle
+    state.closing.add(session.id)
 
     async def sender() -> None:
         while True:
@@ -459,22 +463,25 @@ async def _live_session(state: ServerState, ws: WebSocket) -> None:
         session.start()
         await handle.done.wait()
     finally:
-        closing = handle.closing or Closing(protocol.CLOSE_NORMAL, "session ended")
-        recv_task.cancel()
-        await loop.run_in_executor(None, session.stop)
-        state.sessions.pop(session.id, None)
-        state.capacity.release(ticket)
-        client_gone = closing.code == protocol.CLOSE_NORMAL and closing.reason == "client closed"
-        if not client_gone:
+        try:
+            closing = handle.closing or Closing(protocol.CLOSE_NORMAL, "session ended")
+            recv_task.cancel()
+            await loop.run_in_executor(None, session.stop)
+            state.sessions.pop(session.id, None)
+            state.capacity.release(ticket)
+            client_gone = closing.code == protocol.CLOSE_NORMAL and closing.reason == "client closed"
+            if not client_gone:
+                with contextlib.suppress(Exception):
+                    stats = session.stats()
+                    handle.out.put_nowait(json.dumps({**stats, "final": True}))
+                    if closing.error is not None:
+                        handle.out.put_nowait(protocol.error_message(closing.error, closing.reason, **closing.extra))
+            handle.out.put_nowait(None)
             with contextlib.suppress(Exception):
-                stats = session.stats()
-                handle.out.put_nowait(json.dumps({**stats, "final": True}))
-                if closing.error is not None:
-                    handle.out.put_nowait(protocol.error_message(closing.error, closing.reason, **closing.extra))
-        handle.out.put_nowait(None)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(send_task, timeout=2.0)
-        send_task.cancel()
-        if not client_gone:
-            with contextlib.suppress(Exception):
-                await ws.close(closing.code, protocol.close_reason(closing.reason))
+                await asyncio.wait_for(send_task, timeout=2.0)
+            send_task.cancel()
+            if not client_gone:
+                with contextlib.suppress(Exception):
+                    await ws.close(closing.code, protocol.close_reason(closing.reason))
+        finally:
+            state.closing.discard(session.id)  # its close is sent: a shutdown waits for this (serve.server)

@@ -154,7 +154,7 @@ class LiveAvatar:
         self.avatar = avatar
         self.name = avatar.name
         self.gain = check_articulation_gain(articulation_gain)
-        self.renderer = HeadRenderer(avatar, backend=backend, size=size, cache=0)
+        self.renderer = HeadRenderer(avatar, backend=backend, size=size, cache=0, articulation_gain=self.gain)
         self.cfg = from_dict(AudioFeatureConfig, avatar.audio.config)
         self.extractor = get_extractor(avatar.audio.extractor, self.cfg)
         self.cmvn_prior = cmvn_prior

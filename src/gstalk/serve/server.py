@@ -7,11 +7,13 @@ that is removed with them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,20 @@ def serve(state: Any, sock: socket.socket, *, reporter: Reporter = SILENT, as_js
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # Ctrl-C / SIGTERM: sessions close first
             state.shutdown()
-            super().handle_exit(sig, frame)
+            loop = state.loop
+            if loop is None or not state.closing or self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+
+            # uvicorn closes open WebSockets with 1012 as soon as it starts shutting down: give
+            # the sessions (up to 2 s) to send their own 1001 and close first
+            async def when_closed() -> None:
+                deadline = time.monotonic() + 2.0
+                while state.closing and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                uvicorn.Server.handle_exit(self, sig, frame)
+
+            loop.call_soon_threadsafe(lambda: loop.create_task(when_closed()))
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
