@@ -33,12 +33,15 @@ def live(trained_ws):  # type: ignore[no-untyped-def]
     return load_live_avatar(trained_ws)
 
 
-def test_loop_pose_is_render_loop():
-    from gstalk.serve.live import loop_pose
+def test_loop_pose_walks_the_frames_forwards_then_backwards():
+    """The live stream's pose of frame i is render's ``--pose loop`` (one function), by hand."""
+    from gstalk.render.driver import loop_pose
 
-    for frames in (range(0, 1), range(0, 2), range(3, 10), [4, 9, 2]):
-        ref = loop_poses(60, frames)
-        assert [loop_pose(i, frames) for i in range(60)] == ref
+    assert loop_poses(9, range(3, 6)) == [3, 4, 5, 4, 3, 4, 5, 4, 3]
+    assert loop_poses(5, [4, 9, 2]) == [4, 9, 2, 9, 4]
+    assert loop_poses(4, range(0, 2)) == [0, 1, 0, 1]
+    assert loop_poses(3, range(7, 8)) == [7, 7, 7]
+    assert [loop_pose(i, range(3, 6)) for i in (0, 4, 1000, 1001)] == [3, 3, 3, 4]  # period 4: 1000 % 4 == 0
 
 
 def test_frame_conditions_equal_whole_sequence(live):  # type: ignore[no-untyped-def]

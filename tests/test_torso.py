@@ -148,9 +148,20 @@ def _textured_frames(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
         masks[i, 50:, 16:80] = 255
     return torch.from_numpy(imgs), torch.from_numpy(masks)
 
+def _torso_frames(imgs: torch.Tensor, masks: torch.Tensor, vm: torch.Tensor, K: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A FrameSet of the textured frames [F, H, W, 3] whose torso masks are ``masks`` (no head,
+    no mouth, no audio), for the torso registration tests."""
+    from gstalk.train.frames import FrameSet
+
+    n, size = imgs.shape[0], imgs.shape[1]
+    return FrameSet(images=imgs, backgrounds=imgs, viewmats=vm, K=K, head_masks=torch.zeros_like(masks),
+                    mouth_masks=torch.zeros_like(masks), mouth_boxes=torch.zeros(n, 4), blink=torch.zeros(n),
+                    audio=None, frame_ids=torch.arange(n), torso_masks=masks,
+                    plate=torch.zeros(size, size, 3, dtype=torch.uint8))
+
+
 
 def test_registered_offsets_shift_the_torso_and_registration_finds_a_known_shift():
-    from gstalk.train.frames import FrameSet
     from gstalk.train.pose_refine import shift_torso, torso_shifts
 
     size = 96
@@ -173,10 +184,7 @@ def test_registered_offsets_shift_the_torso_and_registration_finds_a_known_shift
     # the frames all show the same torso: registration measures frame 1 off by about (-3, +2)
     # px more than the others (DIS flow on a 96 px frame underestimates the vertical part by
     # up to a third; the seeded field itself is off the frames by under a pixel)
-    data = FrameSet(images=imgs, backgrounds=imgs, viewmats=vm, K=k96, head_masks=torch.zeros_like(masks),
-                    mouth_masks=torch.zeros_like(masks), mouth_boxes=torch.zeros(3, 4), blink=torch.zeros(3),
-                    audio=None, frame_ids=torch.arange(3), torso_masks=masks,
-                    plate=torch.zeros(size, size, 3, dtype=torch.uint8))
+    data = _torso_frames(imgs, masks, vm, k96)
     shifts, valid = torso_shifts(t, data, backend="torch")
     assert valid.all()
     torch.testing.assert_close(shifts[1] - shifts[0], torch.tensor([-3.0, 2.0]), atol=0.8, rtol=0)
@@ -215,10 +223,8 @@ def test_a_turn_about_the_optical_axis_rotates_means_and_orientations():
 
 
 def test_registration_finds_a_known_turn_and_undoes_it():
-    from gstalk.train.frames import FrameSet
     from gstalk.train.pose_refine import torso_warps, warp_torso
 
-    size = 96
     k96 = torch.tensor([[120.0, 0.0, 48.0], [0.0, 120.0, 48.0], [0.0, 0.0, 1.0]])
     imgs, masks = _textured_frames()
     vm = _poses(3)
@@ -228,10 +234,7 @@ def test_registration_finds_a_known_turn_and_undoes_it():
     u.load_state_dict(t.state_dict())
     with torch.no_grad():
         t.turns[1, 0] = math.radians(2.0)  # frame 1's torso turned 2° clockwise about the principal point
-    data = FrameSet(images=imgs, backgrounds=imgs, viewmats=vm, K=k96, head_masks=torch.zeros_like(masks),
-                    mouth_masks=torch.zeros_like(masks), mouth_boxes=torch.zeros(3, 4), blink=torch.zeros(3),
-                    audio=None, frame_ids=torch.arange(3), torso_masks=masks,
-                    plate=torch.zeros(size, size, 3, dtype=torch.uint8))
+    data = _torso_frames(imgs, masks, vm, k96)
     warps, valid = torso_warps(t, data, backend="torch")
     assert valid.all()
     # the frames all show the unturned torso: frame 1 is measured about -2° off, the others ~0

@@ -35,6 +35,9 @@ def laplacian_variance(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tenso
     Returns:
         [F] float64, in (intensity units)² with intensities in [0, 1]. A box narrower or
         shorter than 3 px gives NaN.
+
+    Raises:
+        ValueError: images not [F, H, W, 3], or boxes not [F, 4].
     """
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [F, H, W, 3], got {list(images.shape)}")

@@ -86,14 +86,20 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 8) -> Iterat
                 t.join(0.01)
 
 
+def loop_pose(i: int, frames: range | list[int]) -> int:
+    """``--pose loop`` for output frame ``i`` >= 0 of a stream of any length: the workspace
+    frame number whose pose (background, blink) it uses, walking ``frames`` forwards then
+    backwards (ping-pong, period 2n - 2 for n frames), so the head never jumps."""
+    n = len(frames)
+    if n == 1:
+        return int(frames[0])
+    k = i % (2 * n - 2)
+    return int(frames[k] if k < n else frames[2 * n - 2 - k])
+
+
 def loop_poses(n_out: int, frames: range | list[int]) -> list[int]:
-    """``--pose loop``: walk the training frames forwards then backwards (ping-pong), so the
-    head never jumps: ``n_out`` workspace frame numbers."""
-    f = list(frames)
-    if len(f) == 1:
-        return f * n_out
-    cycle = f + f[-2:0:-1]
-    return [cycle[i % len(cycle)] for i in range(n_out)]
+    """``--pose loop`` for a whole render: :func:`loop_pose` of output frames 0..n_out-1."""
+    return [loop_pose(i, frames) for i in range(n_out)]
 
 
 def auto_blinks(n: int, fps: float, seed: int = 0, every_s: tuple[float, float] = (2.0, 6.0)) -> list[float]:

@@ -38,20 +38,7 @@ import torch
 
 from gstalk.avatar import Avatar
 from gstalk.deform.audio import neighbour_indices
-
-
-def loop_pose(i: int, frames: range | list[int]) -> int:
-    """The training frame whose pose, background and blink frame ``i`` of an endless stream
-    uses: the frames forwards then backwards (ping-pong), equal to
-    ``gstalk.render.driver.loop_poses(n, frames)[i]`` for every ``n > i``."""
-    f = list(frames) if not isinstance(frames, range) else frames
-    n = len(f)
-    if n == 1:
-        return int(f[0])
-    period = 2 * n - 2
-    k = i % period
-    return int(f[k] if k < n else f[period - k])
-
+from gstalk.render.driver import loop_pose
 
 BACKGROUND_BUDGET_MB = 256.0  # kept backgrounds per avatar (256 px: 455 training poses take 85 MiB)
 
@@ -148,13 +135,13 @@ class LiveAvatar:
                  cmvn_prior: tuple[np.ndarray, np.ndarray] | None = None, phone_latency_s: float = 0.3,
                  size: int | None = None):
         from gstalk.audio import get_extractor
-        from gstalk.config import AudioFeatureConfig, check_articulation_gain, from_dict
+        from gstalk.config import AudioFeatureConfig, from_dict
         from gstalk.render.driver import HeadRenderer
 
         self.avatar = avatar
         self.name = avatar.name
-        self.gain = check_articulation_gain(articulation_gain)
-        self.renderer = HeadRenderer(avatar, backend=backend, size=size, cache=0, articulation_gain=self.gain)
+        self.renderer = HeadRenderer(avatar, backend=backend, size=size, cache=0, articulation_gain=articulation_gain)
+        self.gain = self.renderer.articulation_gain  # checked, defaulted: what live frames and whole files use
         self.cfg = from_dict(AudioFeatureConfig, avatar.audio.config)
         self.extractor = get_extractor(avatar.audio.extractor, self.cfg)
         self.cmvn_prior = cmvn_prior

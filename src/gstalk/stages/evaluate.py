@@ -149,8 +149,7 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
     ex = ws.stage("extract").summary
     windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
                             int(meta.get("av_offset_frames", 0)))
-    gain = check_articulation_gain(cfg.articulation_gain)  # what `gstalk render` uses
-    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=gain, device=device)
+    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=cfg.articulation_gain, device=device)
     t = time.perf_counter()
     fine_t = render_split(renderer, renderer.conditions(windows), test, reporter, "rendering test frames")
     render_fps = len(test) / max(time.perf_counter() - t, 1e-9)
@@ -259,7 +258,8 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         **results["model"], "baselines": results["baselines"], "codes": results["codes"],
         "error_split": error_split(results["model"], results["codes"]),
         "articulation_fit": articulation_fit_summary(ws),
-        "model_name": meta["spec"]["name"], "render_fps": render_fps, "articulation_gain": gain,
+        "model_name": meta["spec"]["name"], "render_fps": render_fps,
+        "articulation_gain": renderer.articulation_gain,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
         "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
                         if k != "fan" else n.info.to_dict()) for k, n in nets.items()},
