@@ -165,6 +165,9 @@ def test_shipped_prior_loads_without_network_and_predicts():
     m = prior.meta
     assert m["names"] == list(ARTICULATION_NAMES) and m["frames"] > 5000 and m["speakers"] >= 14
     assert all(len(c["sha256"]) == 64 for c in m["clips"])  # provenance of every clip
+    # the offsets are measured against the GRID sentences (recorded in sync), not the corpus's average
+    assert m["synchronous"] and all(n.startswith("grid_") for n in m["synchronous"])
+    assert all(m["offsets"][n]["offset"] == 0 for n in m["synchronous"])
     ex = get_extractor(prior.features, CFG)
     assert m["dim"] == ex.dim and m["window"] == CFG.window
     with torch.no_grad():

@@ -16,7 +16,8 @@ from gstalk.deform.articulation import ArticulationEnsemble, describe_fit, fit_e
 def test_zero_adaptation_steps_keep_the_prior_as_it_is():
     torch.manual_seed(0)
     ens = ArticulationEnsemble(6, 4, 8, 3, 2, members=2)
-    before = {k: v.clone() for k, v in ens.state_dict().items() if k != "gain"}
+    ens.gain.fill_(1.7)  # a prior's gain, measured over its corpus
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
     n = 60
     audio = torch.randn(n, 4, 6)
     targets = torch.randn(n, 2)
@@ -24,7 +25,7 @@ def test_zero_adaptation_steps_keep_the_prior_as_it_is():
     for k, v in before.items():
         torch.testing.assert_close(ens.state_dict()[k], v, rtol=0, atol=0)
     assert stats["val_r2"] == pytest.approx(stats["start_val_r2"])
-    assert stats["val_frames"] == 6 and 1.0 <= stats["gain"] <= 3.0
+    assert stats["val_frames"] == 6 and stats["gain"] == pytest.approx(1.7)  # kept, not re-measured on 6 frames
 
 
 @pytest.mark.parametrize("r2, seconds, prior, level, helps", [
@@ -65,6 +66,44 @@ def test_predicted_opening_finds_a_known_lag():
     predicted = np.roll(mouth_opening(lms), lag) + 0.01 * rng.normal(size=n)  # the audio is `lag` frames late
     av = estimate_offset_predicted(lms, predicted, max_lag=6)
     assert av.frames == lag and av.confident and av.correlation > 0.9
+
+
+def _lagged_clips(lags: dict[str, int], n: int = 400, seed: int = 0) -> list:
+    """Clips whose 'audio' windows are a lagged, noisy copy of their lip opening: a window of
+    frame i holds the opening of frame i - lag (lag > 0: the audio is late by lag frames), so
+    a ridge fitted on clips with various lags learns their average timing."""
+    from gstalk.prior import PriorClip
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, lag in lags.items():
+        opening = np.convolve(rng.normal(size=n + 40), np.ones(3) / 3, "same")[20:20 + n]
+        shifted = np.roll(opening, lag)  # audio frame i carries the mouth of frame i - lag
+        windows = np.stack([np.roll(shifted, -k) for k in range(-3, 4)], axis=1)[:, :, None]  # [N, 7, 1]
+        windows = windows + 0.05 * rng.normal(size=windows.shape)
+        targets = np.repeat(((opening - opening.mean()) / opening.std())[:, None], 7, axis=1)
+        out.append(PriorClip(name=name, speaker=name, windows=windows.astype(np.float32),
+                             targets=targets.astype(np.float32)))
+    return out
+
+
+def test_offsets_are_relative_to_the_corpus_unless_synchronous_clips_anchor_them():
+    from gstalk.prior import estimate_offsets
+
+    # a corpus late by one frame on average (web video), with two lab clips in sync
+    lags = {"web1": 1, "web2": 1, "web3": 2, "web4": 1, "web5": 0, "lab1": 0, "lab2": 0}
+    clips = _lagged_clips(lags)
+    free = estimate_offsets(clips, max_lag=4)
+    anchored = estimate_offsets(clips, max_lag=4, synchronous=["lab1", "lab2"])
+    # unanchored, each clip's offset is against the others' average timing: the lab clips
+    # come out one frame early, and every offset one frame short of the truth
+    assert free["lab1"]["offset"] == free["lab2"]["offset"] == -1
+    assert all(v["anchor"] == 0 for v in free.values())
+    # anchored on the lab clips, the offsets are the true lags
+    assert {k: v["offset"] for k, v in anchored.items()} == lags
+    assert all(v["anchor"] == -1 for v in anchored.values())
+    with pytest.raises(ValueError, match="lab3"):
+        estimate_offsets(clips, synchronous=["lab3"])
 
 
 def test_articulation_gain_scales_the_code_and_is_checked():
@@ -155,13 +194,15 @@ def test_prior_fit_command_writes_a_prior_that_loads(trained_ws, tmp_path, capsy
     from gstalk.prior import ArticulationPrior, main
 
     out = tmp_path / "prior.safetensors"
-    assert main(["fit", str(trained_ws), "--members", "1", "--steps", "20", "-o", str(out)]) == 0
+    assert main(["fit", str(trained_ws), "--members", "1", "--steps", "20", "-o", str(out),
+                 "--synchronous", str(trained_ws)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["clips"] == 1 and printed["frames"] == 68  # the training split only
     prior = ArticulationPrior.load(out)
     assert prior.meta["clips"][0]["frames"] == 68 and len(prior.meta["clips"][0]["sha256"]) == 64
     assert prior.meta["features"] == "fbank+phones" and prior.meta["members"] == 1
     assert prior.meta["offsets"][trained_ws.name]["offset"] == 0  # one clip: no other to estimate it from
+    assert prior.meta["synchronous"] == [trained_ws.name]
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ sha256, the A/V offset used for each, the audio front end and its settings, the 
 settings, and the leave-one-speaker-out scores. Fit it with::
 
     python benchmarks/prior_corpus.py --data ../shared/data --out corpus_ws   # extract + track
-    python -m gstalk.prior fit corpus_ws/* -o src/gstalk/assets/articulation_prior.safetensors
+    python -m gstalk.prior fit corpus_ws/* $(cat benchmarks/prior_fit.args) \\
+        -o src/gstalk/assets/articulation_prior.safetensors
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ def _flat(windows: np.ndarray) -> np.ndarray:
 
 
 def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: float = 0.3,
-                     alpha: float = 1000.0) -> dict[str, dict[str, Any]]:
+                     alpha: float = 1000.0, synchronous: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Each clip's A/V offset, from a ridge regression (flattened windows -> lip opening)
     fitted on the *other speakers'* clips: the lag in [-max_lag, max_lag] at which its
     prediction correlates best with the clip's tracked opening (> 0: the audio is late).
@@ -299,10 +300,24 @@ def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: 
     A lag is kept only when that correlation is at least ``min_corr`` (mismatched audio and
     video score ~0.07 on average, 95 % below 0.24); otherwise the offset is 0.
 
+    Such a lag is relative: it says how a clip's audio lies against the *other clips'* average
+    timing, and a corpus of web videos is late on average (encoders and uploads delay the
+    audio). ``synchronous`` names clips known to be recorded in sync (GRID's lab recordings,
+    whose word alignments index the video frames directly): the median of their kept lags is
+    taken as zero, i.e. subtracted from every kept lag. Without it a prior learns the corpus's
+    average delay, and its mouths lead new speech by that much (docs/methods.md, "Timing").
+
     Returns:
         {clip name: {"offset": int, "corr": correlation at the offset, "corr_at_zero",
-        "best_lag", "corr_at_best"}}; correlations None and offset 0 when there is no other clip.
+        "best_lag", "corr_at_best", "anchor": the frames subtracted (0 without synchronous
+        clips)}}; correlations None and offset 0 when there is no other clip.
+
+    Raises:
+        ValueError: a name in ``synchronous`` that is not a clip's.
     """
+    unknown = sorted(set(synchronous) - {c.name for c in clips})
+    if unknown:
+        raise ValueError(f"synchronous clips not among the clips: {', '.join(unknown)}")
     from gstalk.metrics.lipsync import ridge, zscore
     from gstalk.tracking.avsync import correlate_lags
 
@@ -310,7 +325,8 @@ def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: 
     for c in clips:
         rest = [o for o in clips if o.speaker != c.speaker] or [o for o in clips if o is not c]
         if not rest:  # a single clip: nothing to estimate its offset from
-            out[c.name] = {"offset": 0, "corr": None, "corr_at_zero": None, "best_lag": 0, "corr_at_best": None}
+            out[c.name] = {"offset": 0, "corr": None, "corr_at_zero": None, "best_lag": 0, "corr_at_best": None,
+                           "kept": False}
             continue
         w, b = ridge(np.concatenate([_flat(o.windows) for o in rest]),
                      np.concatenate([np.asarray(o.targets, np.float64)[:, 0] for o in rest]), alpha)
@@ -318,7 +334,14 @@ def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: 
         best = max(curve, key=lambda k: curve[k])
         keep = curve[best] >= min_corr
         out[c.name] = {"offset": int(best) if keep else 0, "corr": float(curve[best] if keep else curve[0]),
-                       "corr_at_zero": float(curve[0]), "best_lag": int(best), "corr_at_best": float(curve[best])}
+                       "corr_at_zero": float(curve[0]), "best_lag": int(best), "corr_at_best": float(curve[best]),
+                       "kept": bool(keep)}
+    kept = [out[n]["offset"] for n in synchronous if out[n]["kept"]]
+    anchor = int(np.round(np.median(kept))) if kept else 0
+    for v in out.values():
+        if v.pop("kept"):
+            v["offset"] -= anchor
+        v["anchor"] = anchor
     return out
 
 
@@ -426,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="audio front end (default: gstalk's default front end)")
     f.add_argument("--speaker", action="append", default=[], metavar="WS=NAME",
                    help="speaker of a workspace (clips of one person share a name); default: its folder name")
+    f.add_argument("--synchronous", action="append", default=[], metavar="WS",
+                   help="a workspace whose clip is known to be in sync (e.g. GRID's): the offsets are "
+                        "measured against these (repeat it); default: against the corpus's average")
     f.add_argument("--all-frames", action="store_true", help="also fit on each workspace's test split")
     f.add_argument("--members", type=int, default=PriorSettings.members)
     f.add_argument("--steps", type=int, default=PriorSettings.steps)
@@ -439,12 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     speakers = dict(s.split("=", 1) for s in args.speaker)
     clips = [clip_from_workspace(p, args.features, speaker=speakers.get(p.name) or speakers.get(str(p)),
                                  train_only=not args.all_frames) for p in args.workspaces]
-    offsets = estimate_offsets(clips)
+    offsets = estimate_offsets(clips, synchronous=[Path(p).name for p in args.synchronous])
     for c in clips:
         c.offset = int(offsets[c.name]["offset"])
     settings = PriorSettings(members=args.members, steps=args.steps, seed=args.seed)
     prior = fit_prior(clips, settings, args.features, workspace_audio_config(args.workspaces[0], args.features))
     prior.meta["offsets"] = offsets
+    prior.meta["synchronous"] = sorted(Path(p).name for p in args.synchronous)
     prior.save(args.output)
     print(json.dumps({"output": args.output, "clips": len(clips), "frames": prior.meta["frames"],
                       "speakers": prior.meta["speakers"], "fit": prior.meta["fit"]}, indent=2))
