@@ -78,3 +78,40 @@ def test_linear_trend_of_a_line_and_with_gaps():
     assert math.isnan(linear_trend([1.0])["trend"])
     flat = linear_trend(np.full(20, 31.0) + np.sin(np.arange(20)) * 0.01)
     assert abs(flat["trend"]) < 0.05
+
+
+@pytest.mark.slow
+def test_sharpness_budget_splits_the_face_box(trained_ws):
+    """``benchmarks/sharpness_budget.py`` on a trained workspace: blurring the truth loses
+    more detail the wider the blur, the regions tile the face box, and their energies add up
+    to the box's own (the same squared Laplacian, summed over the box's pixels)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sharpness_budget.py"
+    spec = importlib.util.spec_from_file_location("sharpness_budget", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.budget(str(trained_ws))
+    ratios = [r["blur"][f"{s}px"]["ratio"] for s in mod.BLURS]
+    assert 1.0 > ratios[0] > ratios[1] > ratios[2] > 0.0
+    assert r["blur"]["0.4px"]["psnr"] > r["blur"]["0.7px"]["psnr"] > 30.0
+    regions = r["regions"].values()
+    assert sum(v["share_of_box"] for v in regions) == pytest.approx(1.0)
+    assert all(v["eval_background"] >= 0 and v["truth"] >= 0 for v in regions)
+    # the head is the same over both backgrounds: where it is opaque, nearly so are the energies
+    # (the Laplacian at the opaque edge reads a neighbour or two outside)
+    opaque = r["regions"]["opaque"]
+    assert opaque["eval_background"] == pytest.approx(opaque["own_background"], rel=0.02)
+    # the regions' energies add up to the box's, computed here directly
+    from gstalk.dataset import build_frameset, load_tracks, split_indices
+    from gstalk.workspace import Workspace
+
+    ws = Workspace.open(trained_ws)
+    frames = list(split_indices(ws)[1])
+    gt = build_frameset(ws, frames).images.float() / 255.0
+    boxes = load_tracks(ws).face_box[torch.tensor(frames)]
+    inside = mod.box_mask(boxes, gt.shape[1], gt.shape[2])
+    direct = float(mod.laplacian_energy(gt)[inside].mean())
+    assert sum(v["truth"] for v in regions) == pytest.approx(direct, rel=1e-4)
