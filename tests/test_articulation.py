@@ -176,7 +176,7 @@ def test_fit_articulator_freezes_the_regressor():
     before = [p.clone() for p in t.model.articulator.parameters()]
     stats = t.fit_articulator()
     assert set(stats) == {"members", "val_r2", "start_val_r2", "member_val_r2", "fit_r2", "gain", "code_scale",
-                          "val_frames", "from_prior"}
+                          "val_frames", "gain_frames", "from_prior"}
     assert stats["members"] == 5
     # the predicted codes get the spread of the noisy training codes: gain * sqrt(1 + 0.6²)
     assert stats["code_scale"] == pytest.approx(stats["gain"] * (1 + 0.36) ** 0.5)

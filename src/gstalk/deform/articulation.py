@@ -212,10 +212,10 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
     held-out frames, clamped to [1, 3]. A least-squares regressor shrinks towards the mean
     (for an unbiased one Var(prediction) ≈ R² · Var(target)), so its raw output
     under-drives the mouth; the gain undoes the shrinkage when the code drives the field.
-    With ``steps`` = 0 nothing is fitted and the gain is kept: a prior's gain was measured
-    over thousands of held-out frames of many speakers (targets in per-clip standard units),
-    and a 20-s clip's last tenth (~50 frames, 18 on a 7-s clip) only adds noise to it (on
-    aoc_hdtf it swung 2.20 → 1.49 between two priors whose own gains were 1.87 and 1.74).
+    With ``steps`` = 0 nothing is fitted to the clip, so every one of its frames is held out
+    from the regressor (a prior fitted on other clips) and the gain is measured over all of
+    them: a 7-s clip's last tenth is 18 frames, and on aoc_hdtf the gain measured there swung
+    2.20 → 1.49 between two priors whose own gains (over their corpus) were 1.87 and 1.74.
 
     Returns:
         {"members", "val_r2" (the ensemble's held-out R²), "member_val_r2" (the members'
@@ -237,12 +237,16 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
         pred_val = ensemble(audio[neighbour_indices(val, ensemble.smooth, n)])
         val_r2 = r2_score(pred_val, targets[val], ref)
         fit_r2 = r2_score(ensemble(audio[neighbour_indices(fit, ensemble.smooth, n)]), targets[fit], ref)
+        # the frames the gain is measured on: the held-out tenth, or every frame when nothing was fitted
         if steps > 0:
-            ratio = targets[val].var(0, unbiased=False).sum() / pred_val.var(0, unbiased=False).sum().clamp_min(1e-12)
-            ensemble.gain.fill_(float(ratio.sqrt().clamp(1.0, 3.0)) if len(val) > 1 else 1.0)
+            g_ids, g_pred = val, pred_val
+        else:
+            g_ids, g_pred = ids, ensemble(audio[neighbour_indices(ids, ensemble.smooth, n)])
+        ratio = targets[g_ids].var(0, unbiased=False).sum() / g_pred.var(0, unbiased=False).sum().clamp_min(1e-12)
+        ensemble.gain.fill_(float(ratio.sqrt().clamp(1.0, 3.0)) if len(g_ids) > 1 else 1.0)
     return {"members": float(len(ensemble.members)), "val_r2": val_r2, "start_val_r2": start_r2,
             "member_val_r2": float(np.mean(member_val)), "fit_r2": fit_r2, "gain": float(ensemble.gain),
-            "val_frames": float(len(val))}
+            "val_frames": float(len(val)), "gain_frames": float(len(g_ids))}
 
 
 def describe_fit(val_r2: float, seconds: float, prior: bool) -> tuple[str, str]:
