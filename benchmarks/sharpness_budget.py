@@ -30,40 +30,44 @@ import numpy as np
 import torch
 
 BLURS = (0.4, 0.5, 0.7)  # px, Gaussian sigma
-REGIONS = {"opaque": (0.99, 2.0), "partial": (0.5, 0.99), "transparent": (-1.0, 0.5)}
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
-LUMA = torch.tensor([0.299, 0.587, 0.114])
-
-
-def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
-    """[F, H, W, 3] float in [0, 1] -> [F, H, W] squared 4-neighbour Laplacian of the luma
-    (zero padding; the borders are outside every face box that matters here)."""
-    luma = (images * LUMA).sum(-1)[:, None]
-    return torch.nn.functional.conv2d(luma, LAPLACIAN, padding=1)[:, 0] ** 2
+REGIONS = {"opaque": (0.99, 2.0), "partial": (0.5, 0.99), "transparent": (-1.0, 0.5)}  # head alpha [lo, hi)
 
 
 def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[F, 4] pixel boxes (x0, y0, x1, y1) -> [F, H, W] bool."""
+    """[F, 4] pixel boxes (x0, y0, x1, y1; x1/y1 exclusive, rounded and clamped to the image
+    as :func:`gstalk.metrics.sharpness.laplacian_variance` does) -> [F, H, W] bool."""
     m = torch.zeros(len(boxes), height, width, dtype=torch.bool)
     for j, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
-        m[j, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+        m[j, max(y0, 0):min(max(y1, 0), height), max(x0, 0):min(max(x1, 0), width)] = True
     return m
 
 
 def budget(ws_path: str) -> dict[str, Any]:
-    """The numbers above for workspace ``ws_path`` (coarse and fine stages done)."""
+    """The numbers above for workspace ``ws_path``, on its held-out frames.
+
+    Returns:
+        {"workspace", "frames", "blur": {"0.4px": {"ratio", "psnr" (dB)}, ...},
+        "eval_background" / "own_background": {"ratio", "psnr"} of the coarse head over
+        each, "regions": {"opaque" / "partial" / "transparent": {"share_of_box",
+        "truth", "eval_background", "own_background": Laplacian energy summed over the
+        region's box pixels / the box's pixel count, (intensity units)²}}}.
+
+    Raises:
+        WorkspaceError: no such workspace, or its coarse or fine stage is not done.
+    """
     import cv2
 
     from gstalk.avatar import Avatar
     from gstalk.dataset import build_frameset, load_tracks, split_indices
     from gstalk.gaussians.splat import composite, splat
     from gstalk.metrics.image import psnr
-    from gstalk.metrics.sharpness import laplacian_variance
+    from gstalk.metrics.sharpness import laplacian_energy, laplacian_variance
     from gstalk.render.driver import HeadRenderer
     from gstalk.tensorio import load_tensors
     from gstalk.workspace import Workspace
 
     ws = Workspace.open(ws_path)
+    ws.require("eval")  # the stages eval reads (coarse, fine) are done and current
     _, test = split_indices(ws)
     frames = list(test)
     data = build_frameset(ws, frames)

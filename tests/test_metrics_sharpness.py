@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gstalk.metrics.sharpness import laplacian_variance, linear_trend, sharpness_ratio
+from gstalk.metrics.sharpness import laplacian_energy, laplacian_variance, linear_trend, sharpness_ratio
 
 
 def test_laplacian_variance_of_one_bright_pixel_by_hand():
@@ -36,6 +36,20 @@ def test_laplacian_variance_matches_opencv_inside_a_box():
     crop = luma[5:29, 7:31]
     lap = cv2.Laplacian(crop, cv2.CV_64F, ksize=1)[1:-1, 1:-1]  # the valid part
     assert laplacian_variance(img, box).item() == pytest.approx(lap.var(), rel=1e-9)
+
+
+def test_laplacian_energy_matches_opencv_with_zero_padding():
+    import cv2
+
+    img = torch.rand(2, 17, 23, 3, generator=torch.Generator().manual_seed(4))
+    got = laplacian_energy(img)
+    assert got.shape == (2, 17, 23) and got.dtype == torch.float64
+    for k in range(2):
+        luma = (img[k].double().numpy() * np.array([0.299, 0.587, 0.114])).sum(-1)
+        lap = cv2.Laplacian(luma, cv2.CV_64F, ksize=1, borderType=cv2.BORDER_CONSTANT)
+        np.testing.assert_allclose(got[k].numpy(), lap ** 2, rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError):
+        laplacian_energy(img[..., :2])
 
 
 def test_boxes_are_clamped_and_tiny_boxes_give_nan():
@@ -113,5 +127,5 @@ def test_sharpness_budget_splits_the_face_box(trained_ws):
     gt = build_frameset(ws, frames).images.float() / 255.0
     boxes = load_tracks(ws).face_box[torch.tensor(frames)]
     inside = mod.box_mask(boxes, gt.shape[1], gt.shape[2])
-    direct = float(mod.laplacian_energy(gt)[inside].mean())
+    direct = float(laplacian_energy(gt)[inside].mean())
     assert sum(v["truth"] for v in regions) == pytest.approx(direct, rel=1e-4)

@@ -322,11 +322,11 @@ def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: 
     from gstalk.tracking.avsync import correlate_lags
 
     out: dict[str, dict[str, Any]] = {}
+    kept: set[str] = set()  # clips whose lag was confident enough to be used
     for c in clips:
         rest = [o for o in clips if o.speaker != c.speaker] or [o for o in clips if o is not c]
         if not rest:  # a single clip: nothing to estimate its offset from
-            out[c.name] = {"offset": 0, "corr": None, "corr_at_zero": None, "best_lag": 0, "corr_at_best": None,
-                           "kept": False}
+            out[c.name] = {"offset": 0, "corr": None, "corr_at_zero": None, "best_lag": 0, "corr_at_best": None}
             continue
         w, b = ridge(np.concatenate([_flat(o.windows) for o in rest]),
                      np.concatenate([np.asarray(o.targets, np.float64)[:, 0] for o in rest]), alpha)
@@ -334,13 +334,13 @@ def estimate_offsets(clips: Sequence[PriorClip], *, max_lag: int = 5, min_corr: 
         best = max(curve, key=lambda k: curve[k])
         keep = curve[best] >= min_corr
         out[c.name] = {"offset": int(best) if keep else 0, "corr": float(curve[best] if keep else curve[0]),
-                       "corr_at_zero": float(curve[0]), "best_lag": int(best), "corr_at_best": float(curve[best]),
-                       "kept": bool(keep)}
-    kept = [out[n]["offset"] for n in synchronous if out[n]["kept"]]
-    anchor = int(np.round(np.median(kept))) if kept else 0
-    for v in out.values():
-        if v.pop("kept"):
-            v["offset"] -= anchor
+                       "corr_at_zero": float(curve[0]), "best_lag": int(best), "corr_at_best": float(curve[best])}
+        if keep:
+            kept.add(c.name)
+    lags = [out[n]["offset"] for n in synchronous if n in kept]
+    anchor = int(np.round(np.median(lags))) if lags else 0
+    for name, v in out.items():
+        v["offset"] -= anchor if name in kept else 0
         v["anchor"] = anchor
     return out
 
@@ -465,13 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     speakers = dict(s.split("=", 1) for s in args.speaker)
     clips = [clip_from_workspace(p, args.features, speaker=speakers.get(p.name) or speakers.get(str(p)),
                                  train_only=not args.all_frames) for p in args.workspaces]
-    offsets = estimate_offsets(clips, synchronous=[Path(p).name for p in args.synchronous])
+    synchronous = sorted(Path(p).name for p in args.synchronous)
+    offsets = estimate_offsets(clips, synchronous=synchronous)
     for c in clips:
         c.offset = int(offsets[c.name]["offset"])
     settings = PriorSettings(members=args.members, steps=args.steps, seed=args.seed)
     prior = fit_prior(clips, settings, args.features, workspace_audio_config(args.workspaces[0], args.features))
     prior.meta["offsets"] = offsets
-    prior.meta["synchronous"] = sorted(Path(p).name for p in args.synchronous)
+    prior.meta["synchronous"] = synchronous
     prior.save(args.output)
     print(json.dumps({"output": args.output, "clips": len(clips), "frames": prior.meta["frames"],
                       "speakers": prior.meta["speakers"], "fit": prior.meta["fit"]}, indent=2))

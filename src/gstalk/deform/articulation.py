@@ -218,8 +218,9 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
     2.20 → 1.49 between two priors whose own gains (over their corpus) were 1.87 and 1.74.
 
     Returns:
-        {"members", "val_r2" (the ensemble's held-out R²), "member_val_r2" (the members'
-        mean), "fit_r2" (the ensemble's on the fitted frames), "gain"}.
+        {"members", "val_r2" (the ensemble's held-out R²), "start_val_r2" (the same before
+        fitting), "member_val_r2" (the members' mean), "fit_r2" (the ensemble's on the fitted
+        frames), "gain", "val_frames", "gain_frames" (how many frames each was measured on)}.
     """
     ids = torch.as_tensor(frame_ids, dtype=torch.long)
     fit, val = _split(ids, val_fraction)
@@ -233,15 +234,13 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
                                            val_fraction=val_fraction, seed=seed + k)["val_r2"])
         if progress is not None:
             progress(k)
-    with torch.no_grad():
-        pred_val = ensemble(audio[neighbour_indices(val, ensemble.smooth, n)])
+    with torch.no_grad():  # one pass over every frame: _split keeps ids' order, fit first
+        pred = ensemble(audio[neighbour_indices(ids, ensemble.smooth, n)])
+        pred_fit, pred_val = pred[:len(fit)], pred[len(pred) - len(val):]
         val_r2 = r2_score(pred_val, targets[val], ref)
-        fit_r2 = r2_score(ensemble(audio[neighbour_indices(fit, ensemble.smooth, n)]), targets[fit], ref)
+        fit_r2 = r2_score(pred_fit, targets[fit], ref)
         # the frames the gain is measured on: the held-out tenth, or every frame when nothing was fitted
-        if steps > 0:
-            g_ids, g_pred = val, pred_val
-        else:
-            g_ids, g_pred = ids, ensemble(audio[neighbour_indices(ids, ensemble.smooth, n)])
+        g_ids, g_pred = (val, pred_val) if steps > 0 else (ids, pred)
         ratio = targets[g_ids].var(0, unbiased=False).sum() / g_pred.var(0, unbiased=False).sum().clamp_min(1e-12)
         ensemble.gain.fill_(float(ratio.sqrt().clamp(1.0, 3.0)) if len(g_ids) > 1 else 1.0)
     return {"members": float(len(ensemble.members)), "val_r2": val_r2, "start_val_r2": start_r2,

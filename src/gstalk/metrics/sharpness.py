@@ -59,6 +59,27 @@ def laplacian_variance(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tenso
     return out
 
 
+def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel squared 4-neighbour Laplacian of the luma (the quantity whose variance
+    :func:`laplacian_variance` takes in a box), for splitting it by region.
+
+    Args:
+        images: [F, H, W, 3] float in [0, 1] (RGB).
+
+    Returns:
+        [F, H, W] float64, (intensity units)²; pixels on the image border see zeros beyond it
+        (zero padding).
+
+    Raises:
+        ValueError: images not [F, H, W, 3].
+    """
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [F, H, W, 3], got {list(images.shape)}")
+    luma = (images.double() * torch.tensor(LUMA, dtype=torch.float64)).sum(-1)[:, None]
+    kernel = torch.tensor(LAPLACIAN, dtype=torch.float64)[None, None]
+    return torch.nn.functional.conv2d(luma, kernel, padding=1)[:, 0] ** 2
+
+
 def sharpness_ratio(renders: torch.Tensor, truth: torch.Tensor, boxes: torch.Tensor) -> dict[str, float]:
     """How much of the footage's fine detail the renders keep, in the face boxes.
 
