@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapt-lr", type=float, default=3e-4)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--modes", nargs="+", default=["clip", "prior", "adapt"])
+    ap.add_argument("--speed", nargs="*", type=float, default=[],
+                    help="also fit the priors on speed-perturbed copies of the other speakers' clips "
+                         "(e.g. --speed 0.9 1.1; gstalk.audio.perturb); the held-out clips stay as recorded")
+    ap.add_argument("--seed", type=int, default=0, help="the priors' seed (PriorSettings.seed)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--per-clip", action="store_true")
     args = ap.parse_args(argv)
@@ -97,14 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         for c in clips:
             c.offset = int(offsets[c.name]["offset"])
         res: dict[str, dict[str, float]] = {c.name: {"frames": len(c.targets), "offset": c.offset} for c in clips}
+        copies = [clip_from_workspace(p, fe, speaker=c.speaker, speed=s, offset=c.offset)
+                  for s in args.speed if s != 1.0 for p, c in zip(args.workspaces, clips)]
         if "clip" in args.modes:
             for c in clips:
                 res[c.name]["clip"] = corr(clip_cv(c, None, args)[:, 0], c.targets[:, 0])
         if {"prior", "adapt"} & set(args.modes):
             for s in sorted({c.speaker for c in clips}):
-                rest = [c for c in clips if c.speaker != s]
+                rest = [c for c in clips + copies if c.speaker != s]
                 prior = fit_prior(rest, PriorSettings(members=args.members, smooth=args.smooth,
-                                                      steps=args.prior_steps), fe, {})
+                                                      steps=args.prior_steps, seed=args.seed), fe, {})
                 for c in (c for c in clips if c.speaker == s):
                     res[c.name]["prior"] = corr(predict_clip(prior.ensemble, c.shifted_windows())[:, 0],
                                                 c.targets[:, 0])

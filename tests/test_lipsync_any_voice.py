@@ -4,6 +4,7 @@ fitting a prior with the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -209,6 +210,46 @@ def test_prior_fit_command_writes_a_prior_that_loads(trained_ws, tmp_path, capsy
     assert prior.meta["features"] == "fbank+phones" and prior.meta["members"] == 1
     assert prior.meta["offsets"][trained_ws.name]["offset"] == 0  # one clip: no other to estimate it from
     assert prior.meta["synchronous"] == [trained_ws.name]
+    assert prior.meta["perturbed_frames"] == 0 and prior.meta["speeds"] == []
+
+
+@pytest.mark.slow
+def test_prior_fit_adds_speed_perturbed_copies_for_training_only(trained_ws, tmp_path, capsys):
+    from gstalk.prior import ArticulationPrior, main
+
+    out = tmp_path / "prior.safetensors"
+    assert main(["fit", str(trained_ws), "--members", "1", "--steps", "20", "-o", str(out),
+                 "--speed", "0.8", "--speed", "1.25"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # 68 training frames; on the copies' clocks floor(67 / 0.8) + 1 and floor(67 / 1.25) + 1
+    assert printed["clips"] == 3 and printed["frames"] == 68 and printed["perturbed_frames"] == 84 + 54
+    meta = ArticulationPrior.load(out).meta
+    assert meta["speeds"] == [0.8, 1.25]
+    assert [(c["name"], c.get("speed")) for c in meta["clips"]] == [
+        (trained_ws.name, None), (f"{trained_ws.name}@speed0.8", 0.8), (f"{trained_ws.name}@speed1.25", 1.25)]
+    assert {c["speaker"] for c in meta["clips"]} == {trained_ws.name}  # held out together with their original
+
+
+def test_perturbed_copies_are_fitted_on_but_never_validated_on():
+    """train_pooled validates (early stopping, gain, val R²) on the originals' last tenth
+    only: a copy whose targets are pure noise changes the fit, not how it is scored."""
+    from gstalk.deform.articulation import ArticulationEnsemble
+    from gstalk.prior import PriorSettings, train_pooled
+
+    clips = _lagged_clips({"a": 0, "b": 0}, n=200)
+    settings = PriorSettings(members=1, steps=0)
+    torch.manual_seed(0)
+    w, c = clips[0].windows.shape[1:]
+    ens = ArticulationEnsemble(int(c), int(w), 8, settings.smooth, clips[0].targets.shape[1], 1)
+    base = train_pooled(ens, clips, settings)
+    rng = np.random.default_rng(1)
+    noisy = dataclasses.replace(clips[0], name="a@speed0.9", speed=0.9,
+                                targets=rng.normal(size=clips[0].targets.shape).astype(np.float32) * 100)
+    torch.manual_seed(0)
+    ens2 = ArticulationEnsemble(int(c), int(w), 8, settings.smooth, clips[0].targets.shape[1], 1)
+    with_copy = train_pooled(ens2, [*clips, noisy], settings)
+    assert with_copy["val_r2"] == pytest.approx(base["val_r2"]) and with_copy["gain"] == pytest.approx(base["gain"])
+    assert with_copy["fit_r2"] != pytest.approx(base["fit_r2"])  # the copy's frames are fitted on
 
 
 @pytest.mark.slow

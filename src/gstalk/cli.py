@@ -235,8 +235,8 @@ def coarse(
         help="Continue an interrupted run from coarse/checkpoint.safetensors (also on another device).")] = False,
     settings: Annotated[Optional[list[str]], typer.Option(
         "--set", metavar="KEY=VALUE", help="Change one coarse setting, e.g. --set pose_passes=0 (no pose "
-                                           "refinement) or --set n_mouth=0 (repeatable; the keys are CoarseConfig's "
-                                           "fields, docs/methods.md).")] = None,
+                                           "refinement) or --set n_mouth=600 (seed the inside of the mouth; "
+                                           "repeatable; the keys are CoarseConfig's fields, docs/methods.md).")] = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Fit static 3D Gaussians of the head in canonical space to the training frames (L1 + D-SSIM, adaptive density

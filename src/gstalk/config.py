@@ -82,8 +82,12 @@ class CoarseConfig:
     iterations: int = 2500
     n_random: int = 2000  # random points in the head box besides the mesh vertices
     # points inside the mouth behind the lips (teeth, the inside of the mouth), which the
-    # fine stage's field reveals as the lips part (gstalk.gaussians.mouth_init_points); 0 = none
-    n_mouth: int = 600
+    # fine stage's field reveals as the lips part (gstalk.gaussians.mouth_init_points); 0 = none.
+    # 0 by default: with 600 the lip gap of a fixed mouth code moved 0.37 px per degree of the
+    # head's pitch on obama (0.25 without), so renders of new speech on the training clip's
+    # nodding poses opened and closed with the nods (docs/methods.md, "The mouth seen from
+    # another angle"); it bought no pixels on the clip's own frames
+    n_mouth: int = 0
     sh_degree: int = 1
     ssim_lambda: float = 0.2  # L = (1-λ) L1 + λ (1-SSIM)
     lr_means: float = 1.6e-4  # x scene extent (m), decayed x0.01 over training

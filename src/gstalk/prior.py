@@ -54,6 +54,10 @@ class PriorClip:
         targets: [N, D] float32 articulation code, standardised over the clip's frames.
         offset: A/V offset in frames applied when pairing (frame i with the audio of i + offset).
         sha256: of the source video, when known.
+        speed: 1, or the speed-perturbed copy of a clip (:mod:`gstalk.audio.perturb`) whose
+            audio was put in sync before the perturbation (its ``offset`` stays 0). Copies
+            only add training frames: their last tenth, the time of the original's held-out
+            frames, is dropped (:func:`train_pooled`).
     """
 
     name: str
@@ -62,6 +66,7 @@ class PriorClip:
     targets: np.ndarray
     offset: int = 0
     sha256: str = ""
+    speed: float = 1.0
 
     def shifted_windows(self) -> np.ndarray:
         """[N, W, C]: frame i paired with the window of frame i + ``offset`` (clamped at the ends)."""
@@ -232,20 +237,30 @@ def train_pooled(ensemble: ArticulationEnsemble, clips: Sequence[PriorClip], set
     """Fit every member of ``ensemble`` on the pooled frames of ``clips`` (each frame with its
     own clip's neighbours and A/V offset), with early stopping on the last ``val_fraction`` of
     every clip; sets ``ensemble.gain`` as :func:`~gstalk.deform.articulation.fit_ensemble`
-    does. Returns {"val_r2", "member_val_r2", "fit_r2", "gain"}."""
-    xs, ys, val = [], [], []
+    does. Speed-perturbed copies (``speed`` ≠ 1) are fitted on but never validated on, and
+    their last ``val_fraction`` (the same stretch of speech as their original's held-out
+    frames) is left out altogether. Returns {"val_r2", "member_val_r2", "fit_r2", "gain"}."""
+    xs, ys, val, orig = [], [], [], []
     for c in clips:
         x = gather(c.shifted_windows(), settings.smooth)
         n = len(x)
         n_val = max(1, int(round(n * settings.val_fraction)))
+        y = torch.from_numpy(np.asarray(c.targets, np.float32))
+        if c.speed != 1.0:
+            xs.append(x[:n - n_val])
+            ys.append(y[:n - n_val])
+            val.append(torch.zeros(n - n_val, dtype=torch.bool))
+            orig.append(torch.zeros(n - n_val, dtype=torch.bool))
+            continue
+        orig.append(torch.ones(n, dtype=torch.bool))
         xs.append(x)
-        ys.append(torch.from_numpy(np.asarray(c.targets, np.float32)))
+        ys.append(y)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[n - n_val:] = True
         val.append(mask)
-    x, y, is_val = torch.cat(xs), torch.cat(ys), torch.cat(val)
+    x, y, is_val, is_orig = torch.cat(xs), torch.cat(ys), torch.cat(val), torch.cat(orig)
     fit_ids, val_ids = torch.nonzero(~is_val)[:, 0], torch.nonzero(is_val)[:, 0]
-    ref = y[fit_ids].mean(0)
+    ref = y[~is_val & is_orig].mean(0)  # R²'s baseline: the recorded clips' mean code
     member_scores = []
     for k, member in enumerate(ensemble.members):
         rng = np.random.default_rng(settings.seed + k)
@@ -368,8 +383,11 @@ def fit_prior(clips: Sequence[PriorClip], settings: PriorSettings, features: str
             "names": list(ARTICULATION_NAMES), "settings": dataclasses.asdict(settings),
             "fit": {**stats, "seconds": time.perf_counter() - t0},
             "clips": [{"name": k.name, "speaker": k.speaker, "frames": int(len(k.windows)), "offset": int(k.offset),
-                       "sha256": k.sha256} for k in clips],
-            "frames": int(sum(len(k.windows) for k in clips)), "speakers": len({k.speaker for k in clips})}
+                       "sha256": k.sha256, **({"speed": k.speed} if k.speed != 1.0 else {})} for k in clips],
+            "frames": int(sum(len(k.windows) for k in clips if k.speed == 1.0)),
+            "perturbed_frames": int(sum(len(k.windows) for k in clips if k.speed != 1.0)),
+            "speeds": sorted({k.speed for k in clips} - {1.0}),
+            "speakers": len({k.speaker for k in clips})}
     from gstalk import __version__
 
     meta["gstalk_version"] = __version__
@@ -377,7 +395,7 @@ def fit_prior(clips: Sequence[PriorClip], settings: PriorSettings, features: str
 
 
 def clip_from_workspace(path: str | Path, features: str, *, speaker: str | None = None,
-                        train_only: bool = True) -> PriorClip:
+                        train_only: bool = True, speed: float = 1.0, offset: int = 0) -> PriorClip:
     """A fitting clip from a workspace whose track stage is done: the front end ``features``
     computed on its extracted audio (with the extract stage's audio settings), windowed per
     frame, and its tracked articulation code standardised over the frames kept.
@@ -385,6 +403,10 @@ def clip_from_workspace(path: str | Path, features: str, *, speaker: str | None 
     Args:
         train_only: keep only the workspace's training split (its test frames stay unseen, so
             eval numbers on it remain held-out).
+        speed: ≠ 1 makes the speed-perturbed copy (:mod:`gstalk.audio.perturb`): the audio,
+            first advanced by ``offset`` frames (put in sync), played ``speed`` times faster,
+            and the tracked code resampled on the same clock; named ``NAME@speedS``, offset 0.
+        offset: the clip's A/V offset in frames (> 0: the audio is late); used with ``speed``.
 
     Raises:
         WorkspaceError: the workspace has no finished track stage or no blendshape names.
@@ -407,19 +429,28 @@ def clip_from_workspace(path: str | Path, features: str, *, speaker: str | None 
     ex = ws.stage("extract")
     cfg = dataclasses.replace(from_dict(AudioFeatureConfig, ex.config.get("audio", {})), features=features)
     samples, sr = load_audio(ws)
+    fps = float(ex.summary["fps"])
+    art = tracks.articulation().double().numpy()
+    keep = split_indices(ws)[0] if train_only else range(len(art))
+    name = ws.root.name
+    if speed != 1.0:
+        from gstalk.audio.perturb import resample_frames, shift_audio, speed_perturb
+
+        samples = speed_perturb(shift_audio(samples, sr, offset / fps), speed)
+        art = resample_frames(art, speed)
+        # the kept frames on the perturbed clock: those showing the kept span's time
+        keep = range(int(np.ceil(keep.start / speed - 1e-9)), min(int(np.floor((keep.stop - 1) / speed + 1e-9)) + 1,
+                                                                   len(art)))
+        name = f"{name}@speed{speed:g}"
     extractor = get_extractor(features, cfg)
     steps = extractor(samples, sr)
     steps = normalise(steps, *training_statistics(extractor, steps))
-    n = len(tracks.viewmats)
-    windows = frame_windows(steps, n, float(ex.summary["fps"]), extractor.steps_per_second, cfg.window, 0)
-    art = tracks.articulation().double().numpy()
-    keep = range(n)
-    if train_only:
-        keep = split_indices(ws)[0]
+    windows = frame_windows(steps, len(art), fps, extractor.steps_per_second, cfg.window, 0)
     art, windows = art[keep.start:keep.stop], windows[keep.start:keep.stop]
     targets = (art - art.mean(0)) / np.maximum(art.std(0), 1e-3)
-    return PriorClip(name=ws.root.name, speaker=speaker or ws.root.name, windows=windows.astype(np.float32),
-                     targets=targets.astype(np.float32), sha256=str(ws.manifest.get("source", {}).get("sha256", "")))
+    return PriorClip(name=name, speaker=speaker or ws.root.name, windows=windows.astype(np.float32),
+                     targets=targets.astype(np.float32), sha256=str(ws.manifest.get("source", {}).get("sha256", "")),
+                     speed=float(speed))
 
 
 def workspace_audio_config(path: str | Path, features: str) -> dict[str, Any]:
@@ -453,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a workspace whose clip is known to be in sync (e.g. GRID's): the offsets are "
                         "measured against these (repeat it); default: against the corpus's average")
     f.add_argument("--all-frames", action="store_true", help="also fit on each workspace's test split")
+    f.add_argument("--speed", action="append", type=float, default=[], metavar="S",
+                   help="also fit on every clip played S times faster (speed perturbation, e.g. "
+                        "--speed 0.9 --speed 1.1; repeat it); default: none")
     f.add_argument("--members", type=int, default=PriorSettings.members)
     f.add_argument("--steps", type=int, default=PriorSettings.steps)
     f.add_argument("--seed", type=int, default=0)
@@ -462,6 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         print(json.dumps(ArticulationPrior.load(args.file).meta, indent=2))
         return 0
+    from gstalk.audio.perturb import speed_ratio
+
+    for s in args.speed:
+        try:
+            speed_ratio(s)
+        except ValueError as e:
+            ap.error(f"--speed: {e}")
     speakers = dict(s.split("=", 1) for s in args.speaker)
     clips = [clip_from_workspace(p, args.features, speaker=speakers.get(p.name) or speakers.get(str(p)),
                                  train_only=not args.all_frames) for p in args.workspaces]
@@ -469,12 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     offsets = estimate_offsets(clips, synchronous=synchronous)
     for c in clips:
         c.offset = int(offsets[c.name]["offset"])
+    clips += [clip_from_workspace(p, args.features, speaker=c.speaker, train_only=not args.all_frames, speed=s,
+                                  offset=c.offset)
+              for s in args.speed if s != 1.0 for p, c in zip(args.workspaces, list(clips))]
     settings = PriorSettings(members=args.members, steps=args.steps, seed=args.seed)
     prior = fit_prior(clips, settings, args.features, workspace_audio_config(args.workspaces[0], args.features))
     prior.meta["offsets"] = offsets
     prior.meta["synchronous"] = synchronous
     prior.save(args.output)
     print(json.dumps({"output": args.output, "clips": len(clips), "frames": prior.meta["frames"],
+                      "perturbed_frames": prior.meta["perturbed_frames"],
                       "speakers": prior.meta["speakers"], "fit": prior.meta["fit"]}, indent=2))
     return 0
 

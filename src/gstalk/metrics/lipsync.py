@@ -11,7 +11,9 @@ envelope scores real and mismatched audio alike; the regression separates them.
 
 The coefficients ship with gstalk (``gstalk/assets/lipsync_ridge.json``) and are re-fitted
 with ``python -m gstalk.metrics.lipsync fit WS [WS ...] -o FILE`` from workspaces whose
-track stage is done (see :func:`fit_proxy`).
+track stage is done (see :func:`fit_proxy`). The shipped ones are fitted on the six GRID
+sentences alone (recorded in sync; ``info["clips"]``): a clip in the fit is read in sample,
+its own A/V delay learnt into the weights, so no clip gstalk is evaluated on belongs there.
 """
 
 from __future__ import annotations
