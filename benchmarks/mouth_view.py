@@ -62,6 +62,7 @@ def lip_gaps(ws_path: str, frames: int = 250) -> dict[str, Any]:
         fixed = model.code_windows(torch.zeros(n, model.articulator.out_dim))
     else:  # driven by the audio features directly: their (normalised) mean, 0
         fixed = torch.zeros(n, avatar.audio.window, int(avatar.audio.tensors["mean"].shape[-1]))
+    fixed = fixed.to(renderer.device)
     renderer.conditions = lambda _windows: fixed  # type: ignore[method-assign]
     dummy = np.zeros((n, 1, 1), np.float32)
     out: dict[str, Any] = {"workspace": str(ws.root), "frames": n}

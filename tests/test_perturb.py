@@ -42,7 +42,8 @@ def test_shift_audio_advances_or_delays_with_silence():
     assert np.argmax(ahead) == 40 and ahead.sum() == 1.0 and len(ahead) == 100
     late = shift_audio(x, 100, -0.2)
     assert np.argmax(late) == 70 and late[:20].sum() == 0.0
-    assert shift_audio(x, 100, 2.0).sum() == 0.0  # shifted past the end: silence
+    assert shift_audio(x, 100, 2.0).sum() == 0.0  # shifted past either end: silence
+    assert shift_audio(x, 100, -1.5).sum() == 0.0 and len(shift_audio(x, 100, -1.5)) == 100
 
 
 def test_resample_frames_reads_the_original_clock():

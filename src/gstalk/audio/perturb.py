@@ -47,8 +47,10 @@ def shift_audio(samples: np.ndarray, sample_rate: int, seconds: float) -> np.nda
     x = np.asarray(samples, np.float32)
     k = int(round(seconds * sample_rate))
     out = np.zeros_like(x)
+    if abs(k) >= len(x):  # shifted past either end: silence
+        return out
     if k >= 0:
-        out[:max(len(x) - k, 0)] = x[k:]
+        out[:len(x) - k] = x[k:]
     else:
         out[-k:] = x[:len(x) + k]
     return out
