@@ -37,7 +37,7 @@ def test_mouth_view_holds_the_code_and_varies_only_the_camera(trained_ws):
     assert np.isfinite(r["loop"]["slope_px_per_deg"]) and -1.0 <= r["loop"]["corr_pitch"] <= 1.0
 
 
-def test_mouth_view_refuses_a_workspace_without_fine(tmp_path):
+def test_mouth_view_refuses_a_missing_workspace(tmp_path):
     from gstalk.errors import WorkspaceError
 
     with pytest.raises(WorkspaceError):

@@ -245,19 +245,14 @@ def train_pooled(ensemble: ArticulationEnsemble, clips: Sequence[PriorClip], set
         x = gather(c.shifted_windows(), settings.smooth)
         n = len(x)
         n_val = max(1, int(round(n * settings.val_fraction)))
-        y = torch.from_numpy(np.asarray(c.targets, np.float32))
-        if c.speed != 1.0:
-            xs.append(x[:n - n_val])
-            ys.append(y[:n - n_val])
-            val.append(torch.zeros(n - n_val, dtype=torch.bool))
-            orig.append(torch.zeros(n - n_val, dtype=torch.bool))
-            continue
-        orig.append(torch.ones(n, dtype=torch.bool))
-        xs.append(x)
-        ys.append(y)
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[n - n_val:] = True
+        recorded = c.speed == 1.0
+        keep = n if recorded else n - n_val  # a copy's last tenth is its original's held-out speech
+        xs.append(x[:keep])
+        ys.append(torch.from_numpy(np.asarray(c.targets[:keep], np.float32)))
+        mask = torch.zeros(keep, dtype=torch.bool)
+        mask[n - n_val:] = recorded  # an empty slice for a copy
         val.append(mask)
+        orig.append(torch.full((keep,), recorded))
     x, y, is_val, is_orig = torch.cat(xs), torch.cat(ys), torch.cat(val), torch.cat(orig)
     fit_ids, val_ids = torch.nonzero(~is_val)[:, 0], torch.nonzero(is_val)[:, 0]
     ref = y[~is_val & is_orig].mean(0)  # R²'s baseline: the recorded clips' mean code
@@ -463,6 +458,21 @@ def workspace_audio_config(path: str | Path, features: str) -> dict[str, Any]:
     return dataclasses.asdict(dataclasses.replace(cfg, features=features))
 
 
+def _speed_arg(text: str) -> float:
+    """``--speed S``: a float that :func:`gstalk.audio.perturb.speed_ratio` accepts, else
+    argparse's usage error (exit code 2) naming the value."""
+    import argparse
+
+    from gstalk.audio.perturb import speed_ratio
+
+    try:
+        speed = float(text)
+        speed_ratio(speed)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "range" in str(e) else f"not a number: {text!r}") from None
+    return speed
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m gstalk.prior fit WS [WS ...] -o FILE`` and ``python -m gstalk.prior info [FILE]``."""
     import argparse
@@ -484,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a workspace whose clip is known to be in sync (e.g. GRID's): the offsets are "
                         "measured against these (repeat it); default: against the corpus's average")
     f.add_argument("--all-frames", action="store_true", help="also fit on each workspace's test split")
-    f.add_argument("--speed", action="append", type=float, default=[], metavar="S",
+    f.add_argument("--speed", action="append", type=_speed_arg, default=[], metavar="S",
                    help="also fit on every clip played S times faster (speed perturbation, e.g. "
                         "--speed 0.9 --speed 1.1; repeat it); default: none")
     f.add_argument("--members", type=int, default=PriorSettings.members)
@@ -496,13 +506,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         print(json.dumps(ArticulationPrior.load(args.file).meta, indent=2))
         return 0
-    from gstalk.audio.perturb import speed_ratio
-
-    for s in args.speed:
-        try:
-            speed_ratio(s)
-        except ValueError as e:
-            ap.error(f"--speed: {e}")
     speakers = dict(s.split("=", 1) for s in args.speaker)
     clips = [clip_from_workspace(p, args.features, speaker=speakers.get(p.name) or speakers.get(str(p)),
                                  train_only=not args.all_frames) for p in args.workspaces]
