@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 
-def lip_gaps(ws_path: str, frames: int = 250) -> dict[str, Any]:
-    """The numbers above for workspace ``ws_path``.
+def lip_gaps(ws_path: str, frames: int = 250, still_frame: int | None = None) -> dict[str, Any]:
+    """The numbers above for workspace ``ws_path``; ``still_frame``: the pose held in the
+    "still" rows (a frame number; default the most frontal training frame).
 
     Returns:
         {"workspace", "frames", "loop": {"gap_px", "gap_sd_px", "slope_px_per_deg",
@@ -65,7 +66,7 @@ def lip_gaps(ws_path: str, frames: int = 250) -> dict[str, Any]:
     fixed = fixed.to(renderer.device)
     out: dict[str, Any] = {"workspace": str(ws.root), "frames": n}
     viewmats = avatar.viewmats.numpy().astype(np.float64)
-    front = frontal_frame(avatar.viewmats, avatar.train)
+    front = frontal_frame(avatar.viewmats, avatar.train) if still_frame is None else int(still_frame)
     with MediaPipeDetector(video=False, num_faces=1) as det:
         for mode in ("loop", "still"):
             poses = loop_poses(n, avatar.train) if mode == "loop" else [front] * n

@@ -48,6 +48,13 @@ def test_coarse_resumes_to_the_uninterrupted_parameters(trained_ws, tmp_path, mo
     assert hist[50] != hist[40]  # the resumed run densified (the state came back), and kept its history
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=0, msg=k)
+    # the articulation basis (on by default) and its Adam moments came back too
+    assert cfg.articulation_basis == "lower_face"
+    ba, _ = load_tensors(a / "coarse" / "articulation_basis.safetensors")
+    bb, _ = load_tensors(b / "coarse" / "articulation_basis.safetensors")
+    assert ba["means"].shape == (ta["means"].shape[0], 7, 3) and ba["means"].abs().max() > 0
+    for k in ba:
+        torch.testing.assert_close(bb[k], ba[k], rtol=0, atol=0, msg=f"basis {k}")
 
 
 def test_coarse_resume_without_a_checkpoint_and_a_fresh_run_over_one(trained_ws, tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from gstalk import __version__
+from gstalk.config import DEFAULT_ARTICULATION_GAIN
 from gstalk.errors import EXIT_CODES, GstalkError
 
 app = typer.Typer(
@@ -57,7 +58,8 @@ FanWeights = Annotated[Optional[Path], typer.Option(
 ArticulationGain = Annotated[Optional[float], typer.Option(
     "--articulation-gain", help="How much the mouth moves with the speech: the predicted mouth articulation code is "
                                 "scaled by this (1 = as calibrated on the training frames; >1 more, <1 less; like "
-                                "GeneFace++'s mouth amplitude). Default: 1.3, measured (docs/methods.md).",
+                                f"GeneFace++'s mouth amplitude). Default: {DEFAULT_ARTICULATION_GAIN:g}, measured "
+                                "(docs/methods.md).",
     show_default=False)]
 WorkspaceArg = Annotated[Optional[Path], typer.Argument(
     help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]

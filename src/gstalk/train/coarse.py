@@ -24,6 +24,7 @@ from gstalk.config import CoarseConfig
 from gstalk.errors import TrainingError
 from gstalk.gaussians import Densifier
 from gstalk.gaussians.splat import composite, splat
+from gstalk.tracking.canonical import canonical_face
 from gstalk.train.frames import FrameSet
 from gstalk.train.losses import photometric_loss
 from gstalk.train.pose_refine import PosePrior, corrected_viewmats, registration_pass, schedule
@@ -89,6 +90,32 @@ class CoarseTrainer:
         self.registered = torch.zeros(len(self.data), dtype=torch.bool)
         self.pose_prior = pose_prior(c)
         self.pose_steps = set(schedule(c.iterations, c.pose_passes))
+        self.basis: torch.nn.ParameterDict | None = None
+        self.basis_optimizers: dict[str, torch.optim.Optimizer] = {}
+        if c.articulation_basis != "none":
+            if self.data.articulation is None:
+                raise TrainingError("articulation_basis needs the training frames' mouth articulation codes.",
+                                    hint="track the clip again with the MediaPipe detector, or set "
+                                         "articulation_basis=none")
+            self.basis = init_basis(self.params["means"].shape[0], self.data.articulation.shape[1], self.device)
+            self.basis_optimizers = gaussian_optimizers(self.basis, {"means": c.lr_articulation * self.scene_scale,
+                                                                     "sh0": c.lr_sh0})
+
+    def checkpoint_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer of the run by checkpoint name: the Gaussians' (``means``, ...) and
+        the articulation basis's (``basis_means``, ``basis_sh0``)."""
+        return {**self.optimizers, **{f"basis_{k}": o for k, o in self.basis_optimizers.items()}}
+
+    def restore_basis(self, extra: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]) -> None:
+        """Put a checkpoint's articulation basis (``extra["basis_means"]``, ``extra["basis_sh0"]``)
+        and its Adam moments back (after :func:`~gstalk.train.checkpoint.restore_training`)."""
+        from gstalk.train.checkpoint import restore_optimizers
+
+        if self.basis is None:
+            return
+        for k in self.basis.keys():
+            self.basis[k].data.copy_(extra[f"basis_{k}"].to(self.device))
+        restore_optimizers({f"basis_{k}": o for k, o in self.basis_optimizers.items()}, optim)
 
     def set_corrections(self, corrections: torch.Tensor) -> None:
         """Use ``corrections`` [F, 6] (prior units) for the training frames' cameras."""
@@ -129,7 +156,14 @@ class CoarseTrainer:
         i = int(self.rng.integers(len(d)))
         for g in self.optimizers["means"].param_groups:
             g["lr"] = exp_decay(self.step, c.iterations, self.lr_means0, self.lr_means0 * 0.01)
-        colors, alphas, meta = splat(self.params, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=c.raster,
+        params: Any = self.params
+        if self.basis is not None:
+            lr0 = c.lr_articulation * self.scene_scale
+            for g in self.basis_optimizers["means"].param_groups:
+                g["lr"] = exp_decay(self.step, c.iterations, lr0, lr0 * 0.01)
+            region = lower_face(self.params["means"].detach()) if c.articulation_basis == "lower_face" else None
+            params = articulated(self.params, self.basis, d.articulation[d.frame_ids[i]], region)
+        colors, alphas, meta = splat(params, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=c.raster,
                                      sh_degree=self.sh_degree())
         pred = composite(colors, alphas, d.background(i))
         loss = photometric_loss(pred, d.image(i), c.ssim_lambda)
@@ -139,9 +173,10 @@ class CoarseTrainer:
                                      "rasterizer; if it persists, extract again with another `--seed`")
         self.densifier.step_pre_backward(meta)
         loss.backward()
+        extra = ((self.basis, self.basis_optimizers),) if self.basis is not None else ()
         changes = self.densifier.step_post_backward(self.params, self.optimizers, self.densify_state, self.step,
-                                                    meta, d.width, d.height)
-        for opt in self.optimizers.values():
+                                                    meta, d.width, d.height, extra_params=extra)
+        for opt in (*self.optimizers.values(), *self.basis_optimizers.values()):
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -168,6 +203,46 @@ class CoarseTrainer:
             if checkpoint is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.iterations:
                 checkpoint(self)
         return self.history
+
+
+def init_basis(n: int, dim: int, device: torch.device | str = "cpu") -> torch.nn.ParameterDict:
+    """A zero per-Gaussian linear articulation basis: ``means`` [N, D, 3] float32 (metres per
+    standard deviation of each code dimension) and ``sh0`` [N, D, 3] (SH DC colour per
+    standard deviation)."""
+    return torch.nn.ParameterDict({k: torch.nn.Parameter(torch.zeros(n, dim, 3, device=device))
+                                   for k in ("means", "sh0")})
+
+
+def lower_face(means: torch.Tensor, margin: float = 0.02) -> torch.Tensor:
+    """[N] bool: the Gaussians at ``means`` [N, 3] (canonical space, metres) in the lower face,
+    where the mouth code can move them: between the mouth corners widened by ``margin``
+    (landmarks 61/291), from the subnasale (landmark 2) down to ``margin`` below the chin
+    (152), and in front of the mouth corners' depth less 30 mm (not the neck or the ears)."""
+    v = torch.as_tensor(canonical_face().vertices, dtype=means.dtype, device=means.device)
+    x, y, z = means.unbind(-1)
+    half = v[291, 0].abs().max(v[61, 0].abs()) + margin
+    return (x.abs() < half) & (y < v[2, 1]) & (y > v[152, 1] - margin) & (z > v[61, 2] - 0.03)
+
+
+def articulated(params: torch.nn.ParameterDict | dict[str, torch.Tensor], basis: torch.nn.ParameterDict,
+                code: torch.Tensor, region: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The Gaussians with a mouth code applied through a linear basis:
+    ``means + Σ_d code_d · basis.means[:, d]`` and ``sh0[:, 0] + Σ_d code_d · basis.sh0[:, d]``
+    for the Gaussians in ``region`` ([N] bool; None: all), the other tensors unchanged
+    (differentiable in ``params``, ``basis`` and ``code``).
+
+    Args:
+        params: raw Gaussian parameters (means [N, 3] metres in canonical space, sh0 [N, 1, 3]).
+        basis: :func:`init_basis`'s tensors, [N, D, 3] each.
+        code: [D] float32 standardised mouth articulation code
+            (:func:`~gstalk.deform.articulation.articulation_features`, z-scored); 0 = the
+            clip's average mouth, where the result equals ``params``.
+    """
+    w = torch.ones(()) if region is None else region.to(params["means"].dtype)[:, None]
+    out = dict(params.items())
+    out["means"] = params["means"] + w * torch.einsum("d,ndk->nk", code, basis["means"])
+    out["sh0"] = params["sh0"] + (w * torch.einsum("d,ndk->nk", code, basis["sh0"]))[:, None]
+    return out
 
 
 def pose_prior(cfg: CoarseConfig) -> PosePrior:
