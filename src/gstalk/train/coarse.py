@@ -7,6 +7,10 @@ plate) and minimises (1 - λ) L1 + λ D-SSIM (3DGS Eq. 7), with adaptive density
 too: after the steps of :func:`~gstalk.train.pose_refine.schedule` a registration pass
 (:func:`~gstalk.train.pose_refine.registration_pass`) corrects every training frame's
 camera against the current Gaussians, and training goes on with the corrected cameras.
+With ``articulation_basis`` (default ``lower_face``) each frame is rendered with its tracked
+mouth code applied through a per-Gaussian linear basis fitted alongside (:func:`articulated`),
+so a mouth that opens as the head nods is explained by the code, not by the view; the static
+head is the one at code 0.
 Pure: tensors in, tensors out, progress through a callback; files are the stage's business.
 """
 
@@ -60,6 +64,10 @@ class CoarseTrainer:
         corrections: [F, 6] float32 their pose corrections in prior units
             (:mod:`gstalk.train.pose_refine`); ``data.viewmats`` holds the corrected cameras.
         registered: [F] bool, frames some registration pass has corrected.
+        basis: with ``cfg.articulation_basis`` other than ``none``, the per-Gaussian linear
+            articulation basis (:func:`init_basis`: ``means``, ``sh0`` [N, D, 3]) each step
+            renders its frame's tracked code with (:func:`articulated`); densification edits
+            it with the Gaussians. None otherwise.
         pose_history: one dict per registration pass (step, frames registered, failed,
             rejected, the mean shift the registration found in px, mean correction in degrees
             and mm).
@@ -229,7 +237,9 @@ def articulated(params: torch.nn.ParameterDict | dict[str, torch.Tensor], basis:
     """The Gaussians with a mouth code applied through a linear basis:
     ``means + Σ_d code_d · basis.means[:, d]`` and ``sh0[:, 0] + Σ_d code_d · basis.sh0[:, d]``
     for the Gaussians in ``region`` ([N] bool; None: all), the other tensors unchanged
-    (differentiable in ``params``, ``basis`` and ``code``).
+    (differentiable in ``params``, ``basis`` and ``code``). A linear blendshape model of the
+    mouth, as a 3DMM's expression basis, learnt per Gaussian: gstalk's addition to the
+    papers' static initialisation (GSTalker Sec. 3.3), docs/methods.md.
 
     Args:
         params: raw Gaussian parameters (means [N, 3] metres in canonical space, sh0 [N, 1, 3]).
