@@ -165,8 +165,18 @@ def test_coarse_stage_writes_the_basis_and_fits_without_it_when_the_tracks_have_
     assert summary["articulation_basis"]["region"] == "lower_face"
     assert summary["articulation_basis"]["gaussians"] == int((~outside).sum())
 
+    # the codes the coarse stage loads without audio are the fine stage's (same standardisation)
+    from gstalk.dataset import Tracks, build_frameset, split_indices
+    from gstalk.workspace import Workspace
+
+    ws = Workspace.open(ws_copy)
+    train = split_indices(ws)[0]
+    assert build_frameset(ws, train).articulation is None  # only when asked for
+    torch.testing.assert_close(build_frameset(ws, train, codes=True).articulation,
+                               build_frameset(ws, train, audio_offset=0).articulation, rtol=0, atol=0)
+
     # tracks without the code: a warning, a fit without the basis, and no stale basis file left
-    monkeypatch.setattr(coarse_stage, "training_codes", lambda ws, train: None)
+    monkeypatch.setattr(Tracks, "has_articulation", property(lambda self: False))
     coarse_stage.run_coarse(str(ws_copy), cfg, reporter=Reporter(quiet=True))
     err = " ".join(capsys.readouterr().err.split())
     assert "no mouth articulation code" in err and "gstalk track" in err

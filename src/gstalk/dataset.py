@@ -306,7 +306,7 @@ class PoseFrameTorso:
 
 
 def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: int | None = None,
-                   cameras: str = "auto") -> FrameSet:
+                   cameras: str = "auto", codes: bool = False) -> FrameSet:
     """Load frames, backgrounds, cameras, masks and (optionally) audio windows into a
     :class:`~gstalk.train.frames.FrameSet`.
 
@@ -315,9 +315,11 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
         cameras: ``auto`` (the coarse stage's refined poses when there are some, else the
             tracked ones) or ``tracked`` (:func:`load_cameras`).
         audio_offset: None to skip audio; else the A/V offset in frames applied when cutting
-            the feature windows (frame i gets the window of audio frame i + offset). With
-            audio, the mouth articulation code of every frame is loaded too, standardised
-            with the statistics of ``indices``.
+            the feature windows (frame i gets the window of audio frame i + offset).
+        codes: load the mouth articulation code of every frame without audio too (the
+            coarse stage's articulation basis). With audio or ``codes`` it is loaded,
+            standardised with the statistics of ``indices``, when the tracks can give it
+            (:attr:`Tracks.has_articulation`); otherwise ``FrameSet.articulation`` is None.
     """
     from gstalk.audio import frame_windows
 
@@ -335,10 +337,10 @@ def build_frameset(ws: Workspace, indices: range | list[int], *, audio_offset: i
         n_all = int(ws.stage("extract").summary["n_frames"])
         win = frame_windows(af.steps, n_all, fps, af.steps_per_second, af.window, offset_frames=audio_offset)
         audio = torch.from_numpy(win)
-        if tracks.has_articulation:
-            from gstalk.deform.articulation import standardise
+    if (audio_offset is not None or codes) and tracks.has_articulation:
+        from gstalk.deform.articulation import standardise
 
-            articulation = standardise(tracks.articulation(), idx)
+        articulation = standardise(tracks.articulation(), idx)
     sel = torch.tensor(idx, dtype=torch.long)
     from gstalk.tracking.schemes import eye_boxes
 

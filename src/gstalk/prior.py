@@ -467,9 +467,12 @@ def _speed_arg(text: str) -> float:
 
     try:
         speed = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
         speed_ratio(speed)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if "range" in str(e) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
     return speed
 
 

@@ -78,7 +78,7 @@ COARSE_PREVIEW = "coarse/preview.png"
 COARSE_SUMMARY = "coarse/summary.json"
 COARSE_CHECKPOINT = "coarse/checkpoint.safetensors"
 COARSE_CAMERAS = "coarse/cameras.safetensors"
-COARSE_BASIS = "coarse/articulation_basis.safetensors"  # the coarse fit's articulation basis (articulation_basis=true)
+COARSE_BASIS = "coarse/articulation_basis.safetensors"  # the coarse fit's articulation basis (optional)
 FINE_MODEL = "fine/model.safetensors"
 FINE_PLY = "fine/point_cloud.ply"
 FINE_PREVIEW = "fine/preview.png"

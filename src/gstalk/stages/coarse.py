@@ -138,40 +138,6 @@ def final_cameras(ws: Workspace, trainer: CoarseTrainer, test: range, cfg: Coars
     return out
 
 
-def training_codes(ws: Workspace, train: range | list[int]) -> torch.Tensor | None:
-    """[N_all, D] float32: every frame's tracked mouth articulation code, standardised over
-    the training frames ``train`` (as the fine stage's); None when the tracks cannot give it
-    (no blendshape names: a workspace tracked before they were stored)."""
-    from gstalk.dataset import load_tracks
-    from gstalk.deform.articulation import standardise
-
-    tracks = load_tracks(ws)
-    if not tracks.has_articulation:
-        return None
-    return standardise(tracks.articulation(), list(train))
-
-
-def basis_region(trainer: CoarseTrainer, cfg: CoarseConfig) -> torch.Tensor:
-    """[N] bool: the Gaussians the articulation basis moves at the end of the fit."""
-    from gstalk.train.coarse import lower_face
-
-    means = trainer.params["means"].detach()
-    if cfg.articulation_basis == "lower_face":
-        return lower_face(means)
-    return torch.ones(len(means), dtype=torch.bool, device=means.device)
-
-
-def basis_stats(trainer: CoarseTrainer, cfg: CoarseConfig) -> dict[str, Any]:
-    """The articulation basis in the summary: its region, how many Gaussians it moved and by
-    how much (mean over them and the code's dimensions, mm per standard deviation)."""
-    if trainer.basis is None:
-        return {"region": "none"}
-    inside = basis_region(trainer, cfg)
-    mm = trainer.basis["means"].detach()[inside].norm(dim=-1) * 1000.0
-    return {"region": cfg.articulation_basis, "gaussians": int(inside.sum()),
-            "mean_mm_per_sd": float(mm.mean()) if len(mm) else 0.0}
-
-
 # settings that may change between a stopped run and its resumption
 _RESUMABLE_CHANGES = ("iterations", "log_every", "raster", "device", "checkpoint_every")
 
@@ -206,14 +172,12 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     torch.manual_seed(ws.seed)
     reporter.log(f"[bold]coarse[/bold] {len(train)} training frames, {cfg.iterations} iterations on "
                  f"{describe(device)}" + (f", {cfg.pose_passes} pose refinement passes" if cfg.pose_passes else ""))
-    data = build_frameset(ws, train, cameras="tracked")
-    if cfg.articulation_basis != "none":
-        data.articulation = training_codes(ws, train)
-        if data.articulation is None:
-            reporter.warn("the tracks have no mouth articulation code (no blendshape names): the coarse head is "
-                          "fitted without its articulation basis, so mouth shapes that come with a head pose "
-                          "stay in the static head; run `gstalk track` again to get the code")
-            cfg = dataclasses.replace(cfg, articulation_basis="none")
+    data = build_frameset(ws, train, cameras="tracked", codes=cfg.articulation_basis != "none")
+    if cfg.articulation_basis != "none" and data.articulation is None:
+        reporter.warn("the tracks have no mouth articulation code (no blendshape names): the coarse head is "
+                      "fitted without its articulation basis, so mouth shapes that come with a head pose "
+                      "stay in the static head; run `gstalk track` again to get the code")
+        cfg = dataclasses.replace(cfg, articulation_basis="none")
     box = head_box()
     scene_scale = float((box[1] - box[0]).norm() / 2)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
@@ -241,10 +205,8 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
         reporter.log(f"  resuming at iteration {trainer.step}")
 
     def checkpoint(tr: CoarseTrainer) -> None:
-        basis = {f"basis_{k}": v for k, v in tr.basis.items()} if tr.basis is not None else {}
         save_checkpoint(ckpt_path, step=tr.step, params=tr.params, optimizers=tr.checkpoint_optimizers(),
-                        densify=tr.densify_state, rng=tr.rng,
-                        extra={"corrections": tr.corrections, "registered": tr.registered.to(torch.uint8), **basis},
+                        densify=tr.densify_state, rng=tr.rng, extra=tr.checkpoint_extra(),
                         info={"settings": settings, "history": tr.history[-20:], "pose_history": tr.pose_history})
 
     t, first = time.perf_counter(), trainer.step
@@ -278,10 +240,9 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     if trainer.basis is None:
         ws.path(COARSE_BASIS).unlink(missing_ok=True)  # not a stale one from an earlier run
     else:
-        region = basis_region(trainer, cfg).to(params["means"].dtype)[:, None, None]
-        save_tensors(ws.path(COARSE_BASIS), {k: (v.detach() * region).contiguous() for k, v in trainer.basis.items()},
-                     {"units": {"means": "m per standard deviation of the code",
-                                "sh0": "SH DC per standard deviation of the code"}})
+        save_tensors(ws.path(COARSE_BASIS), trainer.basis_tensors(),
+                     {"region": cfg.articulation_basis, "units": {"means": "m per standard deviation of the code",
+                                                                  "sh0": "SH DC per standard deviation of the code"}})
     t_test = time.perf_counter()  # the test frames' cameras, against the Gaussians just written
     cameras = final_cameras(ws, trainer, test, cfg, device, reporter)
     pose_s += time.perf_counter() - t_test
@@ -298,7 +259,7 @@ def _coarse(ws: Workspace, cfg: CoarseConfig, reporter: Reporter, resume: bool,
     summary = {"iterations": cfg.iterations, "n_gaussians": n, "train_psnr": psnr, "train_seconds": train_s,
                "ms_per_iteration": ms_per_it, "scene_scale": scene_scale, "device": str(device),
                "pose_refinement": {**cameras, "seconds": pose_s},
-               "articulation_basis": basis_stats(trainer, cfg),
+               "articulation_basis": trainer.basis_summary(),
                "history": trainer.history[-20:]}
     write_json(ws.path(COARSE_SUMMARY), summary)
     ckpt_path.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -103,16 +104,51 @@ class CoarseTrainer:
         if c.articulation_basis != "none":
             if self.data.articulation is None:
                 raise TrainingError("articulation_basis needs the training frames' mouth articulation codes.",
-                                    hint="track the clip again with the MediaPipe detector, or set "
-                                         "articulation_basis=none")
+                                    hint="run `gstalk track` again (its blendshape names or 68 points give "
+                                         "the code), or set articulation_basis=none")
             self.basis = init_basis(self.params["means"].shape[0], self.data.articulation.shape[1], self.device)
             self.basis_optimizers = gaussian_optimizers(self.basis, {"means": c.lr_articulation * self.scene_scale,
                                                                      "sh0": c.lr_sh0})
+
+    def basis_region(self) -> torch.Tensor | None:
+        """[N] bool: the Gaussians the articulation basis moves now (``lower_face``), or None
+        for every Gaussian (``all``, or no basis)."""
+        if self.basis is None or self.cfg.articulation_basis != "lower_face":
+            return None
+        return lower_face(self.params["means"].detach())
+
+    def basis_tensors(self) -> dict[str, torch.Tensor]:
+        """The articulation basis as it acts: ``means`` and ``sh0`` [N, D, 3], zero for the
+        Gaussians outside :meth:`basis_region`; {} without a basis."""
+        if self.basis is None:
+            return {}
+        region = self.basis_region()
+        w = 1.0 if region is None else region.to(self.basis["means"].dtype)[:, None, None]
+        return {k: (v.detach() * w).contiguous() for k, v in self.basis.items()}
+
+    def basis_summary(self) -> dict[str, Any]:
+        """For the stage's summary: the region, how many Gaussians it holds and how far the
+        basis moves them (mean over them and the code's dimensions, mm per standard deviation)."""
+        if self.basis is None:
+            return {"region": "none"}
+        region = self.basis_region()
+        mm = self.basis["means"].detach().norm(dim=-1) * 1000.0  # [N, D]
+        if region is not None:
+            mm = mm[region]
+        return {"region": self.cfg.articulation_basis, "gaussians": int(len(mm)),
+                "mean_mm_per_sd": float(mm.mean()) if len(mm) else 0.0}
 
     def checkpoint_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Every optimizer of the run by checkpoint name: the Gaussians' (``means``, ...) and
         the articulation basis's (``basis_means``, ``basis_sh0``)."""
         return {**self.optimizers, **{f"basis_{k}": o for k, o in self.basis_optimizers.items()}}
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        """The run's state besides the Gaussians and optimizers, by checkpoint name: pose
+        ``corrections`` [F, 6], ``registered`` [F] uint8, and the basis (``basis_means``,
+        ``basis_sh0``) when there is one; :meth:`restore_basis` reads the latter back."""
+        return {"corrections": self.corrections, "registered": self.registered.to(torch.uint8),
+                **{f"basis_{k}": v for k, v in (self.basis or {}).items()}}
 
     def restore_basis(self, extra: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]) -> None:
         """Put a checkpoint's articulation basis (``extra["basis_means"]``, ``extra["basis_sh0"]``)
@@ -169,8 +205,7 @@ class CoarseTrainer:
             lr0 = c.lr_articulation * self.scene_scale
             for g in self.basis_optimizers["means"].param_groups:
                 g["lr"] = exp_decay(self.step, c.iterations, lr0, lr0 * 0.01)
-            region = lower_face(self.params["means"].detach()) if c.articulation_basis == "lower_face" else None
-            params = articulated(self.params, self.basis, d.articulation[d.frame_ids[i]], region)
+            params = articulated(self.params, self.basis, d.articulation[d.frame_ids[i]], self.basis_region())
         colors, alphas, meta = splat(params, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=c.raster,
                                      sh_degree=self.sh_degree())
         pred = composite(colors, alphas, d.background(i))
@@ -226,10 +261,18 @@ def lower_face(means: torch.Tensor, margin: float = 0.02) -> torch.Tensor:
     where the mouth code can move them: between the mouth corners widened by ``margin``
     (landmarks 61/291), from the subnasale (landmark 2) down to ``margin`` below the chin
     (152), and in front of the mouth corners' depth less 30 mm (not the neck or the ears)."""
-    v = torch.as_tensor(canonical_face().vertices, dtype=means.dtype, device=means.device)
+    half, top, chin, front = _lower_face_box()
     x, y, z = means.unbind(-1)
-    half = v[291, 0].abs().max(v[61, 0].abs()) + margin
-    return (x.abs() < half) & (y < v[2, 1]) & (y > v[152, 1] - margin) & (z > v[61, 2] - 0.03)
+    return (x.abs() < half + margin) & (y < top) & (y > chin - margin) & (z > front)
+
+
+@lru_cache(maxsize=1)
+def _lower_face_box() -> tuple[float, float, float, float]:
+    """(mouth corners' half-width, subnasale's y, chin's y, mouth corners' z − 30 mm), metres
+    in canonical space, from the canonical face's landmarks 61/291, 2, 152."""
+    v = canonical_face().vertices
+    return (float(max(abs(v[61, 0]), abs(v[291, 0]))), float(v[2, 1]), float(v[152, 1]),
+            float(min(v[61, 2], v[291, 2]) - 0.03))
 
 
 def articulated(params: torch.nn.ParameterDict | dict[str, torch.Tensor], basis: torch.nn.ParameterDict,
@@ -248,10 +291,14 @@ def articulated(params: torch.nn.ParameterDict | dict[str, torch.Tensor], basis:
             (:func:`~gstalk.deform.articulation.articulation_features`, z-scored); 0 = the
             clip's average mouth, where the result equals ``params``.
     """
-    w = torch.ones(()) if region is None else region.to(params["means"].dtype)[:, None]
+    d_means = torch.einsum("d,ndk->nk", code, basis["means"])
+    d_sh0 = torch.einsum("d,ndk->nk", code, basis["sh0"])
+    if region is not None:
+        w = region.to(d_means.dtype)[:, None]
+        d_means, d_sh0 = w * d_means, w * d_sh0
     out = dict(params.items())
-    out["means"] = params["means"] + w * torch.einsum("d,ndk->nk", code, basis["means"])
-    out["sh0"] = params["sh0"] + (w * torch.einsum("d,ndk->nk", code, basis["sh0"]))[:, None]
+    out["means"] = params["means"] + d_means
+    out["sh0"] = params["sh0"] + d_sh0[:, None]
     return out
 
 
