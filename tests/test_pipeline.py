@@ -42,6 +42,16 @@ def test_stage_outputs_are_valid(trained_ws):
         v = PlyData.read(str(trained_ws / stage / "point_cloud.ply"))["vertex"]
         assert len(v.data) > 100 and np.isfinite(np.asarray(v["opacity"])).all()
     assert not (trained_ws / "fine" / "checkpoint.safetensors").exists()
+    # every frame's torso got a residual flow (the test preset fits with 5 steps), stored
+    # with the model; fitting lowered the error outside the head on both splits
+    model, mmeta = load_tensors(trained_ws / "fine" / "model.safetensors")
+    flows = model["module.torso.flows"]
+    assert flows.shape == (75, 2, 4, 4) and mmeta["spec"]["torso"]["flow_grid"] == 4
+    assert (flows.flatten(1).abs().sum(1) > 0).all()
+    fit = ws.stage("fine").summary["torso_flow"]
+    assert fit["train"]["frames"] == 68 and fit["test"]["frames"] == 7
+    for split in ("train", "test"):
+        assert fit[split]["mse_after"] < fit[split]["mse_before"], fit
 
 
 def test_render_with_new_audio_has_matching_length(trained_ws, tmp_path):

@@ -259,6 +259,13 @@ class FineConfig:
     # ... and the torso's turn about the optical axis and scale per frame with the shift (a
     # similarity fitted to the flow; false = the shift only). See docs/methods.md, "Torso".
     torso_turns: bool = True
+    # ... and after training a residual flow per frame (gstalk.train.torso_flow): a
+    # torso_flow_grid x torso_flow_grid grid of image displacements of the rendered torso
+    # layer, fitted to each frame (test frames too, the field frozen) for what the head pose
+    # and the rigid warp cannot tell (the shoulders rising and falling); 0 = off (needs
+    # torso_passes > 0). See docs/methods.md, "Torso: residual flow".
+    torso_flow_grid: int = 4
+    torso_flow_steps: int = 30  # Adam steps per frame
     raster: str = "auto"
     device: str = "auto"  # auto (CUDA when torch sees a GPU and the rasterizer draws there), cpu, cuda, cuda:N
     log_every: int = 50
@@ -381,7 +388,8 @@ PRESETS: dict[str, Preset] = {
         fine=FineConfig(iterations=40, grid_levels=4, grid_log2_table=10, grid_max_res=64,
                         hidden=32, checkpoint_every=20, log_every=10, articulation_steps=100,
                         articulation_adapt_steps=50,
-                        articulation_members=2, torso_stride=2, densify_from=20, densify_until=31, densify_every=10,
+                        articulation_members=2, torso_stride=2, torso_flow_steps=5,
+                        densify_from=20, densify_until=31, densify_every=10,
                         audioplane=AudioPlaneConfig(plane_res=8, plane_dim=8),
                         egstalker=EGSTalkerConfig(feature_dim=16, attention_dim=16, kan_hidden=16)),
         description="tiny: for the test suite and CI smoke runs (seconds)",

@@ -60,11 +60,57 @@ def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter:
 
     t0 = time.perf_counter()
     check_choices(cfg)
+    check_torso_flow(cfg)
     ws = Workspace.open(workspace)
     ws.require("fine")
     device = stage_device(cfg.device, cfg.raster)
     run_stage(ws, "fine", to_dict(cfg), lambda: _fine(ws, cfg, resume, reporter, device), started=t0, resume=resume)
     return ws
+
+
+def check_torso_flow(cfg: FineConfig) -> None:
+    """Refuse residual-flow settings that cannot work, before anything is written.
+
+    Raises:
+        UsageError: ``torso_flow_grid`` is 1 or negative, or ``torso_flow_steps`` negative."""
+    from gstalk.errors import UsageError
+
+    if cfg.torso_flow_grid < 0 or cfg.torso_flow_grid == 1:
+        raise UsageError(f"--set torso_flow_grid: {cfg.torso_flow_grid} is not a grid size.",
+                         hint="use 0 (no residual flow of the torso) or 2 or more nodes per side (default 4)")
+    if cfg.torso_flow_steps < 0:
+        raise UsageError(f"--set torso_flow_steps: {cfg.torso_flow_steps} is negative.",
+                         hint="use 0 or more Adam steps per frame (default 30)")
+
+
+def fit_torso_flows(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device: torch.device,
+                    reporter: Reporter) -> dict[str, Any]:
+    """Fit every frame's residual torso flow (:func:`gstalk.train.torso_flow.fit_flows`) to the
+    finished, frozen torso field: the training frames, then the test frames (after their
+    registration, :func:`register_test_torso`). Returns {"train": stats, "test": stats,
+    "seconds"}; {} without a torso field with flows or with ``torso_flow_steps`` 0."""
+    from gstalk.train.torso_flow import FlowFit, fit_flows, set_flows
+
+    torso = trainer.model.torso
+    if torso is None or getattr(torso, "flow_grid", 0) == 0 or cfg.torso_flow_steps == 0:
+        return {}
+    t = time.perf_counter()
+    _, test = split_indices(ws)
+    sets = [("train", trainer.data)]
+    if len(test):
+        sets.append(("test", build_frameset(ws, test).to(device)))
+    settings = FlowFit(steps=cfg.torso_flow_steps)
+    out: dict[str, Any] = {}
+    with reporter.task("torso residual flow", sum(len(d) for _, d in sets)) as bar:
+        for name, data in sets:
+            flows, stats = fit_flows(torso, data, torso.flow_grid, settings, backend=cfg.raster, progress=bar.advance)
+            set_flows(torso, data.frame_ids, flows)
+            out[name] = stats
+    out["seconds"] = time.perf_counter() - t
+    tr = out["train"]
+    reporter.log(f"  torso residual flow: {tr['mean_px']:.2f} px mean node shift, error outside the head "
+                 f"{tr['mse_before']:.5f} → {tr['mse_after']:.5f} on the training frames ({out['seconds']:.0f} s)")
+    return out
 
 
 def register_test_torso(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device: torch.device,
@@ -134,7 +180,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
         n_all = int(ws.stage("extract").summary["n_frames"]) if cfg.torso_passes > 0 else 0
         torso = init_torso(data.images, data.torso_masks, data.viewmats, data.K, float(cmeta["scene_scale"]),
                            stride=cfg.torso_stride, hidden=cfg.torso_hidden, n_frames=n_all,
-                           turns=cfg.torso_turns)
+                           turns=cfg.torso_turns, flow_grid=cfg.torso_flow_grid)
         if torso.n == 0:
             reporter.log("  [yellow]no torso in the masks: the torso field is left out[/yellow]")
             torso = None
@@ -187,6 +233,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
                 bar.update(info=f"loss {stats['loss']:.4f}")
         trainer.run(cb, checkpoint)
     torso_test = register_test_torso(ws, trainer, cfg, device, reporter)
+    torso_flow = fit_torso_flows(ws, trainer, cfg, device, reporter)
     fit = trainer.articulation_fit
     fit_level = None
     if fit is not None:
@@ -227,6 +274,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
                "conditioning": cfg.conditioning, "articulation_fit": fit, "articulation_prior": prior_note,
                "torso_registration": {"passes": trainer.torso_history, "test": torso_test},
+               "torso_flow": torso_flow,
                "device": str(device), "history": trainer.history[-20:]}
     write_json(ws.path(FINE_SUMMARY), summary)
     return summary

@@ -1,0 +1,128 @@
+"""The torso's residual flow (gstalk.deform.torso.warp_layer, gstalk.train.torso_flow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gstalk.deform.torso import TorsoField, init_torso, render_torso, warp_layer
+from gstalk.train.torso_flow import FlowFit, fit_flows, flow_penalty, px_to_grid, set_flows
+
+K96 = torch.tensor([[120.0, 0.0, 48.0], [0.0, 120.0, 48.0], [0.0, 0.0, 1.0]])
+
+
+def test_no_flow_is_the_identity_and_a_constant_flow_moves_by_whole_pixels():
+    g = torch.Generator().manual_seed(0)
+    c, a = torch.rand(1, 20, 30, 3, generator=g), torch.rand(1, 20, 30, 1, generator=g)
+    for mode in ("bilinear", "bicubic"):
+        c0, a0 = warp_layer(c, a, torch.zeros(1, 2, 4, 4), mode)
+        torch.testing.assert_close(c0, c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a0, a, atol=1e-5, rtol=0)
+        d = torch.zeros(1, 2, 4, 4)
+        d[:, 0], d[:, 1] = 2.0, -1.0  # 2 px right, 1 px up
+        c1, a1 = warp_layer(c, a, px_to_grid(d, 30, 20), mode)
+        # out(x, y) = in(x - 2, y + 1), away from the replicated borders
+        torch.testing.assert_close(c1[0, 2:-2, 3:-3], c[0, 3:-1, 1:-5], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a1[0, 2:-2, 3:-3], a[0, 3:-1, 1:-5], atol=1e-5, rtol=0)
+    # half a pixel: bilinear averages the two neighbours, bicubic keeps more contrast
+    d = torch.zeros(1, 2, 4, 4)
+    d[:, 0] = 0.5
+    lin = warp_layer(c, a, px_to_grid(d, 30, 20), "bilinear")[0][0, 2:-2, 3:-3]
+    torch.testing.assert_close(lin, 0.5 * (c[0, 2:-2, 3:-3] + c[0, 2:-2, 2:-4]), atol=1e-5, rtol=0)
+    cub = warp_layer(c, a, px_to_grid(d, 30, 20), "bicubic")[0][0, 2:-2, 3:-3]
+    assert cub.var() > lin.var()
+
+
+def test_warp_gradients_match_finite_differences():
+    g = torch.Generator().manual_seed(1)
+    c = torch.rand(1, 6, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(1, 6, 7, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    # off the pixel lattice: bilinear sampling is smooth between pixels
+    f = (0.13 + 0.05 * torch.rand(1, 2, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    for mode in ("bilinear", "bicubic"):
+        assert torch.autograd.gradcheck(lambda c, a, f, m=mode: warp_layer(c, a, f, m), (c, a, f), eps=1e-6,
+                                        atol=1e-5)
+    d = torch.rand(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda d: flow_penalty(d, 0.3, 0.7), (d,), eps=1e-6, atol=1e-6)
+    # the penalty against a hand computation: one node moved by (1, 0) on a 2 x 2 grid
+    one = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    one[0, 0, 0, 0] = 1.0
+    # mean d² = 1/8; neighbour differences: 1 of 4 across, 1 of 4 down
+    torch.testing.assert_close(flow_penalty(one, 1.0, 1.0), torch.tensor([1 / 8 + 1 / 4 + 1 / 4], dtype=torch.float64))
+
+
+def _textured_torso(n_frames: int, flow_grid: int = 4):  # type: ignore[no-untyped-def]
+    from tests.test_torso import _poses, _textured_frames
+
+    imgs, masks = _textured_frames(n_frames)
+    vm = _poses(n_frames)
+    return imgs, masks, vm, init_torso(imgs, masks, vm, K96, 0.1, stride=1, n_frames=n_frames, turns=True,
+                                       flow_grid=flow_grid)
+
+
+def test_flows_travel_with_the_state_and_move_only_their_frame():
+    imgs, masks, vm, t = _textured_torso(3)
+    assert t.spec()["flow_grid"] == 4 and t.flows.shape == (3, 2, 4, 4)
+    assert t.flow(0) is None  # not fitted: nothing to warp
+    d = torch.zeros(1, 2, 4, 4)
+    d[:, 1] = -3.0  # frame 1's torso 3 px higher
+    set_flows(t, torch.tensor([1]), px_to_grid(d, 96, 96))
+    u = TorsoField(**t.spec())
+    u.load_state_dict(t.state_dict())
+    with torch.no_grad():
+        c0, _ = render_torso(u, vm[:1], K96, 96, 96, frame=0)
+        c1, _ = render_torso(u, vm[:1], K96, 96, 96, frame=1)
+        c1n, _ = render_torso(u, vm[:1], K96, 96, 96, frame=1, flow=False)
+    torch.testing.assert_close(c1n, c0)
+    torch.testing.assert_close(c1[0, 50:90, 20:76], c0[0, 53:93, 20:76], atol=1e-4, rtol=0)
+    # a field trained before residual flows has none, and a one-node grid is refused
+    old = init_torso(imgs, masks, vm, K96, 0.1, stride=4, n_frames=3, turns=True)
+    assert "flow_grid" not in old.spec() and not hasattr(old, "flows") and old.flow(0) is None
+    with pytest.raises(ValueError, match="flow_grid"):
+        TorsoField(4, n_frames=3, flow_grid=1)
+
+
+def test_fitting_recovers_a_known_nonrigid_flow_and_leaves_a_matching_frame_alone():
+    from gstalk.gaussians.splat import composite
+    from tests.test_torso import _torso_frames
+
+    imgs, masks, vm, t = _textured_torso(2)
+    # frame 1 shows the field's torso with its top raised 3 px and its bottom in place (the
+    # shoulders shrug); frame 0 shows the field's own render
+    truth = torch.zeros(1, 2, 4, 4)
+    truth[0, 1] = torch.tensor([-3.0, -2.0, -1.0, 0.0])[:, None]
+    with torch.no_grad():
+        c, a = render_torso(t, vm[:1], K96, 96, 96, frame=0)
+        cw, aw = warp_layer(c, a, px_to_grid(truth, 96, 96))
+    plate = torch.zeros(1, 96, 96, 3)
+    shown = torch.cat([composite(c, a, plate), composite(cw, aw, plate)])
+    frames = (shown.clamp(0, 1) * 255).round().to(torch.uint8)
+    data = _torso_frames(frames, masks, vm, K96)
+    flows, stats = fit_flows(t, data, 4, FlowFit(steps=60), backend="torch")
+    assert flows.shape == (2, 2, 4, 4) and stats["frames"] == 2
+    px = flows / px_to_grid(torch.ones(2, 1, 1), 96, 96)
+    # at the nodes on the torso (the lower half, x 16-80 of 96: rows 2-3, columns 1-2) the
+    # fitted flow is the truth within 0.3 px (the outer nodes lie off the torso, where only
+    # the smoothness ties them); frame 0 is left where it is (every node under 0.3 px)
+    assert (px[1, :, 2:, 1:3] - truth[0, :, 2:, 1:3]).abs().max() < 0.3, px[1]
+    assert px[0].abs().max() < 0.3, px[0]
+    assert stats["mse_after"] < 0.2 * stats["mse_before"], stats
+    # stored, the flows make the renders match the frames
+    set_flows(t, data.frame_ids, flows)
+    with torch.no_grad():
+        c1, a1 = render_torso(t, vm[1:2], K96, 96, 96, frame=1)
+    err_fit = (composite(c1, a1, plate) - shown[1:]).abs().mean()
+    err_none = (composite(c, a, plate) - shown[1:]).abs().mean()
+    assert err_fit < 0.35 * err_none, (float(err_fit), float(err_none))
+
+
+def test_bad_flow_settings_are_refused_before_training():
+    from gstalk.config import FineConfig
+    from gstalk.errors import UsageError
+    from gstalk.stages.fine import check_torso_flow
+
+    for bad in ({"torso_flow_grid": 1}, {"torso_flow_grid": -2}, {"torso_flow_steps": -1}):
+        with pytest.raises(UsageError, match="torso_flow"):
+            check_torso_flow(FineConfig(**bad))
+    check_torso_flow(FineConfig(torso_flow_grid=0))
+    check_torso_flow(FineConfig())
