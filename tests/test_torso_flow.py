@@ -33,6 +33,36 @@ def test_no_flow_is_the_identity_and_a_constant_flow_moves_by_whole_pixels():
     assert cub.var() > lin.var()
 
 
+def _warp_everywhere(c: torch.Tensor, a: torch.Tensor, flow: torch.Tensor, mode: str) -> torch.Tensor:
+    """The warp computed at every pixel (what warp_layer does inside its box), [B, H, W, 4]."""
+    import torch.nn.functional as F
+
+    b, h, w, _ = c.shape
+    layer = torch.cat([c, a], -1).permute(0, 3, 1, 2)
+    d = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+    base = torch.stack(torch.meshgrid(torch.linspace(-1, 1, w), torch.linspace(-1, 1, h), indexing="xy"), -1)
+    out = F.grid_sample(layer, base[None] - d, mode=mode, padding_mode="border", align_corners=True)
+    return out.permute(0, 2, 3, 1)
+
+
+def test_warping_only_where_the_layer_can_land_changes_nothing():
+    g = torch.Generator().manual_seed(2)
+    for top, left in ((30, 20), (0, 0), (52, 70)):  # inside, at the top-left corner, at the bottom-right one
+        c, a = torch.zeros(2, 64, 80, 3), torch.zeros(2, 64, 80, 1)
+        a[:, top:top + 12, left:left + 10] = torch.rand(2, 12, 10, 1, generator=g) * 0.5 + 0.5
+        c[:, top:top + 12, left:left + 10] = torch.rand(2, 12, 10, 3, generator=g) * a[:, top:top + 12, left:left + 10]
+        shift = torch.tensor([5.0, -4.0])[None, :, None, None]  # the whole blob moves: the box must follow
+        d = px_to_grid(shift + torch.randn(2, 2, 4, 4, generator=g) * 0.5, 80, 64)
+        for mode in ("bilinear", "bicubic"):
+            ref = _warp_everywhere(c, a, d, mode)
+            if mode == "bicubic":
+                ref = torch.cat([ref[..., :3].clamp_min(0), ref[..., 3:].clamp(0, 1)], -1)
+            cw, aw = warp_layer(c, a, d, mode)
+            torch.testing.assert_close(torch.cat([cw, aw], -1), ref, atol=1e-6, rtol=0)
+    empty = torch.zeros(1, 8, 8, 1)
+    assert warp_layer(torch.zeros(1, 8, 8, 3), empty, torch.ones(1, 2, 2, 2))[1].abs().max() == 0
+
+
 def test_warp_gradients_match_finite_differences():
     g = torch.Generator().manual_seed(1)
     c = torch.rand(1, 6, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -314,12 +314,31 @@ def warp_layer(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, m
     b, h, w, _ = colors.shape
     layer = torch.cat([colors, alphas], dim=-1).permute(0, 3, 1, 2)  # [B, 4, H, W]
     d = F.interpolate(flow.to(layer.dtype), size=(h, w), mode="bilinear", align_corners=True)  # [B, 2, H, W]
-    ys = torch.linspace(-1.0, 1.0, h, device=layer.device, dtype=layer.dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=layer.device, dtype=layer.dtype)
-    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [H, W, 2] (x, y)
-    grid = base[None] - d.permute(0, 2, 3, 1)
-    out = F.grid_sample(layer, grid, mode=mode, padding_mode="border", align_corners=True)
-    out = out.permute(0, 2, 3, 1)
-    if mode == "bilinear":  # a convex combination: stays in range
-        return out[..., :3], out[..., 3:]
-    return out[..., :3].clamp_min(0.0), out[..., 3:].clamp(0.0, 1.0)
+    box = _reach(alphas, flow, h, w)
+    if box is None:  # an empty layer stays empty
+        return colors, alphas
+    y0, y1, x0, x1 = box
+    ys = torch.linspace(-1.0, 1.0, h, device=layer.device, dtype=layer.dtype)[y0:y1]
+    xs = torch.linspace(-1.0, 1.0, w, device=layer.device, dtype=layer.dtype)[x0:x1]
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [h', w', 2] (x, y)
+    grid = base[None] - d[:, :, y0:y1, x0:x1].permute(0, 2, 3, 1)
+    part = F.grid_sample(layer, grid, mode=mode, padding_mode="border", align_corners=True)
+    if mode != "bilinear":  # bicubic overshoots; bilinear is a convex combination
+        part = torch.cat([part[:, :3].clamp_min(0.0), part[:, 3:].clamp(0.0, 1.0)], dim=1)
+    out = F.pad(part, (x0, w - x1, y0, h - y1)).permute(0, 2, 3, 1)
+    return out[..., :3], out[..., 3:]
+
+
+def _reach(alphas: torch.Tensor, flow: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int] | None:
+    """The box (y0, y1, x0, x1; ends exclusive) outside which :func:`warp_layer`'s output is
+    zero: the pixels with any alpha in the batch, grown by the largest displacement plus the
+    bicubic kernel's reach (2 px) and a pixel of rounding; None for an all-zero layer. Warping
+    only inside it gives the same result (the torso covers about half of a frame)."""
+    occupied = (alphas[..., 0] > 0).any(0)  # [H, W]
+    rows, cols = occupied.any(1).nonzero(), occupied.any(0).nonzero()
+    if len(rows) == 0:
+        return None
+    f = flow.detach().abs()
+    m = int(math.ceil(max(float(f[:, 0].max()) * (w - 1) / 2, float(f[:, 1].max()) * (h - 1) / 2))) + 3
+    return (max(int(rows[0]) - m, 0), min(int(rows[-1]) + m + 1, h),
+            max(int(cols[0]) - m, 0), min(int(cols[-1]) + m + 1, w))
