@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gstalk.deform.torso import TorsoField, init_torso, render_torso, warp_layer
+from gstalk.deform.torso import TorsoField, displace_means, init_torso, render_torso, warp_layer
 from gstalk.train.torso_flow import FlowFit, fit_flows, flow_penalty, px_to_grid, set_flows
 
 K96 = torch.tensor([[120.0, 0.0, 48.0], [0.0, 120.0, 48.0], [0.0, 0.0, 1.0]])
@@ -81,6 +81,24 @@ def test_warp_gradients_match_finite_differences():
     torch.testing.assert_close(flow_penalty(one, 1.0, 1.0), torch.tensor([1 / 8 + 1 / 4 + 1 / 4], dtype=torch.float64))
 
 
+def test_displaced_means_against_a_hand_computation_and_finite_differences():
+    k = torch.tensor([[100.0, 0.0, 30.0], [0.0, 120.0, 20.0], [0.0, 0.0, 1.0]])
+    # one Gaussian at depth 2 m projecting to pixel centre (x, y) = (40.5, 10.5): grid-sample
+    # coordinates u = 40 · 2/60 − 1 = 1/3, v = 10 · 2/40 − 1 = −1/2 of a 61 x 41 image
+    means = torch.tensor([[(40.5 - 30.0) / 100.0 * 2.0, (10.5 - 20.0) / 120.0 * 2.0, 2.0]])
+    # a 2 x 2 grid: the x displacement grows from 0 px on the left to 6 px on the right, the y
+    # one is -4 px at the top and 0 at the bottom: at (u, v) = (1/3, -1/2) that is 4 px and -3 px
+    flow = px_to_grid(torch.tensor([[[0.0, 6.0], [0.0, 6.0]], [[-4.0, -4.0], [0.0, 0.0]]]), 61, 41)
+    moved = displace_means(means, flow, k, 61, 41)
+    torch.testing.assert_close(moved - means, torch.tensor([[4.0 * 2.0 / 100.0, -3.0 * 2.0 / 120.0, 0.0]]))
+    g = torch.Generator().manual_seed(3)
+    m = (torch.rand(5, 3, generator=g, dtype=torch.float64) * 0.2 + torch.tensor([-0.1, -0.1, 1.0],
+                                                                                  dtype=torch.float64)).requires_grad_()
+    f = (torch.randn(2, 3, 3, generator=g, dtype=torch.float64) * 0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m, f: displace_means(m, f, k.double(), 61, 41), (m, f), eps=1e-6,
+                                    atol=1e-6)
+
+
 def _textured_torso(n_frames: int, flow_grid: int = 4):  # type: ignore[no-untyped-def]
     from tests.test_torso import _poses, _textured_frames
 
@@ -105,6 +123,14 @@ def test_flows_travel_with_the_state_and_move_only_their_frame():
         c1n, _ = render_torso(u, vm[:1], K96, 96, 96, frame=1, flow=False)
     torch.testing.assert_close(c1n, c0)
     torch.testing.assert_close(c1[0, 50:90, 20:76], c0[0, 53:93, 20:76], atol=1e-4, rtol=0)
+    # a constant flow moves the flat torso exactly as the same registered offset would
+    depth = float(u.means[:, 2].detach().median())
+    with torch.no_grad():
+        u.offsets[2] = torch.tensor([0.0, -3.0]) * depth / 120.0
+        c2, a2 = render_torso(u, vm[:1], K96, 96, 96, frame=2)
+        _, a1 = render_torso(u, vm[:1], K96, 96, 96, frame=1)
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a1, a2, atol=1e-5, rtol=0)
     # a field trained before residual flows has none, and a one-node grid is refused
     old = init_torso(imgs, masks, vm, K96, 0.1, stride=4, n_frames=3, turns=True)
     assert "flow_grid" not in old.spec() and not hasattr(old, "flows") and old.flow(0) is None

@@ -25,10 +25,10 @@ Choices where the paper is silent (docs/methods.md, "Torso"):
   trained to match "torso over plate" of each frame (so it stays transparent behind the
   head and outside the person), interleaved with the head's steps.
 - What the head pose and a rigid warp cannot tell (the shoulders rise and fall, the sweater's
-  outline bends) is a per-frame **residual flow** of the rendered torso layer: a coarse grid
-  of image displacements (``flow_grid`` × ``flow_grid``, bilinear between its nodes) fitted
-  to each frame after training (:mod:`gstalk.train.torso_flow`) and applied to the layer's
-  colour and alpha (:func:`warp_layer`).
+  outline bends) is a per-frame **residual flow**: a coarse grid of image displacements
+  (``flow_grid`` × ``flow_grid``, bilinear between its nodes), fitted to each frame after
+  training as a warp of the rendered layer (:mod:`gstalk.train.torso_flow`,
+  :func:`warp_layer`) and rendered by moving the torso Gaussians by it (:func:`displace_means`).
 """
 
 from __future__ import annotations
@@ -277,34 +277,67 @@ def render_torso(torso: TorsoField, viewmat: torch.Tensor, K: torch.Tensor, widt
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Splat the torso for head pose W2C ``viewmat`` [1, 4, 4] with intrinsics K [3, 3], moved by
     clip frame ``frame``'s registered turn and offset (:meth:`TorsoField.turn`,
-    :meth:`TorsoField.offset`) and, with ``flow``, warped by its residual flow
-    (:meth:`TorsoField.flow`, :func:`warp_layer`): (premultiplied colours [1, H, W, 3],
+    :meth:`TorsoField.offset`) and, with ``flow``, by its residual flow (:meth:`TorsoField.flow`,
+    applied to the Gaussians: :func:`displace_means`): (premultiplied colours [1, H, W, 3],
     alphas [1, H, W, 1]), float32, on the torso's device (``viewmat`` and ``K`` are moved
     there). The flow is in grid-sample units, so it applies at any render size."""
     from gstalk.gaussians.splat import splat
 
     dev = torso.means.device
     params = torso(viewmat.to(dev), frame)
-    colors, alphas, _ = splat(params, torch.eye(4, device=dev)[None], K.to(dev), width, height, backend=backend)
     f = torso.flow(frame) if flow else None
     if f is not None:
-        colors, alphas = warp_layer(colors, alphas, f[None])
+        params = dict(params, means=displace_means(params["means"], f, K.to(dev), width, height))
+    colors, alphas, _ = splat(params, torch.eye(4, device=dev)[None], K.to(dev), width, height, backend=backend)
     return colors, alphas
 
 
-def warp_layer(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, mode: str = "bicubic"
+def displace_means(means: torch.Tensor, flow: torch.Tensor, K: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Move camera-space Gaussians by a residual flow: each Gaussian's projected centre p goes
+    to p + d(p), d the ``flow`` grid read bilinearly at p, at the Gaussian's own depth.
+
+    To first order this is :func:`warp_layer`'s image warp (out(q) = layer(q − d(q)) moves the
+    content at p to p + d(p)), which is what the flow is fitted with; moving the Gaussians
+    instead of resampling the image keeps the layer's sharpness and costs a lookup per
+    Gaussian. The difference is the flow's stretch of each footprint: |∇d| is a few pixels
+    over a quarter of the image, a few per cent of a Gaussian's size.
+
+    Args:
+        means: [M, 3] metres, camera space (OpenCV: x right, y down, z forward).
+        flow: [2, G, G] displacements (x, y) in grid-sample units (:func:`warp_layer`).
+        K: [3, 3] intrinsics in pixels of a ``width`` x ``height`` image (pixel i's centre at i + 0.5).
+
+    Returns:
+        [M, 3], depth unchanged; differentiable in ``means`` and ``flow``.
+    """
+    import torch.nn.functional as F
+
+    z = means[:, 2].clamp_min(1e-6)
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    px, py = fx * means[:, 0] / z + cx, fy * means[:, 1] / z + cy
+    sx, sy = 2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)
+    uv = torch.stack([(px - 0.5) * sx - 1.0, (py - 0.5) * sy - 1.0], dim=-1)  # grid-sample units
+    d = F.grid_sample(flow[None].to(means.dtype), uv[None, None], mode="bilinear", padding_mode="border",
+                      align_corners=True)[0, :, 0]  # [2, M]
+    dx, dy = d[0] / sx * z / fx, d[1] / sy * z / fy  # pixels -> metres at the Gaussian's depth
+    return means + torch.stack([dx, dy, torch.zeros_like(dx)], dim=-1)
+
+
+def warp_layer(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp premultiplied layers by a coarse displacement grid: out(q) = layer(q − d(q)), where
     d is ``flow`` upsampled bilinearly to the image (its nodes on the corner pixels' centres),
-    sampled with ``mode`` (``bicubic``: keeps the layer's sharpness, obama's face-box
-    sharpness ratio 0.57 against 0.54 with ``bilinear``; its overshoot is clipped: colours ≥ 0,
-    alpha in [0, 1]), edges replicated (a torso cut by the frame's border stays cut).
+    sampled with ``mode`` (``bicubic`` overshoots, clipped: colours ≥ 0, alpha in [0, 1]),
+    edges replicated (a torso cut by the frame's border stays cut). The residual flow is fitted
+    with it (:func:`gstalk.train.torso_flow.fit_flows`); renders move the Gaussians instead
+    (:func:`displace_means`), which resamples nothing (warping the rendered layer bilinearly
+    softened obama's face box: sharpness ratio 0.54 against 0.57).
 
     Args:
         colors: [B, H, W, 3] float32 premultiplied colours; alphas: [B, H, W, 1] in [0, 1].
         flow: [B, 2, G, G] displacements (x, y) in grid-sample units: 2 / (W − 1) per pixel
             across, 2 / (H − 1) per pixel down (``align_corners=True``), G ≥ 2.
-        mode: ``bicubic`` or ``bilinear`` (cheaper; the residual flow is fitted with it).
+        mode: ``bilinear`` or ``bicubic``.
 
     Returns:
         (colors, alphas), the same shapes, differentiable in all three inputs.

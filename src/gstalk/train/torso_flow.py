@@ -17,7 +17,8 @@ the frame's head mask,
 
 (d in pixels at the trained size; Δ between neighbouring nodes), each node clamped to
 ``max_px``; fitted on images downsampled 2× with bilinear sampling (a fifth of the time of a
-full-size fit, the same error to within 2 %), rendered at full size with bicubic sampling.
+full-size fit, the same error to within 2 %). Renders move the torso Gaussians by the flow
+(:func:`~gstalk.deform.torso.displace_means`), which to first order is the same warp.
 Like the registered warps, a test frame's flow comes from the test frame itself (the body's
 motion cannot be predicted from the audio), with the field frozen; a render with new audio
 takes its pose frame's. Pure: tensors in, tensors out.
@@ -146,7 +147,7 @@ def fit_flows(torso: TorsoField, data: FrameSet, grid: int, settings: FlowFit = 
 def layer_error(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, plate: torch.Tensor,
                 target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per-frame mean squared error of the warped layer over the plate against the target,
-    over the pixels ``keep`` weighs (bilinear warp, :func:`~gstalk.deform.torso.warp_layer`).
+    over the pixels ``keep`` weighs (:func:`~gstalk.deform.torso.warp_layer`, bilinear).
 
     Args:
         colors: [B, H, W, 3] premultiplied; alphas: [B, H, W, 1]; flow: [B, 2, G, G]
@@ -156,7 +157,7 @@ def layer_error(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, 
     Returns:
         [B] float32, (intensity units)² with intensities in [0, 1].
     """
-    c, a = warp_layer(colors, alphas, flow, mode="bilinear")
+    c, a = warp_layer(colors, alphas, flow)
     se = (composite(c, a, plate) - target).pow(2).mean(-1, keepdim=True)
     return (se * keep).flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1.0)
 
