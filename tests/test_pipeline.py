@@ -95,7 +95,12 @@ def test_render_test_split_and_eval(trained_ws):
             assert v["lmd_512"] == pytest.approx(v["lmd"] * 4) and 0 <= v["aue"] < 1
     saved = json.loads((trained_ws / "eval" / "metrics.json").read_text())
     assert saved["schema_version"] == 1 and saved["psnr"] == pytest.approx(m["psnr"])
-    assert (trained_ws / "eval" / "report.md").read_text().startswith("# gstalk eval")
+    report = (trained_ws / "eval" / "report.md").read_text()
+    assert report.startswith("# gstalk eval")
+    # what the held-out torso is made of is said, in the JSON and the report
+    assert saved["torso"]["source"] == "field"
+    assert saved["torso"]["fitted_to_test_frames"] == ["shift", "turn", "residual flow"]
+    assert "residual flow fitted to that frame" in report
 
 
 @pytest.mark.slow

@@ -182,3 +182,14 @@ def test_bad_flow_settings_are_refused_before_training():
             check_torso_flow(FineConfig(**bad))
     check_torso_flow(FineConfig(torso_flow_grid=0))
     check_torso_flow(FineConfig())
+
+
+def test_eval_says_what_the_held_out_torso_is_made_of():
+    from gstalk.stages.evaluate import torso_provenance
+
+    pasted = torso_provenance(None)
+    assert pasted["source"] == "pasted" and "ground truth" in pasted["note"]
+    assert torso_provenance(TorsoField(4))["fitted_to_test_frames"] == []  # no registration: the pose alone
+    assert torso_provenance(TorsoField(4, n_frames=3, turns=True))["fitted_to_test_frames"] == ["shift", "turn"]
+    full = torso_provenance(TorsoField(4, n_frames=3, turns=True, flow_grid=4))
+    assert full["fitted_to_test_frames"] == ["shift", "turn", "residual flow"] and "not predicted" in full["note"]

@@ -258,7 +258,7 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         **results["model"], "baselines": results["baselines"], "codes": results["codes"],
         "error_split": error_split(results["model"], results["codes"]),
         "articulation_fit": articulation_fit_summary(ws),
-        "model_name": meta["spec"]["name"], "render_fps": render_fps,
+        "model_name": meta["spec"]["name"], "render_fps": render_fps, "torso": torso_provenance(model.torso),
         "articulation_gain": renderer.articulation_gain,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
         "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
@@ -332,6 +332,27 @@ def blink_metrics(render_blink: np.ndarray, tracks: Any, frames: list[int], clos
     return {"blink_closed_frames": int(shut.sum()), "eye_blink_closed": mean(render_blink, shut & ok),
             "eye_blink_closed_truth": mean(truth, shut & ok), "eye_blink_open": mean(render_blink, ~shut & ok),
             "eye_blink_open_truth": mean(truth, ~shut & ok), "blink_corr": corr}
+
+
+def torso_provenance(torso: Any) -> dict[str, Any]:
+    """What the held-out frames' torso is made of (eval's ``torso`` key): ``source`` (``field``:
+    the torso field, or ``pasted``: each frame's own torso from the footage, a model trained with
+    ``--set torso=false``), ``fitted_to_test_frames`` (which of the field's per-frame placements
+    were fitted to the test frames themselves after training: ``shift``, ``turn``, ``residual
+    flow``) and a one-line ``note`` for the report."""
+    if torso is None:
+        return {"source": "pasted", "fitted_to_test_frames": [],
+                "note": "each test frame's own torso is pasted from the footage (trained with --set torso=false), so "
+                        "the full-frame scores include ground truth; the face and mouth boxes do not"}
+    fitted = [name for name, on in (("shift", getattr(torso, "n_frames", 0) > 0),
+                                    ("turn", getattr(torso, "has_turns", False)),
+                                    ("residual flow", getattr(torso, "flow_grid", 0) > 0)) if on]
+    note = "the torso field"
+    if fitted:
+        note += (", placed on each test frame with the " + ", ".join(fitted) + " fitted to that frame after training "
+                 "(the body's motion is not predicted from the audio): the full-frame scores say how well it "
+                 "reproduces a torso, and the face and mouth boxes do not depend on it")
+    return {"source": "field", "fitted_to_test_frames": fitted, "note": note}
 
 
 def render_split(renderer: HeadRenderer, cond: torch.Tensor, frames: range, reporter: Reporter,
@@ -596,6 +617,8 @@ def report_markdown(m: dict[str, Any]) -> str:
     if motion:
         lines += ["", "Mouth motion (std of the mouth opening read on the renders / on the real frames): "
                   + ", ".join(f"{n} {x:.2f}" for n, x in motion) + "."]
+    if "torso" in m:
+        lines += ["", f"Torso: {m['torso']['note']}."]
     if "sync_note" in m:
         lines += ["", f"Lip-sync proxy: {m['sync_note']}."]
     if "sync_corr" in m:
