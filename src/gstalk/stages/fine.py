@@ -31,6 +31,7 @@ from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import load_tensors, save_tensors
 from gstalk.train.checkpoint import load_resumable, restore_training, save_checkpoint, warn_if_replacing
 from gstalk.train.fine import FineTrainer, render_deformed
+from gstalk.train.frames import FrameSet
 from gstalk.workspace import (
     COARSE_GAUSSIANS,
     FINE_CHECKPOINT,
@@ -83,22 +84,19 @@ def check_torso_flow(cfg: FineConfig) -> None:
                          hint="use 0 or more Adam steps per frame (default 30)")
 
 
-def fit_torso_flows(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device: torch.device,
+def fit_torso_flows(trainer: FineTrainer, test: FrameSet | None, cfg: FineConfig,
                     reporter: Reporter) -> dict[str, Any]:
     """Fit every frame's residual torso flow (:func:`gstalk.train.torso_flow.fit_flows`) to the
-    finished, frozen torso field: the training frames, then the test frames (after their
-    registration, :func:`register_test_torso`). Returns {"train": stats, "test": stats,
-    "seconds"}; {} without a torso field with flows or with ``torso_flow_steps`` 0."""
+    finished, frozen torso field: the training frames, then the ``test`` frames (after their
+    registration, :func:`register_test_torso`; None: none). Returns {"train": stats, "test":
+    stats, "seconds"}; {} without a torso field with flows or with ``torso_flow_steps`` 0."""
     from gstalk.train.torso_flow import FlowFit, fit_flows, set_flows
 
     torso = trainer.model.torso
     if torso is None or getattr(torso, "flow_grid", 0) == 0 or cfg.torso_flow_steps == 0:
         return {}
     t = time.perf_counter()
-    _, test = split_indices(ws)
-    sets = [("train", trainer.data)]
-    if len(test):
-        sets.append(("test", build_frameset(ws, test).to(device)))
+    sets = [("train", trainer.data)] + ([("test", test)] if test is not None else [])
     settings = FlowFit(steps=cfg.torso_flow_steps)
     out: dict[str, Any] = {}
     with reporter.task("torso residual flow", sum(len(d) for _, d in sets)) as bar:
@@ -113,25 +111,35 @@ def fit_torso_flows(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device
     return out
 
 
-def register_test_torso(ws: Workspace, trainer: FineTrainer, cfg: FineConfig, device: torch.device,
+def held_out_frames(ws: Workspace, trainer: FineTrainer, device: torch.device) -> FrameSet | None:
+    """The test frames, on ``device``, for placing the finished torso field on them
+    (:func:`register_test_torso`, :func:`fit_torso_flows`); None without a torso field with
+    per-frame placements or without test frames."""
+    torso = trainer.model.torso
+    _, test = split_indices(ws)
+    if torso is None or getattr(torso, "n_frames", 0) == 0 or not len(test):
+        return None
+    return build_frameset(ws, test).to(device)
+
+
+def register_test_torso(trainer: FineTrainer, test: FrameSet | None, cfg: FineConfig,
                         reporter: Reporter) -> list[dict[str, float]]:
-    """Register the torso of the test frames to the finished torso field (``cfg.torso_passes``
+    """Register the torso of the ``test`` frames to the finished torso field (``cfg.torso_passes``
     passes, the field frozen: the shift and turn only, as the coarse stage registers their head pose),
     so eval renders each test frame's torso where the frame has it. Returns each pass's
-    frames, mean shift in px and mean turn in degrees; [] without a registrable torso."""
+    frames, mean shift in px and mean turn in degrees; [] without a registrable torso or
+    test frames (None)."""
     from gstalk.train.pose_refine import torso_warps, warp_torso
 
     torso = trainer.model.torso
-    _, test = split_indices(ws)
-    if torso is None or getattr(torso, "n_frames", 0) == 0 or cfg.torso_passes <= 0 or not len(test):
+    if torso is None or test is None or cfg.torso_passes <= 0:
         return []
-    tdata = build_frameset(ws, test).to(device)
     out = []
     with reporter.task("torso registration (test frames)", cfg.torso_passes * len(test)) as bar:
         for _ in range(cfg.torso_passes):
-            warps, valid = torso_warps(torso, tdata, backend=cfg.raster, turns=getattr(torso, "has_turns", False),
+            warps, valid = torso_warps(torso, test, backend=cfg.raster, turns=getattr(torso, "has_turns", False),
                                        progress=bar.advance)
-            warp_torso(torso, tdata.frame_ids[valid], warps[valid], tdata.K)
+            warp_torso(torso, test.frame_ids[valid], warps[valid], test.K)
             any_ = bool(valid.any())
             out.append({"frames": float(valid.sum()),
                         "shift_px": float(warps[valid, :2].norm(dim=1).mean()) if any_ else 0.0,
@@ -232,8 +240,9 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
             if step % 10 == 0:
                 bar.update(info=f"loss {stats['loss']:.4f}")
         trainer.run(cb, checkpoint)
-    torso_test = register_test_torso(ws, trainer, cfg, device, reporter)
-    torso_flow = fit_torso_flows(ws, trainer, cfg, device, reporter)
+    test_frames = held_out_frames(ws, trainer, device)
+    torso_test = register_test_torso(trainer, test_frames, cfg, reporter)
+    torso_flow = fit_torso_flows(trainer, test_frames, cfg, reporter)
     fit = trainer.articulation_fit
     fit_level = None
     if fit is not None:

@@ -115,25 +115,10 @@ def fit_flows(torso: TorsoField, data: FrameSet, grid: int, settings: FlowFit = 
         alphas = small(torch.cat([a for _, a in layers]))
         target = small(torch.cat([data.background(i) for i in idx]))
         keep = 1.0 - small(torch.cat([data.head_mask(i) for i in idx]))  # [B, H/s, W/s, 1]
-
-        def error(d_px: torch.Tensor, colors: torch.Tensor = colors, alphas: torch.Tensor = alphas,
-                  target: torch.Tensor = target, keep: torch.Tensor = keep) -> torch.Tensor:
-            return layer_error(colors, alphas, px_to_grid(d_px, w, h), plate, target, keep)
-
-        d_px = torch.zeros(len(idx), 2, grid, grid, device=colors.device, requires_grad=True)
-        opt = torch.optim.Adam([d_px], lr=settings.lr_px / s)
-        with torch.no_grad():
-            before.append(error(d_px))
-        for _ in range(settings.steps):
-            opt.zero_grad(set_to_none=True)
-            loss = (error(d_px) + flow_penalty(d_px * s, settings.mag, settings.smooth)).sum()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                d_px.clamp_(-settings.max_px / s, settings.max_px / s)
-        with torch.no_grad():
-            after.append(error(d_px))
-        flows.append(px_to_grid(d_px.detach(), w, h).cpu())
+        d_px, e0, e1 = fit_chunk(colors, alphas, plate, target, keep, grid, settings, scale=s)
+        before.append(e0)
+        after.append(e1)
+        flows.append(px_to_grid(d_px, w, h).cpu())
         if progress is not None:
             progress(len(idx))
     if not flows:
@@ -142,6 +127,35 @@ def fit_flows(torso: TorsoField, data: FrameSet, grid: int, settings: FlowFit = 
     px = out / px_to_grid(torch.ones(2, 1, 1), data.width, data.height)
     return out, {"frames": float(len(out)), "mean_px": float(px.abs().mean()), "max_px": float(px.abs().max()),
                  "mse_before": float(torch.cat(before).mean()), "mse_after": float(torch.cat(after).mean())}
+
+
+def fit_chunk(colors: torch.Tensor, alphas: torch.Tensor, plate: torch.Tensor, target: torch.Tensor,
+              keep: torch.Tensor, grid: int, settings: FlowFit, scale: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam on the flows of a batch of frames (the module's objective): the layers (colors [B,
+    H, W, 3] premultiplied, alphas [B, H, W, 1]), ``plate`` [1, H, W, 3], ``target`` [B, H, W, 3]
+    and ``keep`` [B, H, W, 1] at the fitting size, ``scale`` times smaller than the trained
+    size (the prior and the clamp are in trained-size pixels).
+
+    Returns:
+        (displacements [B, 2, G, G] in pixels at the fitting size, the error before [B] and
+        after [B], :func:`layer_error`).
+    """
+    h, w = colors.shape[1], colors.shape[2]
+    d_px = torch.zeros(colors.shape[0], 2, grid, grid, device=colors.device, requires_grad=True)
+    opt = torch.optim.Adam([d_px], lr=settings.lr_px / scale)
+    with torch.no_grad():
+        before = layer_error(colors, alphas, px_to_grid(d_px, w, h), plate, target, keep)
+    for _ in range(settings.steps):
+        opt.zero_grad(set_to_none=True)
+        err = layer_error(colors, alphas, px_to_grid(d_px, w, h), plate, target, keep)
+        (err + flow_penalty(d_px * scale, settings.mag, settings.smooth)).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            d_px.clamp_(-settings.max_px / scale, settings.max_px / scale)
+    with torch.no_grad():
+        after = layer_error(colors, alphas, px_to_grid(d_px, w, h), plate, target, keep)
+    return d_px.detach(), before, after
 
 
 def layer_error(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, plate: torch.Tensor,
