@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -193,3 +195,48 @@ def test_eval_says_what_the_held_out_torso_is_made_of():
     assert torso_provenance(TorsoField(4, n_frames=3, turns=True))["fitted_to_test_frames"] == ["shift", "turn"]
     full = torso_provenance(TorsoField(4, n_frames=3, turns=True, flow_grid=4))
     assert full["fitted_to_test_frames"] == ["shift", "turn", "residual flow"] and "not predicted" in full["note"]
+
+
+def test_error_split_against_a_hand_computation():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "error_split.py"
+    spec = importlib.util.spec_from_file_location("error_split", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gt = torch.zeros(1, 2, 2, 3)
+    pred = gt.clone()
+    pred[0, 0, 0] = 0.1  # head pixel: squared error 0.01
+    pred[0, 1, 1] = 0.3  # outside pixel: 0.09
+    head = torch.tensor([[[True, False], [False, False]]])
+    torso = torch.tensor([[[False, True], [False, False]]])
+    r = mod.split_error(pred, gt, {"head": head, "torso": torso, "outside": ~(head | torso)})
+    # mean squared error over the 4 pixels: 0.1 / 4 = 0.025
+    assert r["psnr_of_mean_mse"] == pytest.approx(-10 * math.log10(0.025))
+    assert r["head"]["share"] == pytest.approx(0.1) and r["outside"]["share"] == pytest.approx(0.9)
+    assert r["torso"]["share"] == 0 and r["outside"]["area"] == pytest.approx(0.5)
+    assert r["outside"]["psnr_if_perfect"] == pytest.approx(-10 * math.log10(0.0025))
+
+
+@pytest.mark.slow
+def test_error_split_on_a_trained_workspace(trained_ws):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "error_split.py"
+    spec = importlib.util.spec_from_file_location("error_split", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.error_split(str(trained_ws))
+    assert r["frames"] == 7
+    for key in ("model", "coarse_own_background"):
+        v = r[key]
+        assert sum(v[k]["share"] for k in mod.REGIONS) == pytest.approx(1.0)
+        assert sum(v[k]["area"] for k in mod.REGIONS) == pytest.approx(1.0)
+        assert all(v[k]["psnr_if_perfect"] >= v["psnr_of_mean_mse"] for k in mod.REGIONS)
+    # over each frame's own torso and background the coarse head's error is nearly all the head's
+    own = r["coarse_own_background"]
+    assert own["head"]["share"] > own["torso"]["share"]
