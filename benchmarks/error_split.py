@@ -63,40 +63,32 @@ def error_split(ws_path: str) -> dict[str, Any]:
     Raises:
         WorkspaceError: no such workspace, or its coarse or fine stage is not done.
     """
-    from gstalk.audio import frame_windows
     from gstalk.avatar import Avatar
-    from gstalk.dataset import build_frameset, load_audio_features, split_indices
-    from gstalk.gaussians.splat import composite, splat
+    from gstalk.dataset import build_frameset, split_indices
+    from gstalk.progress import SILENT
     from gstalk.render.driver import HeadRenderer
+    from gstalk.stages.evaluate import render_split
     from gstalk.tensorio import load_tensors
+    from gstalk.train.coarse import render_frames
     from gstalk.workspace import COARSE_GAUSSIANS, Workspace
 
     ws = Workspace.open(ws_path)
     ws.require("eval")  # the stages eval reads (coarse, fine) are done and current
     _, test = split_indices(ws)
-    frames = list(test)
-    data = build_frameset(ws, frames)
-    gt = data.images.float() / 255.0
     avatar = Avatar.from_workspace(ws)
-    af = load_audio_features(ws)
-    ex = ws.stage("extract").summary
-    windows = frame_windows(af.steps, int(ex["n_frames"]), float(ex["fps"]), af.steps_per_second, af.window,
-                            int(avatar.meta.get("av_offset_frames", 0)))
+    # the test frames with the whole clip's audio windows at the training A/V offset, as eval
+    data = build_frameset(ws, test, audio_offset=int(avatar.meta.get("av_offset_frames", 0)))
+    assert data.audio is not None
+    gt = data.images.float() / 255.0
     renderer = HeadRenderer(avatar)
-    cond = renderer.conditions(windows)
+    model = render_split(renderer, renderer.conditions(data.audio.numpy()), test, SILENT, "test frames")
     coarse, _ = load_tensors(ws.path(COARSE_GAUSSIANS))
-    model, own = [], []
-    with torch.no_grad():
-        for i, f in enumerate(frames):
-            model.append(renderer.render(renderer.head.windows(cond, f), f).clamp(0, 1))
-            c, a, _ = splat(coarse, data.viewmats[i:i + 1], data.K, data.width, data.height)
-            own.append(composite(c, a, data.background(i)).clamp(0, 1)[0])
+    own = render_frames(coarse, data)  # over each frame's own torso and background
     head = data.head_masks > 127
     torso = (data.torso_masks > 127) & ~head if data.torso_masks is not None else torch.zeros_like(head)
     masks = {"head": head, "torso": torso, "outside": ~(head | torso)}
-    return {"workspace": str(ws.root), "frames": len(frames),
-            "model": split_error(torch.stack(model), gt, masks),
-            "coarse_own_background": split_error(torch.stack(own), gt, masks)}
+    return {"workspace": str(ws.root), "frames": len(test),
+            "model": split_error(model, gt, masks), "coarse_own_background": split_error(own, gt, masks)}
 
 
 def main(argv: list[str] | None = None) -> int:

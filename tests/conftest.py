@@ -38,6 +38,23 @@ SHARED_DATA = Path(os.environ.get("GSTALK_SHARED_DATA", REPO.parent / "shared" /
 
 
 @pytest.fixture(scope="session")
+def benchmark_script():  # type: ignore[no-untyped-def]
+    """A loader of the scripts in ``benchmarks/`` (not a package) as modules:
+    ``benchmark_script("mouth_view")`` imports ``benchmarks/mouth_view.py``."""
+    import importlib.util
+
+    def load(name: str):  # type: ignore[no-untyped-def]
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None, path
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or ``$GSTALK_SHARED_DATA``); tests using it skip when it is absent."""
     if not (SHARED_DATA / "video" / "obama.mp4").is_file():

@@ -95,18 +95,11 @@ def test_linear_trend_of_a_line_and_with_gaps():
 
 
 @pytest.mark.slow
-def test_sharpness_budget_splits_the_face_box(trained_ws):
+def test_sharpness_budget_splits_the_face_box(trained_ws, benchmark_script):
     """``benchmarks/sharpness_budget.py`` on a trained workspace: blurring the truth loses
     more detail the wider the blur, the regions tile the face box, and their energies add up
     to the box's own (the same squared Laplacian, summed over the box's pixels)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sharpness_budget.py"
-    spec = importlib.util.spec_from_file_location("sharpness_budget", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("sharpness_budget")
     r = mod.budget(str(trained_ws))
     ratios = [r["blur"][f"{s}px"]["ratio"] for s in mod.BLURS]
     assert 1.0 > ratios[0] > ratios[1] > ratios[2] > 0.0

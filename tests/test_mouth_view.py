@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 
-def _module():  # type: ignore[no-untyped-def]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mouth_view.py"
-    spec = importlib.util.spec_from_file_location("mouth_view", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
-def test_mouth_view_holds_the_code_and_varies_only_the_camera(trained_ws):
+def test_mouth_view_holds_the_code_and_varies_only_the_camera(trained_ws, benchmark_script):
     """A fixed code at one held camera (a training pose MediaPipe reads on this crude head)
     renders the same frame every time: the gap's spread is
     exactly 0 there; over the loop's poses the pitch spread is the loop's own, and the slope
@@ -40,7 +28,7 @@ def test_mouth_view_holds_the_code_and_varies_only_the_camera(trained_ws):
         held = next(f for f in list(avatar.train)[::5]
                     if det.detect(np.ascontiguousarray(
                         (renderer.render(renderer.head.windows(fixed, 0), f) * 255).round().to(torch.uint8).numpy())))
-    r = _module().lip_gaps(str(trained_ws), frames=24, still_frame=held)
+    r = benchmark_script("mouth_view").lip_gaps(str(trained_ws), frames=24, still_frame=held)
     assert r["frames"] == 24 and r["still"]["read"] == 24 and r["loop"]["read"] >= 18
     assert r["still"]["gap_sd_px"] == 0.0 and r["still"]["gap_px"] > 0.0
     pitch = view_angles(avatar.viewmats.numpy().astype(np.float64)[loop_poses(24, avatar.train)])[:, 1]
@@ -48,8 +36,8 @@ def test_mouth_view_holds_the_code_and_varies_only_the_camera(trained_ws):
     assert np.isfinite(r["loop"]["slope_px_per_deg"]) and -1.0 <= r["loop"]["corr_pitch"] <= 1.0
 
 
-def test_mouth_view_refuses_a_missing_workspace(tmp_path):
+def test_mouth_view_refuses_a_missing_workspace(tmp_path, benchmark_script):
     from gstalk.errors import WorkspaceError
 
     with pytest.raises(WorkspaceError):
-        _module().lip_gaps(str(tmp_path / "nothing"), frames=4)
+        benchmark_script("mouth_view").lip_gaps(str(tmp_path / "nothing"), frames=4)

@@ -323,55 +323,30 @@ def displace_means(means: torch.Tensor, flow: torch.Tensor, K: torch.Tensor, wid
     return means + torch.stack([dx, dy, torch.zeros_like(dx)], dim=-1)
 
 
-def warp_layer(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_layer(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp premultiplied layers by a coarse displacement grid: out(q) = layer(q − d(q)), where
     d is ``flow`` upsampled bilinearly to the image (its nodes on the corner pixels' centres),
-    sampled with ``mode`` (``bicubic`` overshoots, clipped: colours ≥ 0, alpha in [0, 1]),
-    edges replicated (a torso cut by the frame's border stays cut). The residual flow is fitted
-    with it (:func:`gstalk.train.torso_flow.fit_flows`); renders move the Gaussians instead
-    (:func:`displace_means`), which resamples nothing (warping the rendered layer bilinearly
-    softened obama's face box: sharpness ratio 0.54 against 0.57).
+    sampled bilinearly, edges replicated (a torso cut by the frame's border stays cut). The
+    residual flow is fitted with it (:func:`gstalk.train.torso_flow.fit_flows`); renders move
+    the Gaussians instead (:func:`displace_means`), which resamples nothing (warping the
+    rendered layer bilinearly softened obama's face box: sharpness ratio 0.54 against 0.57).
 
     Args:
         colors: [B, H, W, 3] float32 premultiplied colours; alphas: [B, H, W, 1] in [0, 1].
         flow: [B, 2, G, G] displacements (x, y) in grid-sample units: 2 / (W − 1) per pixel
             across, 2 / (H − 1) per pixel down (``align_corners=True``), G ≥ 2.
-        mode: ``bilinear`` or ``bicubic``.
 
     Returns:
         (colors, alphas), the same shapes, differentiable in all three inputs.
     """
     import torch.nn.functional as F
 
-    b, h, w, _ = colors.shape
+    h, w = colors.shape[1], colors.shape[2]
     layer = torch.cat([colors, alphas], dim=-1).permute(0, 3, 1, 2)  # [B, 4, H, W]
     d = F.interpolate(flow.to(layer.dtype), size=(h, w), mode="bilinear", align_corners=True)  # [B, 2, H, W]
-    box = _reach(alphas, flow, h, w)
-    if box is None:  # an empty layer stays empty
-        return colors, alphas
-    y0, y1, x0, x1 = box
-    ys = torch.linspace(-1.0, 1.0, h, device=layer.device, dtype=layer.dtype)[y0:y1]
-    xs = torch.linspace(-1.0, 1.0, w, device=layer.device, dtype=layer.dtype)[x0:x1]
-    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [h', w', 2] (x, y)
-    grid = base[None] - d[:, :, y0:y1, x0:x1].permute(0, 2, 3, 1)
-    part = F.grid_sample(layer, grid, mode=mode, padding_mode="border", align_corners=True)
-    if mode != "bilinear":  # bicubic overshoots; bilinear is a convex combination
-        part = torch.cat([part[:, :3].clamp_min(0.0), part[:, 3:].clamp(0.0, 1.0)], dim=1)
-    out = F.pad(part, (x0, w - x1, y0, h - y1)).permute(0, 2, 3, 1)
+    ys = torch.linspace(-1.0, 1.0, h, device=layer.device, dtype=layer.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=layer.device, dtype=layer.dtype)
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [H, W, 2] (x, y)
+    out = F.grid_sample(layer, base[None] - d.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
+                        align_corners=True).permute(0, 2, 3, 1)
     return out[..., :3], out[..., 3:]
-
-
-def _reach(alphas: torch.Tensor, flow: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int] | None:
-    """The box (y0, y1, x0, x1; ends exclusive) outside which :func:`warp_layer`'s output is
-    zero: the pixels with any alpha in the batch, grown by the largest displacement plus the
-    bicubic kernel's reach (2 px) and a pixel of rounding; None for an all-zero layer. Warping
-    only inside it gives the same result (the torso covers about half of a frame)."""
-    occupied = (alphas[..., 0] > 0).any(0)  # [H, W]
-    rows, cols = occupied.any(1).nonzero(), occupied.any(0).nonzero()
-    if len(rows) == 0:
-        return None
-    f = flow.detach().abs()
-    m = int(math.ceil(max(float(f[:, 0].max()) * (w - 1) / 2, float(f[:, 1].max()) * (h - 1) / 2))) + 3
-    return (max(int(rows[0]) - m, 0), min(int(rows[-1]) + m + 1, h),
-            max(int(cols[0]) - m, 0), min(int(cols[-1]) + m + 1, w))

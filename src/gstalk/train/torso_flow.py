@@ -177,7 +177,12 @@ def layer_error(colors: torch.Tensor, alphas: torch.Tensor, flow: torch.Tensor, 
 
 
 def set_flows(torso: TorsoField, frame_ids: torch.Tensor, flows: torch.Tensor) -> None:
-    """Store fitted flows [F, 2, G, G] (grid-sample units) for clip frames ``frame_ids`` [F]."""
+    """Store fitted flows [F, 2, G, G] (grid-sample units) for clip frames ``frame_ids`` [F]
+    (int64) in ``torso.flows``.
+
+    Raises:
+        ValueError: the field has no residual flows (``flow_grid`` 0).
+    """
     if torso.flow_grid == 0:
         raise ValueError("this torso field has no residual flows (flow_grid 0)")
     torso.flows[frame_ids.to(torso.flows.device)] = flows.to(torso.flows)
