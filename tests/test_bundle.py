@@ -45,9 +45,11 @@ def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
     workspace's own files (fine model, the coarse stage's refined cameras, tracks, plate), bit
     for bit; the torso with the frame's registered warp."""
     from gstalk.avatar import Avatar
+    from gstalk.config import BASIS_ARTICULATION_GAIN
     from gstalk.dataset import load_background, load_cameras, load_fine_model, load_tracks
     from gstalk.deform.audio import neighbour_indices
     from gstalk.deform.base import apply_deltas
+    from gstalk.deform.basis import articulated
     from gstalk.deform.torso import render_torso
     from gstalk.gaussians.splat import composite, splat
     from gstalk.render.driver import HeadRenderer
@@ -68,6 +70,10 @@ def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
         c = model.conditions(torch.from_numpy(windows), r.articulation_gain)[ids]  # render's default gain
         code = model.encode_audio(c)[0]
         deformed = apply_deltas(params, model.deform(model.spatial(params["means"]), code, tracks.blink[4:5]))
+        # the coarse articulation basis the model carries, at the frame's code (the middle window)
+        assert "basis_means" in params and r.articulation_gain == BASIS_ARTICULATION_GAIN
+        deformed = articulated(deformed, {"means": params["basis_means"], "sh0": params["basis_sh0"]},
+                               c[0, c.shape[1] // 2, 0])
         cams = load_cameras(ws)
         assert cams.refined  # the trained workspace's coarse stage refined its poses
         vm = cams.viewmats[4:5]

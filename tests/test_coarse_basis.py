@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from gstalk.config import CoarseConfig, DensifyConfig
+from gstalk.deform.basis import articulated
 from gstalk.gaussians.splat import composite, splat
 from gstalk.tracking.canonical import canonical_face
-from gstalk.train.coarse import CoarseTrainer, articulated, init_basis, lower_face
+from gstalk.train.coarse import CoarseTrainer, init_basis, lower_face
 from gstalk.train.frames import FrameSet
 
 

@@ -150,10 +150,12 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
     assert "articulation prior" in fit["prior"]
     report = report_markdown(m)
     assert "fine model, tracked code (oracle)" in report and "Where the mouth error is" in report
-    from gstalk.config import DEFAULT_ARTICULATION_GAIN, EvalConfig
+    from gstalk.config import BASIS_ARTICULATION_GAIN, EvalConfig
     from gstalk.errors import UsageError
 
-    assert saved["articulation_gain"] == DEFAULT_ARTICULATION_GAIN  # the test frames are rendered as render does
+    # the test frames are rendered as render does: the fixture's model carries the coarse
+    # articulation basis, whose default gain is BASIS_ARTICULATION_GAIN
+    assert saved["articulation_gain"] == BASIS_ARTICULATION_GAIN
     # a gain moves the audio-driven row only; the oracle and neutral rows do not depend on it
     g = run_eval(str(ws_copy), EvalConfig(articulation_gain=2.5))
     assert g["articulation_gain"] == 2.5 and g["mouth_psnr"] != pytest.approx(saved["mouth_psnr"], abs=1e-6)

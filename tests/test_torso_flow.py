@@ -191,3 +191,22 @@ def test_error_split_on_a_trained_workspace(trained_ws, benchmark_script):
     # over each frame's own torso and background the coarse head's error is nearly all the head's
     own = r["coarse_own_background"]
     assert own["head"]["share"] > own["torso"]["share"]
+
+
+def test_a_flow_without_placements_is_said_and_none_is_fitted(ws_copy, capsys):
+    """``torso_passes=0`` places no frame, so no flows are fitted: the run says so, and the
+    field has no flows to render."""
+    import dataclasses
+
+    from gstalk.config import get_preset
+    from gstalk.dataset import load_fine_model
+    from gstalk.progress import Reporter
+    from gstalk.stages.fine import run_fine
+    from gstalk.workspace import Workspace
+
+    cfg = dataclasses.replace(get_preset("test").fine, torso_passes=0, iterations=20)
+    run_fine(str(ws_copy), cfg, reporter=Reporter())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "torso_passes=0" in err and "torso_flow_grid is ignored" in err
+    _, model, _ = load_fine_model(Workspace.open(ws_copy))
+    assert model.torso is not None and model.torso.n_frames == 0 and model.torso.flow(3) is None

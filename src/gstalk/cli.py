@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from gstalk import __version__
-from gstalk.config import DEFAULT_ARTICULATION_GAIN
+from gstalk.config import BASIS_ARTICULATION_GAIN, DEFAULT_ARTICULATION_GAIN
 from gstalk.errors import EXIT_CODES, GstalkError
 
 app = typer.Typer(
@@ -58,8 +58,10 @@ FanWeights = Annotated[Optional[Path], typer.Option(
 ArticulationGain = Annotated[Optional[float], typer.Option(
     "--articulation-gain", help="How much the mouth moves with the speech: the predicted mouth articulation code is "
                                 "scaled by this (1 = as calibrated on the training frames; >1 more, <1 less; like "
-                                f"GeneFace++'s mouth amplitude). Default: {DEFAULT_ARTICULATION_GAIN:g}, measured "
-                                "(docs/methods.md).",
+                                f"GeneFace++'s mouth amplitude). Default, measured (docs/methods.md): "
+                                f"{BASIS_ARTICULATION_GAIN:g} for a model that carries the coarse articulation basis "
+                                f"(fine models trained with articulation_basis=coarse), "
+                                f"{DEFAULT_ARTICULATION_GAIN:g} for others.",
     show_default=False)]
 WorkspaceArg = Annotated[Optional[Path], typer.Argument(
     help="Workspace folder (default: the current folder, or the one workspace inside it).", show_default=False)]
@@ -291,10 +293,11 @@ def fine(
     """Train the audio-driven deformation of the canonical Gaussians: GSTalker (hash-grid tri-plane + audio encoder
     with temporal smoothing + MLP, the default), Audio-Plane or EGSTalker (--model). By default the audio first
     predicts a mouth articulation code (a small regressor fitted to the tracked lips in seconds), which then drives
-    the field. The torso gets its own pose-conditioned Gaussians (GSTalker's torso field; --set torso=false pastes
-    the training frames' torso instead). Optional: --set densify_until=N (3DGS densification in this stage),
-    --set lpips_weights=PATH (an LPIPS term, from a local safetensors file). Writes
-    WORKSPACE/fine/model.safetensors and point_cloud.ply."""
+    the field, together with the coarse stage's articulation basis, carried frozen as the mouth's linear term
+    (--set articulation_basis=none leaves it out). The torso gets its own pose-conditioned Gaussians (GSTalker's
+    torso field; --set torso=false pastes the training frames' torso instead). Optional: --set densify_until=N
+    (3DGS densification in this stage), --set lpips_weights=PATH (an LPIPS term, from a local safetensors file).
+    Writes WORKSPACE/fine/model.safetensors and point_cloud.ply."""
     with _guard(debug):
         from gstalk.config import FineConfig, override, parse_assignments
         from gstalk.stages.fine import run_fine

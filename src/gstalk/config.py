@@ -207,6 +207,11 @@ class FineConfig:
     blink_oversample: float = 4.0
     deform_reg: float = 0.01  # weight of the mean |offset| penalty (position in cm)
     conditioning: Conditioning = "articulation"  # "articulation" (audio -> mouth code -> field) or "audio"
+    # the coarse stage's per-Gaussian articulation basis carried, frozen, into the fine model
+    # as the linear term of the mouth's motion (the field learns the rest): "coarse" (when the
+    # coarse stage fitted one and conditioning is articulation) or "none"; docs/methods.md,
+    # "The articulation basis in the fine model"
+    articulation_basis: Literal["coarse", "none"] = "coarse"
     # std of the noise on the tracked code during training (std units): 0.3 since CodeNet (on
     # obama.mp4 0.6 -> 0.3 gave mouth box 30.70 -> 30.85 dB and motion 0.88 -> 0.98; aoc_hdtf
     # LMD 1.58 -> 1.42; docs/methods.md)
@@ -285,14 +290,30 @@ class FineConfig:
 # voices (1.3: 0.78-1.07x) with the same sync, for 0.02-0.16 dB of mouth PSNR on own speech.
 # (1.3 before the basis: part of the mouth's motion then came from the view, not the code.)
 DEFAULT_ARTICULATION_GAIN = 1.5
+# The default for a model that carries the coarse articulation basis (FineConfig.articulation_basis):
+# the basis answers the code fully (the field alone rendered 0.59-0.84 of the tracked code's
+# opening, the basis 0.96-1.02), so the calibrated code needs no amplification. 0.85, measured
+# over five voices on four clips (docs/methods.md, "The articulation basis in the fine model"):
+# the mouth moves 0.87-1.11x the real one on obama, aoc_hdtf and man-black-sweater (1.0:
+# 0.96-1.23x), and on the speakers' own held-out frames the predicted code costs 0.1-0.5 dB less
+# mouth PSNR than at 1.0 where the audio -> code fit is weak.
+BASIS_ARTICULATION_GAIN = 0.85
 
 
-def check_articulation_gain(gain: float | None) -> float:
-    """``--articulation-gain``, defaulted and checked: a float in (0, 5].
+def default_articulation_gain(params: Any) -> float:
+    """The default ``--articulation-gain`` of a model's canonical Gaussians ``params``:
+    :data:`BASIS_ARTICULATION_GAIN` when they carry the articulation basis
+    (:data:`gstalk.deform.basis.BASIS_KEYS`), else :data:`DEFAULT_ARTICULATION_GAIN`."""
+    return BASIS_ARTICULATION_GAIN if "basis_means" in params else DEFAULT_ARTICULATION_GAIN
+
+
+def check_articulation_gain(gain: float | None, default: float = DEFAULT_ARTICULATION_GAIN) -> float:
+    """``--articulation-gain``, defaulted (None: ``default``, :func:`default_articulation_gain`
+    of the model when it is known) and checked: a float in (0, 5].
 
     Raises:
         UsageError: zero, negative, above 5 or not finite."""
-    g = DEFAULT_ARTICULATION_GAIN if gain is None else float(gain)
+    g = default if gain is None else float(gain)
     if not (math.isfinite(g) and 0.0 < g <= 5.0):
         raise UsageError(f"--articulation-gain {gain} is out of range.",
                          hint="give a number above 0 and at most 5 (1 = as calibrated; 1.2 = 20% more mouth motion)")

@@ -153,7 +153,8 @@ class HeadRenderer:
             straight (not premultiplied) alpha (``render --alpha``).
         articulation_gain: scales the predicted mouth articulation code (``render
             --articulation-gain``; see :meth:`~gstalk.deform.base.DeformationModel.conditions`);
-            None: :data:`~gstalk.config.DEFAULT_ARTICULATION_GAIN`.
+            None: the model's default (:func:`~gstalk.config.default_articulation_gain`: 0.85 for a
+            model carrying the articulation basis, else :data:`~gstalk.config.DEFAULT_ARTICULATION_GAIN`).
         size: output width/height in pixels (square frames) when not the trained size: the
             Gaussians are re-projected with K scaled by size / trained size (sharp at any
             size, but detail beyond the training resolution is not there), the background and
@@ -171,7 +172,7 @@ class HeadRenderer:
     def __init__(self, avatar: Avatar, *, backend: str = "auto", cache: int = 64,
                  backdrop: np.ndarray | None = None, alpha: bool = False, size: int | None = None,
                  articulation_gain: float | None = None, device: torch.device | str = "cpu"):
-        from gstalk.config import check_articulation_gain
+        from gstalk.config import check_articulation_gain, default_articulation_gain
         from gstalk.device import resolve_device
 
         self.device = resolve_device(device, backend)
@@ -179,7 +180,7 @@ class HeadRenderer:
         self.avatar = avatar
         self.params, self.model = avatar.params, avatar.model
         self.viewmats, self.blink = avatar.viewmats, avatar.blink
-        self.articulation_gain = check_articulation_gain(articulation_gain)
+        self.articulation_gain = check_articulation_gain(articulation_gain, default_articulation_gain(avatar.params))
         self.backend = backend
         self.alpha = alpha
         plate = avatar.plate

@@ -24,6 +24,7 @@ import torch
 
 from gstalk.deform.audio import neighbour_indices
 from gstalk.deform.base import DeformationModel, Deltas, apply_deltas
+from gstalk.deform.basis import articulated, frame_code, stored_basis
 from gstalk.device import synchronize
 from gstalk.gaussians.splat import composite, splat
 
@@ -88,7 +89,10 @@ class TalkingHead:
         params: raw canonical Gaussians (:mod:`gstalk.gaussians.model`): ``means`` [G, 3]
             metres, ``scales`` [G, 3] log metres, ``quats`` [G, 4] wxyz, ``opacities`` [G]
             logits, ``sh0`` [G, 1, 3], ``shN`` [G, k, 3]; a dict or the trainer's
-            ``ParameterDict`` (then :meth:`render` is differentiable).
+            ``ParameterDict`` (then :meth:`render` is differentiable). With the articulation
+            basis (``basis_means``, ``basis_sh0`` [G, D, 3], :mod:`gstalk.deform.basis`) and a
+            model driven by articulation codes, each frame's code moves the deformed
+            Gaussians through it as well.
         model: the deformation model, on the same device as ``params``.
         K: [3, 3] float32 intrinsics in pixels at ``width`` x ``height`` (moved to the
             Gaussians' device).
@@ -147,6 +151,11 @@ class TalkingHead:
         e = blink.to(dev) if isinstance(blink, torch.Tensor) else torch.tensor([float(blink)], device=dev)
         deltas = self.model.deform(self.spatial(), code[0], e)
         deformed = apply_deltas(dict(self.params.items()), deltas)
+        # the linear articulation term (gstalk.deform.basis), for a model driven by articulation
+        # codes; looked up each frame, as densification replaces the trainer's tensors
+        basis = stored_basis(self.params) if self.model.articulator is not None else None
+        if basis is not None:
+            deformed = articulated(deformed, basis, frame_code(windows).to(deformed["means"].dtype))
         extra = self.model.splat_channels(deltas, settings) if settings is not None else None
         t2 = _clock(dev, timings)
         colors, alphas, meta = splat(deformed, viewmat.reshape(1, 4, 4).to(dev), self.K, self.width, self.height,

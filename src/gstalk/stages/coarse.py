@@ -14,7 +14,7 @@ Writes ``ws/coarse/``:
 - ``articulation_basis.safetensors`` (with ``articulation_basis`` other than ``none``, the
   default ``lower_face``): the per-Gaussian linear basis the fit explained the mouth with
   (``means`` and ``sh0``, [N, D, 3] per standard deviation of each code dimension;
-  :func:`gstalk.train.coarse.articulated`); the Gaussians written are the head at code 0, the
+  :func:`gstalk.deform.basis.articulated`); the Gaussians written are the head at code 0, the
   clip's average mouth. Nothing downstream needs it; it is there to inspect;
 - ``preview.png``: ground truth | render of a few training frames;
 - ``summary.json``: iterations, Gaussian count, final loss, train PSNR, seconds, the pose

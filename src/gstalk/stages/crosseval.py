@@ -71,7 +71,8 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     from gstalk.tracking.detector import MediaPipeDetector
 
     t0 = time.perf_counter()
-    gain = check_articulation_gain(articulation_gain)
+    if articulation_gain is not None:  # refused before any work; None: the model's default
+        check_articulation_gain(articulation_gain)
     ws = Workspace.open(workspace)
     ws.require("eval")
     dev = stage_device(device, backend)
@@ -88,7 +89,8 @@ def run_cross_eval(workspace: str | Path, audio: str | Path, *, backend: str = "
     if n < 25:
         raise InputError(f"{audio} is shorter than 1 s: too short to measure lip sync.", path=audio)
     poses = loop_poses(n, train)
-    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=gain, device=dev)
+    renderer = HeadRenderer(avatar, backend=backend, articulation_gain=articulation_gain, device=dev)
+    gain = renderer.articulation_gain
     opening = np.full(n, np.nan)
     bss: list[np.ndarray] = []
     names: tuple[str, ...] = ()
@@ -235,14 +237,13 @@ def run_cross_eval_many(workspace: str | Path, audios: list[Path], *, backend: s
         bounds the issue asks (lag-0 fraction >= 0.8, |lag| <= 1, motion in [0.8, 1.2]) and
         whether every voice meets them}.
     """
-    from gstalk.config import check_articulation_gain
-
     rows = []
     real = None
+    gain = articulation_gain
     for a in audios:
         c = run_cross_eval(workspace, a, backend=backend, reporter=reporter, syncnet=syncnet,
                            articulation_gain=articulation_gain, device=device)
-        real = c["real_video"]
+        real, gain = c["real_video"], c["articulation_gain"]  # the gain the renders used
         rb = real["sync_corr_best"]
         rows.append({"voice": Path(str(a)).name, "sync_corr": c["sync_corr"], "sync_lag": c["sync_lag"],
                      "sync_corr_best": c["sync_corr_best"],
@@ -257,7 +258,7 @@ def run_cross_eval_many(workspace: str | Path, audios: list[Path], *, backend: s
     out = {"schema_version": 1, "gstalk_version": __version__, "created": now_iso(), "workspace": str(Path(workspace)),
            "voices": rows, "summary": {"voice": "mean", **mean, "sync_lag": "–",
                                        "worst_sync_fraction": float(np.nanmin([r["sync_fraction"] for r in rows]))},
-           "real_video": real, "articulation_gain": check_articulation_gain(articulation_gain),
+           "real_video": real, "articulation_gain": gain,
            "targets": {"sync_fraction_min": 0.8, "sync_lag_max": 1, "mouth_motion": [0.8, 1.2], "met": ok,
                        "all_met": all(ok.values())}}
     d = Workspace.open(workspace).path("eval")

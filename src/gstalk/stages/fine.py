@@ -3,7 +3,9 @@
 Reads the coarse Gaussians and the audio features; pairs each frame with the audio shifted
 by the A/V offset the track stage measured (or ``--av-offset``). Writes ``ws/fine/``:
 
-- ``model.safetensors``: ``params.*`` canonical Gaussians, ``module.*`` the deformation
+- ``model.safetensors``: ``params.*`` canonical Gaussians (with ``params.basis_means`` /
+  ``params.basis_sh0``, the coarse stage's articulation basis carried as the mouth's linear
+  term, :mod:`gstalk.deform.basis`), ``module.*`` the deformation
   model's weights (with the audio → articulation regressor, ``module.articulator.*``,
   and ``module.code_scale``); metadata: the model spec (to rebuild it), SH degree, A/V
   offset, audio feature layout;
@@ -23,6 +25,7 @@ import torch
 
 from gstalk.config import FineConfig, to_dict
 from gstalk.dataset import build_frameset, load_audio_features, split_indices
+from gstalk.deform.basis import BASIS_KEYS, check_basis
 from gstalk.deform.registry import build_model, model_spec
 from gstalk.errors import WorkspaceError
 from gstalk.gaussians import save_ply
@@ -33,6 +36,7 @@ from gstalk.train.checkpoint import load_resumable, restore_training, save_check
 from gstalk.train.fine import FineTrainer, render_deformed
 from gstalk.train.frames import FrameSet
 from gstalk.workspace import (
+    COARSE_BASIS,
     COARSE_GAUSSIANS,
     FINE_CHECKPOINT,
     FINE_MODEL,
@@ -111,6 +115,35 @@ def fit_torso_flows(trainer: FineTrainer, test: FrameSet | None, cfg: FineConfig
     return out
 
 
+def carried_basis(ws: Workspace, cfg: FineConfig, n_gaussians: int, code_dim: int,
+                   reporter: Reporter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The coarse stage's articulation basis, to carry into the fine model as the frozen
+    linear term of the mouth (:mod:`gstalk.deform.basis`): ``({"basis_means", "basis_sh0"}
+    [G, D, 3] float32, summary)``, or ``({}, summary)`` when it is not carried: turned off
+    (``articulation_basis=none``), audio conditioning, or a coarse stage that fitted none
+    (``coarse/articulation_basis.safetensors`` missing or not matching its Gaussians, which
+    is said). The summary's ``source`` is ``coarse`` or ``none`` with a ``reason``."""
+    if cfg.articulation_basis == "none":
+        return {}, {"source": "none", "reason": "articulation_basis=none"}
+    if cfg.conditioning != "articulation" or code_dim == 0:
+        return {}, {"source": "none", "reason": "the field is driven by the audio itself (conditioning=audio)"}
+    path = ws.path(COARSE_BASIS)
+    if not path.exists():
+        reporter.log("  no articulation basis from the coarse stage (coarse ran with articulation_basis=none, or "
+                     "before it existed): the field learns the mouth's motion alone")
+        return {}, {"source": "none", "reason": "the coarse stage fitted no articulation basis"}
+    basis, _ = load_tensors(path)
+    why = check_basis(basis, n_gaussians, code_dim)
+    if why is not None:
+        reporter.warn(f"{path}: the coarse articulation basis is not used: {why}. Re-run `gstalk coarse {ws.root}` "
+                      f"to refit it.")
+        return {}, {"source": "none", "reason": f"{COARSE_BASIS}: {why}"}
+    moved = basis["means"].norm(dim=-1).amax(dim=-1) > 0  # [G] the Gaussians it moves
+    return ({"basis_means": basis["means"].float(), "basis_sh0": basis["sh0"].float()},
+            {"source": "coarse", "gaussians": int(moved.sum()),
+             "mean_mm_per_sd": float(basis["means"][moved].norm(dim=-1).mean() * 1000.0) if moved.any() else 0.0})
+
+
 def held_out_frames(ws: Workspace, trainer: FineTrainer, device: torch.device) -> FrameSet | None:
     """The test frames, on ``device``, for placing the finished torso field on them
     (:func:`register_test_torso`, :func:`fit_torso_flows`); None without a torso field with
@@ -186,6 +219,9 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
         # the head), and the models' scores over it compare
         torch.manual_seed(ws.seed)
         n_all = int(ws.stage("extract").summary["n_frames"]) if cfg.torso_passes > 0 else 0
+        if cfg.torso_flow_grid > 0 and cfg.torso_passes <= 0:
+            reporter.warn("torso_passes=0: the torso gets no per-frame placement, so no residual flow either "
+                          "(torso_flow_grid is ignored); use --set torso_passes=2 (the default) for both")
         torso = init_torso(data.images, data.torso_masks, data.viewmats, data.K, float(cmeta["scene_scale"]),
                            stride=cfg.torso_stride, hidden=cfg.torso_hidden, n_frames=n_all,
                            turns=cfg.torso_turns, flow_grid=cfg.torso_flow_grid)
@@ -203,14 +239,17 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
         model.torso.load_state_dict(torso.state_dict())
     ckpt_path = ws.path(FINE_CHECKPOINT)
     model.to(device)
+    basis, basis_info = carried_basis(ws, cfg, int(coarse["means"].shape[0]), art_dim, reporter)
     if not resume:
         warn_if_replacing(ckpt_path, reporter)
-        start = coarse
+        start = {**coarse, **basis}
     else:
         groups, meta = load_resumable(ckpt_path, "fine", ws.root, "spec", spec, device)
         start = groups["params"]
         model.load_state_dict(groups["module"])
-    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(device, copy=True)) for k, v in start.items()})
+    # the basis rides with the Gaussians (densification carries it) but does not train
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(device, copy=True), requires_grad=k not in BASIS_KEYS)
+                                     for k, v in start.items()})
     trainer = FineTrainer(params, model, data.to(device), cfg, float(cmeta["scene_scale"]), seed=ws.seed,
                           from_prior=prior is not None, coarse=coarse_cfg)
     if resume:
@@ -283,7 +322,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
                "av_offset_frames": av_offset, "skipped_steps": trainer.skipped_steps,
                "conditioning": cfg.conditioning, "articulation_fit": fit, "articulation_prior": prior_note,
                "torso_registration": {"passes": trainer.torso_history, "test": torso_test},
-               "torso_flow": torso_flow,
+               "torso_flow": torso_flow, "articulation_basis": basis_info,
                "device": str(device), "history": trainer.history[-20:]}
     write_json(ws.path(FINE_SUMMARY), summary)
     return summary

@@ -110,7 +110,8 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
                          hint="H.264 (yuv420p) needs even sizes, e.g. --size 512")
     if blink not in BLINKS:
         raise UsageError(f"Unknown --blink '{blink}'.", hint="use video or auto")
-    gain = check_articulation_gain(articulation_gain)
+    if articulation_gain is not None:  # a bad gain is refused before any work; None: the model's default
+        check_articulation_gain(articulation_gain)
     if ws is not None:
         ex = ws.stage("extract")
         fps, size0 = float(ex.summary["fps"]), int(ex.summary["size"])  # square frames
@@ -175,7 +176,7 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
 
             viewmats = pose_track[ping_pong(len(poses), len(pose_track))]
         renderer = HeadRenderer(avatar, backend=backend, backdrop=backdrop, alpha=alpha, size=size,
-                                articulation_gain=gain, device=device)
+                                articulation_gain=articulation_gain, device=device)
         t = time.perf_counter()
         tmp_out = (Path(tmp) / ("out" if alpha else "out.mp4")) if str(out_path) != "-" else None
         writer_cm = PngSequenceWriter(tmp_out, audio_path=mux) if alpha and tmp_out is not None else \
@@ -201,7 +202,7 @@ def run_render(workspace: str | Path | Avatar, audio: str | Path | None = None, 
                "fps": len(poses) / max(render_s, 1e-9), "realtime_factor": duration / max(total, 1e-9),
                "seconds": total, "render_seconds": render_s, "audio": str(audio) if audio else "test split",
                "pose": pose if pose_track is None else str(pose), "background": background, "alpha": alpha,
-               "size": renderer.width, "blink": blink, "articulation_gain": gain,
+               "size": renderer.width, "blink": blink, "articulation_gain": renderer.articulation_gain,
                "backend": backend, "device": str(device), "finished": now_iso()}
     if ws is not None:
         _record(ws, name, summary)

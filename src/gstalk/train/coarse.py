@@ -8,7 +8,7 @@ too: after the steps of :func:`~gstalk.train.pose_refine.schedule` a registratio
 (:func:`~gstalk.train.pose_refine.registration_pass`) corrects every training frame's
 camera against the current Gaussians, and training goes on with the corrected cameras.
 With ``articulation_basis`` (default ``lower_face``) each frame is rendered with its tracked
-mouth code applied through a per-Gaussian linear basis fitted alongside (:func:`articulated`),
+mouth code applied through a per-Gaussian linear basis fitted alongside (:func:`gstalk.deform.basis.articulated`),
 so a mouth that opens as the head nods is explained by the code, not by the view; the static
 head is the one at code 0.
 Pure: tensors in, tensors out, progress through a callback; files are the stage's business.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from gstalk.config import CoarseConfig
+from gstalk.deform.basis import articulated
 from gstalk.errors import TrainingError
 from gstalk.gaussians import Densifier
 from gstalk.gaussians.splat import composite, splat
@@ -67,7 +68,7 @@ class CoarseTrainer:
         registered: [F] bool, frames some registration pass has corrected.
         basis: with ``cfg.articulation_basis`` other than ``none``, the per-Gaussian linear
             articulation basis (:func:`init_basis`: ``means``, ``sh0`` [N, D, 3]) each step
-            renders its frame's tracked code with (:func:`articulated`); densification edits
+            renders its frame's tracked code with (:func:`~gstalk.deform.basis.articulated`); densification edits
             it with the Gaussians. None otherwise.
         pose_history: one dict per registration pass (step, frames registered, failed,
             rejected, the mean shift the registration found in px, mean correction in degrees
@@ -273,33 +274,6 @@ def _lower_face_box() -> tuple[float, float, float, float]:
     v = canonical_face().vertices
     return (float(max(abs(v[61, 0]), abs(v[291, 0]))), float(v[2, 1]), float(v[152, 1]),
             float(min(v[61, 2], v[291, 2]) - 0.03))
-
-
-def articulated(params: torch.nn.ParameterDict | dict[str, torch.Tensor], basis: torch.nn.ParameterDict,
-                code: torch.Tensor, region: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The Gaussians with a mouth code applied through a linear basis:
-    ``means + Σ_d code_d · basis.means[:, d]`` and ``sh0[:, 0] + Σ_d code_d · basis.sh0[:, d]``
-    for the Gaussians in ``region`` ([N] bool; None: all), the other tensors unchanged
-    (differentiable in ``params``, ``basis`` and ``code``). A linear blendshape model of the
-    mouth, as a 3DMM's expression basis, learnt per Gaussian: gstalk's addition to the
-    papers' static initialisation (GSTalker Sec. 3.3), docs/methods.md.
-
-    Args:
-        params: raw Gaussian parameters (means [N, 3] metres in canonical space, sh0 [N, 1, 3]).
-        basis: :func:`init_basis`'s tensors, [N, D, 3] each.
-        code: [D] float32 standardised mouth articulation code
-            (:func:`~gstalk.deform.articulation.articulation_features`, z-scored); 0 = the
-            clip's average mouth, where the result equals ``params``.
-    """
-    d_means = torch.einsum("d,ndk->nk", code, basis["means"])
-    d_sh0 = torch.einsum("d,ndk->nk", code, basis["sh0"])
-    if region is not None:
-        w = region.to(d_means.dtype)[:, None]
-        d_means, d_sh0 = w * d_means, w * d_sh0
-    out = dict(params.items())
-    out["means"] = params["means"] + d_means
-    out["sh0"] = params["sh0"] + d_sh0[:, None]
-    return out
 
 
 def pose_prior(cfg: CoarseConfig) -> PosePrior:
