@@ -83,7 +83,10 @@ class Avatar:
         name: a label (the workspace folder's or the bundle's name).
         params: the canonical Gaussians after fine training, raw: ``means`` [G, 3] float32
             metres (canonical head space), ``scales`` [G, 3] log metres, ``quats`` [G, 4]
-            wxyz unnormalised, ``opacities`` [G] logits, ``sh0`` [G, 1, 3], ``shN`` [G, K-1, 3].
+            wxyz unnormalised, ``opacities`` [G] logits, ``sh0`` [G, 1, 3], ``shN`` [G, K-1, 3];
+            with the coarse articulation basis carried (:mod:`gstalk.deform.basis`), also
+            ``basis_means`` / ``basis_sh0`` [G, D, 3] (metres / SH DC per standard deviation of
+            each mouth-code dimension).
         model: the deformation model in eval mode (audio → articulation regressor and, when
             trained with one, the torso field as ``model.torso``).
         meta: the metadata of ``fine/model.safetensors`` (``spec``, ``av_offset_frames``, ...).
