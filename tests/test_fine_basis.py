@@ -158,6 +158,17 @@ def test_default_gain_follows_the_model():
     assert check_articulation_gain(None, 0.85) == 0.85 and check_articulation_gain(1.3, 0.85) == 1.3
 
 
+def test_the_eval_report_says_how_the_mouth_is_driven():
+    from gstalk.stages.evaluate import basis_note
+
+    assert basis_note({"articulation_gain": 0.85, "articulation_basis": True}) == \
+        " (with the coarse articulation basis, articulation gain 0.85)"
+    assert basis_note({"articulation_gain": 1.5, "articulation_basis": False}) == \
+        " (without the articulation basis, articulation gain 1.5)"
+    assert basis_note({"articulation_gain": 1.5}) == " (articulation gain 1.5)"  # metrics from before the key
+    assert basis_note({}) == ""
+
+
 @pytest.mark.slow
 def test_fine_stage_carries_the_coarse_basis_frozen_and_says_when_it_cannot(trained_ws, tmp_path, capsys):
     """The fixture's fine model holds the coarse stage's basis unchanged (frozen through

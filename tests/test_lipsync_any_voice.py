@@ -155,7 +155,8 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
 
     # the test frames are rendered as render does: the fixture's model carries the coarse
     # articulation basis, whose default gain is BASIS_ARTICULATION_GAIN
-    assert saved["articulation_gain"] == BASIS_ARTICULATION_GAIN
+    assert saved["articulation_gain"] == BASIS_ARTICULATION_GAIN and saved["articulation_basis"] is True
+    assert "with the coarse articulation basis, articulation gain 0.85" in (ws_copy / "eval" / "report.md").read_text()
     # a gain moves the audio-driven row only; the oracle and neutral rows do not depend on it
     g = run_eval(str(ws_copy), EvalConfig(articulation_gain=2.5))
     assert g["articulation_gain"] == 2.5 and g["mouth_psnr"] != pytest.approx(saved["mouth_psnr"], abs=1e-6)

@@ -259,7 +259,7 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         "error_split": error_split(results["model"], results["codes"]),
         "articulation_fit": articulation_fit_summary(ws),
         "model_name": meta["spec"]["name"], "render_fps": render_fps, "torso": torso_provenance(model.torso),
-        "articulation_gain": renderer.articulation_gain,
+        "articulation_gain": renderer.articulation_gain, "articulation_basis": "basis_means" in avatar.params,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
         "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
                         if k != "fan" else n.info.to_dict()) for k, n in nets.items()},
@@ -577,11 +577,21 @@ def _samples(path: Any, gt: torch.Tensor, coarse: torch.Tensor, fine: torch.Tens
     write_png(path, to_uint8(torch.cat(rows, dim=0)))
 
 
+def basis_note(m: dict[str, Any]) -> str:
+    """The report's words on how the mouth is driven: whether the model carries the coarse
+    articulation basis (the ``articulation_basis`` key; absent in older metrics) and the gain."""
+    if "articulation_gain" not in m:
+        return ""
+    basis = {True: "with the coarse articulation basis", False: "without the articulation basis"}.get(
+        m.get("articulation_basis"), "")
+    return f" ({basis + ', ' if basis else ''}articulation gain {m['articulation_gain']:g})"
+
+
 def report_markdown(m: dict[str, Any]) -> str:
     """The eval report as Markdown (metrics table against the baselines)."""
     lines = [f"# gstalk eval: {m['workspace']}", "",
              f"Self-driven, {m['n_frames']} held-out test frames {m['split']['test'][0]}-{m['split']['test'][1] - 1}; "
-             f"model `{m['model_name']}`; gstalk {m['gstalk_version']}, {m['created']}.", "",
+             f"model `{m['model_name']}`{basis_note(m)}; gstalk {m['gstalk_version']}, {m['created']}.", "",
              "| | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
     rows = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items()] \
