@@ -282,7 +282,9 @@ class FineConfig:
         return getattr(self, self.model)
 
 
-# The default ``render --articulation-gain``: the predicted articulation code is already
+# The default ``render --articulation-gain`` of a fine model that does not carry the coarse
+# articulation basis (trained before it, or with articulation_basis=none; see
+# default_articulation_gain): the predicted articulation code is already
 # calibrated to the tracked code's spread on the training frames (ArticulationEnsemble.gain);
 # this scales it at render time. 1.5: measured over five voices on obama and aoc_hdtf with the
 # coarse stage's articulation basis (docs/methods.md, "The coarse head fitted with an
@@ -295,8 +297,8 @@ DEFAULT_ARTICULATION_GAIN = 1.5
 # opening, the basis 0.96-1.02), so the calibrated code needs no amplification. 0.85, measured
 # over five voices on four clips (docs/methods.md, "The articulation basis in the fine model"):
 # the mouth moves 0.87-1.11x the real one on obama, aoc_hdtf and man-black-sweater (1.0:
-# 0.96-1.23x), and on the speakers' own held-out frames the predicted code costs 0.1-0.5 dB less
-# mouth PSNR than at 1.0 where the audio -> code fit is weak.
+# 0.96-1.23x); on the speakers' own held-out frames 0.85 gives 0.2-0.5 dB more mouth PSNR than
+# 1.0 where the predicted code over-moves the mouth at 1.0, 0.2 dB less on the other two clips.
 BASIS_ARTICULATION_GAIN = 0.85
 
 
