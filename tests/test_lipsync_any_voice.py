@@ -256,7 +256,7 @@ def test_perturbed_copies_are_fitted_on_but_never_validated_on():
 
 
 @pytest.mark.slow
-def test_a_workspace_with_the_old_mfcc_front_end_trains_and_renders_new_speech(mannequin_clip, tmp_path):
+def test_a_workspace_with_the_old_mfcc_front_end_trains_and_renders_new_speech(mannequin_clip, tmp_path, capsys):
     """Workspaces extracted before the new front ends carry ``mfcc``: fine says why the
     shipped prior does not apply (and the command that makes it apply), and render reads the
     front end from the workspace, so new speech renders with the features it was trained on."""
@@ -268,6 +268,7 @@ def test_a_workspace_with_the_old_mfcc_front_end_trains_and_renders_new_speech(m
     from gstalk.cli import app
     from gstalk.config import get_preset
     from gstalk.media import probe
+    from gstalk.progress import Reporter
     from gstalk.stages.coarse import run_coarse
     from gstalk.stages.extract import run_extract
     from gstalk.stages.fine import run_fine
@@ -281,7 +282,10 @@ def test_a_workspace_with_the_old_mfcc_front_end_trains_and_renders_new_speech(m
     run_extract(mannequin_clip.path, root, ex, preset="test")
     run_track(str(root), p.track)
     run_coarse(str(root), p.coarse)
-    run_fine(str(root), p.fine)
+    capsys.readouterr()
+    run_fine(str(root), p.fine, reporter=Reporter())
+    err = "".join(capsys.readouterr().err.split())  # a warning, not a log line: the default prior could not apply
+    assert "warning:noarticulationprior" in err and "followsotherpeople'sspeechfarlesswell" in err
     _, meta = load_tensors(root / "extract" / "audio_features.safetensors")
     assert meta["extractor"] == "mfcc" and int(meta["dim"]) == 13
     note = Workspace.open(root).stage("fine").summary["articulation_prior"]

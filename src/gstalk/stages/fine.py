@@ -207,7 +207,11 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
 
         prior, prior_note = resolve_prior(cfg.articulation_prior, af.extractor,
                                           ws.stage("extract").config.get("audio", {}), af.window)
-        reporter.log(f"  {prior_note}")
+        if prior is None and cfg.articulation_prior == "auto":  # the default could not apply: say so loudly
+            reporter.warn(f"{prior_note}. Without it the mouth follows other people's speech far less well "
+                          f"(docs/methods.md, \"Audio → mouth on any voice\").")
+        else:
+            reporter.log(f"  {prior_note}")
     spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, articulation=art_dim,
                       prior=prior.meta if prior is not None else None)
     torso = None
