@@ -153,8 +153,8 @@ def test_default_gain_follows_the_model():
     )
 
     params, basis = _scene(n=3)
-    assert default_articulation_gain(params) == DEFAULT_ARTICULATION_GAIN == 1.5
-    assert default_articulation_gain({**params, "basis_means": basis["means"]}) == BASIS_ARTICULATION_GAIN == 0.85
+    assert default_articulation_gain(False) == DEFAULT_ARTICULATION_GAIN == 1.5
+    assert default_articulation_gain(True) == BASIS_ARTICULATION_GAIN == 0.85
     assert check_articulation_gain(None, 0.85) == 0.85 and check_articulation_gain(1.3, 0.85) == 1.3
 
 

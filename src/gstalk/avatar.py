@@ -158,6 +158,13 @@ class Avatar:
     def has_torso_field(self) -> bool:
         return getattr(self.model, "torso", None) is not None
 
+    @property
+    def has_articulation_basis(self) -> bool:
+        """The Gaussians carry the coarse articulation basis (:func:`gstalk.deform.basis.stored_basis`)."""
+        from gstalk.deform.basis import stored_basis
+
+        return stored_basis(self.params) is not None
+
     @classmethod
     def from_workspace(cls, ws: Workspace) -> Avatar:
         """Load a workspace whose fine stage is done (the caller checks that with

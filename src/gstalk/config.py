@@ -302,11 +302,11 @@ DEFAULT_ARTICULATION_GAIN = 1.5
 BASIS_ARTICULATION_GAIN = 0.85
 
 
-def default_articulation_gain(params: Any) -> float:
-    """The default ``--articulation-gain`` of a model's canonical Gaussians ``params``:
-    :data:`BASIS_ARTICULATION_GAIN` when they carry the articulation basis
-    (:data:`gstalk.deform.basis.BASIS_KEYS`), else :data:`DEFAULT_ARTICULATION_GAIN`."""
-    return BASIS_ARTICULATION_GAIN if "basis_means" in params else DEFAULT_ARTICULATION_GAIN
+def default_articulation_gain(carries_basis: bool) -> float:
+    """The default ``--articulation-gain`` of a fine model: :data:`BASIS_ARTICULATION_GAIN`
+    when it carries the coarse articulation basis (``Avatar.has_articulation_basis``), else
+    :data:`DEFAULT_ARTICULATION_GAIN`."""
+    return BASIS_ARTICULATION_GAIN if carries_basis else DEFAULT_ARTICULATION_GAIN
 
 
 def check_articulation_gain(gain: float | None, default: float = DEFAULT_ARTICULATION_GAIN) -> float:

@@ -180,7 +180,8 @@ class HeadRenderer:
         self.avatar = avatar
         self.params, self.model = avatar.params, avatar.model
         self.viewmats, self.blink = avatar.viewmats, avatar.blink
-        self.articulation_gain = check_articulation_gain(articulation_gain, default_articulation_gain(avatar.params))
+        self.articulation_gain = check_articulation_gain(articulation_gain,
+                                                         default_articulation_gain(avatar.has_articulation_basis))
         self.backend = backend
         self.alpha = alpha
         plate = avatar.plate

@@ -259,7 +259,7 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
         "error_split": error_split(results["model"], results["codes"]),
         "articulation_fit": articulation_fit_summary(ws),
         "model_name": meta["spec"]["name"], "render_fps": render_fps, "torso": torso_provenance(model.torso),
-        "articulation_gain": renderer.articulation_gain, "articulation_basis": "basis_means" in avatar.params,
+        "articulation_gain": renderer.articulation_gain, "articulation_basis": avatar.has_articulation_basis,
         "training_seconds": {s: ws.stage(s).data.get("seconds") for s in ("extract", "track", "coarse", "fine")},
         "weights": {k: ({"path": str(Path(n.path).resolve()), **({"net": n.net} if k == "lpips" else {})}
                         if k != "fan" else n.info.to_dict()) for k, n in nets.items()},

@@ -122,7 +122,8 @@ def carried_basis(ws: Workspace, cfg: FineConfig, n_gaussians: int, code_dim: in
     [G, D, 3] float32, summary)``, or ``({}, summary)`` when it is not carried: turned off
     (``articulation_basis=none``), audio conditioning, or a coarse stage that fitted none
     (``coarse/articulation_basis.safetensors`` missing or not matching its Gaussians, which
-    is said). The summary's ``source`` is ``coarse`` or ``none`` with a ``reason``."""
+    is said). The summary's ``source`` is ``coarse`` (with the coarse stage's own statistics of
+    the basis: ``gaussians`` it moves, ``mean_mm_per_sd``) or ``none`` with a ``reason``."""
     if cfg.articulation_basis == "none":
         return {}, {"source": "none", "reason": "articulation_basis=none"}
     if cfg.conditioning != "articulation" or code_dim == 0:
@@ -138,10 +139,8 @@ def carried_basis(ws: Workspace, cfg: FineConfig, n_gaussians: int, code_dim: in
         reporter.warn(f"{path}: the coarse articulation basis is not used: {why}. Re-run `gstalk coarse {ws.root}` "
                       f"to refit it.")
         return {}, {"source": "none", "reason": f"{COARSE_BASIS}: {why}"}
-    moved = basis["means"].norm(dim=-1).amax(dim=-1) > 0  # [G] the Gaussians it moves
-    return ({"basis_means": basis["means"].float(), "basis_sh0": basis["sh0"].float()},
-            {"source": "coarse", "gaussians": int(moved.sum()),
-             "mean_mm_per_sd": float(basis["means"][moved].norm(dim=-1).mean() * 1000.0) if moved.any() else 0.0})
+    stats = {k: v for k, v in ws.stage("coarse").summary.get("articulation_basis", {}).items() if k != "region"}
+    return {"basis_means": basis["means"].float(), "basis_sh0": basis["sh0"].float()}, {"source": "coarse", **stats}
 
 
 def held_out_frames(ws: Workspace, trainer: FineTrainer, device: torch.device) -> FrameSet | None:
