@@ -75,6 +75,21 @@ def standardise(features: torch.Tensor, indices: torch.Tensor | list[int]) -> to
     return (features - sel.mean(0)) / sel.std(0).clamp_min(1e-3)
 
 
+def code_range(codes: torch.Tensor) -> dict[str, list[float]]:
+    """The per-dimension range of articulation codes [N, D] (N >= 1): {"min": [D], "max": [D]}
+    as plain floats, for a model spec (:meth:`~gstalk.deform.base.DeformationModel.set_code_range`).
+
+    Raises:
+        ValueError: no codes, or a code that is not finite.
+    """
+    if codes.dim() != 2 or codes.shape[0] == 0:
+        raise ValueError(f"code_range needs codes [N >= 1, D], got {list(codes.shape)}")
+    if not bool(torch.isfinite(codes).all()):
+        raise ValueError("code_range: the codes are not all finite")
+    c = codes.detach().float().cpu()
+    return {"min": c.min(0).values.tolist(), "max": c.max(0).values.tolist()}
+
+
 def r2_score(pred: torch.Tensor, target: torch.Tensor, reference_mean: torch.Tensor | None = None) -> float:
     """Coefficient of determination 1 - SSE/SST over all entries of [B, D] tensors; SST is
     taken about ``reference_mean`` [D] (default: the targets' own mean)."""

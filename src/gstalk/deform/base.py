@@ -110,6 +110,10 @@ class DeformationModel(nn.Module):
         articulator: the frozen audio -> articulation regressor
             (:class:`~gstalk.deform.articulation.ArticulationEnsemble`; such a model also
             registers the scalar buffer ``code_scale``), or None (driven by the audio itself).
+        code_min, code_max: [D] float32 buffers, the range of the tracked articulation code
+            over the training frames (standardised units), when :meth:`set_code_range` was
+            called (models trained before it have none): :meth:`clamp_codes` keeps the
+            codes that drive a render inside it.
         torso: GSTalker's pose-conditioned torso field (:class:`~gstalk.deform.torso.TorsoField`)
             or None.
 
@@ -230,6 +234,41 @@ class DeformationModel(nn.Module):
         the W steps the audio encoder expects)."""
         return codes[:, None, :].expand(-1, self.window, -1).contiguous()
 
+    def set_code_range(self, code_min: torch.Tensor | list[float], code_max: torch.Tensor | list[float]) -> None:
+        """Record the range of the articulation code the model was trained on: ``code_min``,
+        ``code_max`` [D] (standardised units, the tracked code over the training frames) as
+        the non-persistent buffers ``code_min`` / ``code_max`` (the spec carries them:
+        :func:`~gstalk.deform.registry.build_model` calls this).
+
+        Raises:
+            ValueError: the two do not have one entry per code dimension, or min > max.
+        """
+        lo = torch.as_tensor(code_min, dtype=torch.float32).reshape(-1)
+        hi = torch.as_tensor(code_max, dtype=torch.float32).reshape(-1)
+        if lo.shape != hi.shape or bool((lo > hi).any()):
+            raise ValueError(f"a code range needs min <= max per dimension, got {lo.tolist()} and {hi.tolist()}")
+        self.register_buffer("code_min", lo, persistent=False)
+        self.register_buffer("code_max", hi, persistent=False)
+
+    @property
+    def has_code_range(self) -> bool:
+        """Whether :meth:`clamp_codes` clamps (the model records its training code range)."""
+        return getattr(self, "code_min", None) is not None
+
+    def clamp_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [..., D] clamped, per dimension, to the range the model was trained on
+        (:meth:`set_code_range`; unchanged for a model without one).
+
+        Why: the field and the coarse articulation basis are fitted on the training frames'
+        codes only, and the basis is linear, so a code past that range is extrapolated: the
+        predicted code fell outside it on 20-87 % of frames (mostly below the most closed
+        mouth of the training frames), and a tracked code 1.5x past the widest training mouth
+        tore the chin apart in colour. A clamped code renders the nearest mouth the model
+        has seen (docs/methods.md, "The code's range")."""
+        if not self.has_code_range:
+            return codes
+        return torch.maximum(torch.minimum(codes, self.code_max), self.code_min)
+
     def predict_codes(self, audio_windows: torch.Tensor) -> torch.Tensor:
         """Articulation codes that drive the field, from audio windows [N, W, C] of a whole
         clip in frame order: the articulator's prediction times ``code_scale`` -> [N, D].
@@ -245,10 +284,11 @@ class DeformationModel(nn.Module):
         """The per-frame condition sequence from the audio: windows [N, W, C] of a whole clip,
         in frame order -> [N, W, C'] (the audio itself, or :meth:`predict_codes` times ``gain``
         as windows: ``gain`` > 1 moves the mouth more, < 1 less, as GeneFace++'s mouth
-        amplitude; the codes are standardised, so 0 is the speaker's average mouth)."""
+        amplitude; the codes are standardised, so 0 is the speaker's average mouth), clamped
+        to the training range (:meth:`clamp_codes`) after the gain."""
         if self.articulator is None:
             return audio_windows
-        return self.code_windows(self.predict_codes(audio_windows) * gain)
+        return self.code_windows(self.clamp_codes(self.predict_codes(audio_windows) * gain))
 
     @property
     def condition_context(self) -> int:
@@ -271,7 +311,7 @@ class DeformationModel(nn.Module):
             return neighbour_windows[:, k // 2]
         with torch.no_grad():
             codes = self.articulator(neighbour_windows) * self.code_scale
-        return self.code_windows(codes * gain)
+        return self.code_windows(self.clamp_codes(codes * gain))
 
     def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:
         """Offsets for one frame: means [N, 3], condition windows [1, K, W, C'], blink [1]."""

@@ -108,7 +108,9 @@ def model_spec(name: str, aabb: torch.Tensor, audio_in_dim: int, window: int, cf
 def build_model(spec: dict[str, Any]) -> DeformationModel:
     """Instantiate the model described by :func:`model_spec` (on the CPU, in training mode;
     with its :class:`~gstalk.deform.torso.TorsoField` when ``spec["torso"]`` is set: zeros
-    until its state is loaded or :func:`~gstalk.deform.torso.init_torso` fills it).
+    until its state is loaded or :func:`~gstalk.deform.torso.init_torso` fills it; with its
+    training code range when ``spec["code_range"]`` = {"min": [D], "max": [D]} is set:
+    :meth:`~gstalk.deform.base.DeformationModel.set_code_range`).
 
     Raises:
         UsageError: unknown model name.
@@ -120,4 +122,6 @@ def build_model(spec: dict[str, Any]) -> DeformationModel:
         from gstalk.deform.torso import TorsoField
 
         model.torso = TorsoField(**spec["torso"])
+    if spec.get("code_range"):
+        model.set_code_range(spec["code_range"]["min"], spec["code_range"]["max"])
     return model

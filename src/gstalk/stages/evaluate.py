@@ -162,8 +162,9 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
 
         tracked = standardise(tracks.articulation(), list(train))  # the units the field trained on
         for name, codes in (("oracle", tracked), ("neutral", torch.zeros_like(tracked))):
-            code_rows[name] = render_split(renderer, model.code_windows(codes.to(device)), test, reporter,
-                                           f"rendering test frames ({name} code)")
+            # clamped to the training range, as every render's code is (DeformationModel.clamp_codes)
+            windows = model.code_windows(model.clamp_codes(codes.to(device)))
+            code_rows[name] = render_split(renderer, windows, test, reporter, f"rendering test frames ({name} code)")
 
     # baselines; the coarse head over the same background as the model's (its torso field's
     # render when it has one, else the frame's own torso), so the two differ by the head only

@@ -25,6 +25,7 @@ import torch
 
 from gstalk.config import FineConfig, to_dict
 from gstalk.dataset import build_frameset, load_audio_features, split_indices
+from gstalk.deform.articulation import code_range
 from gstalk.deform.basis import BASIS_KEYS, check_basis
 from gstalk.deform.registry import build_model, model_spec
 from gstalk.errors import WorkspaceError
@@ -213,6 +214,8 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
             reporter.log(f"  {prior_note}")
     spec = model_spec(cfg.model, aabb, af.steps.shape[1], af.window, cfg, articulation=art_dim,
                       prior=prior.meta if prior is not None else None)
+    if cfg.conditioning == "articulation":  # renders keep the code inside what training saw
+        spec["code_range"] = code_range(data.articulation[data.frame_ids])
     torso = None
     if cfg.torso:  # GSTalker's pose-conditioned torso, seeded from the training frames' torso masks
         from gstalk.deform.torso import init_torso
