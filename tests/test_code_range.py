@@ -83,10 +83,12 @@ def test_a_model_with_a_range_clamps_every_code_it_renders_and_one_without_none(
         model.set_code_range([0.0, 0.0], [1.0, 1.0, 1.0])
 
 
-def test_the_fine_stage_records_the_tracked_codes_range_and_the_avatar_clamps_to_it(trained_ws):
+def test_the_fine_stage_records_the_tracked_codes_range_and_the_avatar_clamps_to_it(trained_ws, tmp_path):
     """The fixture's fine model carries, in its spec, the range of the standardised tracked code
-    over its training frames (what the field trained on), and the loaded avatar clamps to it."""
+    over its training frames (what the field trained on); the loaded avatar, and a bundle of it,
+    clamp to it."""
     from gstalk.avatar import load_avatar
+    from gstalk.bundle import export_bundle
     from gstalk.dataset import load_tracks, split_indices
     from gstalk.deform.articulation import standardise
     from gstalk.tensorio import load_tensors
@@ -101,3 +103,7 @@ def test_the_fine_stage_records_the_tracked_codes_range_and_the_avatar_clamps_to
     torch.testing.assert_close(model.code_max, codes.max(0).values)
     lo, hi = codes.min(0).values, codes.max(0).values
     torch.testing.assert_close(model.clamp_codes(codes * 3), (codes * 3).clamp(lo, hi), rtol=0, atol=0)
+    export_bundle(trained_ws, tmp_path / "a.gstalk")
+    bundled = load_avatar(tmp_path / "a.gstalk").model
+    torch.testing.assert_close(bundled.code_min, lo, rtol=0, atol=0)
+    torch.testing.assert_close(bundled.code_max, hi, rtol=0, atol=0)
