@@ -141,6 +141,15 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
     assert set(saved["codes"]) == {"oracle", "neutral"}
     for v in saved["codes"].values():
         assert np.isfinite(v["mouth_psnr"]) and "lmd" in v and "mouth_motion" in v
+    # teeth and the inner mouth, for every row whose renders MediaPipe read (here the coarse
+    # head's at least; the synthetic head shows no teeth, so their ratio is NaN)
+    rows = (saved, *saved["codes"].values(), saved["baselines"]["coarse"])
+    assert saved["baselines"]["coarse"]["lip_frames"] > 0
+    for v in rows:
+        assert ("teeth_px" in v) == (v["lip_frames"] > 0)
+        if v["lip_frames"] > 0:
+            assert v["teeth_px"] >= 0 and v["inner_mouth_px"] >= 0
+            assert np.isfinite(v["inner_mouth_psnr"]) == (v["inner_mouth_px"] > 0)
     split = saved["error_split"]
     assert split["audio_to_code_db"] == pytest.approx(saved["codes"]["oracle"]["mouth_psnr"] - saved["mouth_psnr"])
     assert split["code_to_pixels_db"] == pytest.approx(saved["codes"]["oracle"]["mouth_psnr"]
@@ -150,6 +159,10 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
     assert "articulation prior" in fit["prior"]
     report = report_markdown(m)
     assert "fine model, tracked code (oracle)" in report and "Where the mouth error is" in report
+    from gstalk.stages.evaluate import teeth_lines
+
+    assert "teeth shown (render / ground truth)" in report
+    assert any(line.startswith("| baseline: coarse |") for line in teeth_lines(m))
     from gstalk.config import BASIS_ARTICULATION_GAIN, EvalConfig
     from gstalk.errors import UsageError
 

@@ -453,7 +453,8 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
     Returns:
         {"lmd": mouth LMD in px at the working size, "lmd_512": the same scaled to 512 px
         (the papers' resolution), "aue": mean blendshape MAE, "aue_parts": per blendshape,
-        "lip_frames": frames measured, "_opening": [F] mouth opening of each render (NaN
+        "lip_frames": frames measured, with ``truth`` the teeth and inner-mouth keys of
+        :func:`~gstalk.metrics.teeth.teeth_scores` over those frames, "_opening": [F] mouth opening of each render (NaN
         where no face was found), "_eye_blink": [F] MediaPipe's eye blink (mean of
         eyeBlinkLeft/Right) on each render (NaN where none), and, only when MediaPipe read
         the ground truth (FAN tracks),
@@ -507,6 +508,11 @@ def lip_metrics(renders: torch.Tensor, tracks: Any, frames: list[int],
     d = lmd(np.stack(lms)[:, ids], ref_lms[sel][:, ids])
     size = renders.shape[2]
     aue = blendshape_error(np.stack(bss), ref_bss[sel], names)
+    if truth is not None:  # teeth and the inner mouth, in the frames whose landmarks were read
+        from gstalk.metrics.teeth import teeth_scores
+
+        extra.update(teeth_scores([to_uint8(renders[k]) for k in keep], lms,
+                                  [to_uint8(truth[k]) for k in keep], list(ref_lms[sel])))
     return {"lmd": float(d.mean()), "lmd_512": float(d.mean() * 512.0 / size), "aue": aue.pop("mean"),
             "aue_parts": aue, "lip_frames": len(keep), "_opening": opening, **extra}
 
@@ -622,6 +628,7 @@ def report_markdown(m: dict[str, Any]) -> str:
                        + [("real video (ground truth)", m.get("real_video", {}))])
     lines += skipped_lines(m)
     lines += lmd_lines(m)
+    lines += teeth_lines(m)
     motion = [(n, v["mouth_motion"]) for n, v in [("fine model", m), ("coarse", m["baselines"].get("coarse", {})),
                                                    *[(f"{k} code", v) for k, v in m.get("codes", {}).items()]]
               if "mouth_motion" in v]
@@ -675,6 +682,27 @@ def stability_lines(m: dict[str, Any]) -> list[str]:
               "renders' mean over the ground truth's (1 = as much fine detail as the footage). PSNR trend: the "
               "least-squares line through the per-frame PSNR, its change from the first to the last test frame "
               "(negative: the render drifts away from the ground truth along the split; psnr.png)."]
+    return lines
+
+
+def teeth_lines(m: dict[str, Any]) -> list[str]:
+    """Markdown lines of the teeth and inner-mouth table (fine model, code rows, coarse
+    baseline), or none for metrics written before they were measured."""
+    code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
+    rows = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items()] \
+        + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+    rows = [(n, v) for n, v in rows if "teeth_ratio" in v]
+    if not rows:
+        return []
+    lines = ["", "| | teeth shown (render / ground truth) | teeth px per frame | inner-mouth PSNR (dB) |",
+             "|---|---|---|---|"]
+    lines += [f"| {n} | {v['teeth_ratio']:.2f} | {v['teeth_px']:.1f} | {v['inner_mouth_psnr']:.2f} |"
+              for n, v in rows]
+    truth = rows[0][1]  # the first row measured (its frames read): the ground truth's side
+    lines += ["", f"Teeth: bright, unsaturated pixels inside the inner-lip landmarks (gstalk.metrics.teeth), "
+              f"each frame's own; the ground truth shows {truth['teeth_px_truth']:.1f} per frame, in "
+              f"{truth['teeth_frames_truth']:.0f} of the frames read. Inner-mouth PSNR: inside the ground "
+              f"truth's inner lips ({truth['inner_mouth_px']:.0f} px per frame)."]
     return lines
 
 
