@@ -98,6 +98,10 @@ def test_the_fine_stage_records_the_tracked_codes_range_and_the_avatar_clamps_to
     train, _ = split_indices(Workspace.open(trained_ws))
     codes = standardise(load_tracks(Workspace.open(trained_ws)).articulation(), list(train))[list(train)]
     assert meta["spec"]["code_range"] == code_range(codes)
+    import json
+
+    summary = json.loads((trained_ws / "fine" / "summary.json").read_text())
+    assert summary["code_range"] == meta["spec"]["code_range"]
     model = load_avatar(trained_ws).model
     assert model.has_code_range
     torch.testing.assert_close(model.code_max, codes.max(0).values)

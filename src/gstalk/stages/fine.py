@@ -329,6 +329,8 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
                "conditioning": cfg.conditioning, "articulation_fit": fit, "articulation_prior": prior_note,
                "torso_registration": {"passes": trainer.torso_history, "test": torso_test},
                "torso_flow": torso_flow, "articulation_basis": basis_info,
+               # the range renders clamp the code to (DeformationModel.clamp_codes); None: audio conditioning
+               "code_range": spec.get("code_range"),
                "device": str(device), "history": trainer.history[-20:]}
     write_json(ws.path(FINE_SUMMARY), summary)
     return summary
