@@ -267,7 +267,7 @@ class DeformationModel(nn.Module):
         has seen (docs/methods.md, "The code's range")."""
         if not self.has_code_range:
             return codes
-        return torch.maximum(torch.minimum(codes, self.code_max), self.code_min)
+        return codes.clamp(self.code_min, self.code_max)
 
     def predict_codes(self, audio_windows: torch.Tensor) -> torch.Tensor:
         """Articulation codes that drive the field, from audio windows [N, W, C] of a whole
