@@ -25,14 +25,22 @@ def test_zero_adaptation_steps_keep_the_prior_as_it_is():
     for k, v in before.items():
         torch.testing.assert_close(ens.state_dict()[k], v, rtol=0, atol=0)
     assert stats["val_r2"] == pytest.approx(stats["start_val_r2"])
-    # nothing fitted: every frame is held out, and the gain is measured over all of them
-    assert stats["val_frames"] == 6 and stats["gain_frames"] == n
+    # nothing fitted: every frame is held out, and the gain and the scores are measured over all of them
+    assert stats["val_frames"] == n and stats["gain_frames"] == n
+    from gstalk.deform.articulation import r2_score
     from gstalk.deform.audio import neighbour_indices
 
     with torch.no_grad():
-        pred = ens(audio[neighbour_indices(torch.arange(n), ens.smooth, n)])
+        rows = audio[neighbour_indices(torch.arange(n), ens.smooth, n)]
+        pred = ens(rows)
+        members = [r2_score(m(rows), targets) for m in ens.members]
     ratio = targets.var(0, unbiased=False).sum() / pred.var(0, unbiased=False).sum()
     assert stats["gain"] == pytest.approx(float(ratio.sqrt().clamp(1.0, 3.0)), rel=1e-5)
+    assert stats["val_r2"] == pytest.approx(r2_score(pred, targets), abs=1e-6)
+    assert stats["member_val_r2"] == pytest.approx(float(np.mean(members)), abs=1e-6)
+    # fitted: the scores and the gain are the last tenth's (6 frames)
+    fitted = fit_ensemble(ArticulationEnsemble(6, 4, 8, 3, 2, members=2), audio, targets, torch.arange(n), steps=5)
+    assert fitted["val_frames"] == 6 and fitted["gain_frames"] == 6
 
 
 @pytest.mark.parametrize("r2, seconds, prior, level, helps", [

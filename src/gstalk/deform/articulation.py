@@ -228,46 +228,56 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
     (for an unbiased one Var(prediction) ≈ R² · Var(target)), so its raw output
     under-drives the mouth; the gain undoes the shrinkage when the code drives the field.
     With ``steps`` = 0 nothing is fitted to the clip, so every one of its frames is held out
-    from the regressor (a prior fitted on other clips) and the gain is measured over all of
-    them: a 7-s clip's last tenth is 18 frames, and on aoc_hdtf the gain measured there swung
-    2.20 → 1.49 between two priors whose own gains (over their corpus) were 1.87 and 1.74.
+    from the regressor (a prior fitted on other clips), and the gain and the held-out scores
+    are measured over all of them: a 7-s clip's last tenth is 18 frames, and on aoc_hdtf the
+    gain measured there swung 2.20 → 1.49 between two priors whose own gains (over their
+    corpus) were 1.87 and 1.74; on menendez_sadtalker the R² there read −0.68 and over its
+    182 frames 0.59.
 
     Returns:
-        {"members", "val_r2" (the ensemble's held-out R²), "start_val_r2" (the same before
+        {"members", "val_r2" (the ensemble's held-out R²: on the last ``val_fraction`` of the
+        frames, or on every frame with ``steps`` = 0), "start_val_r2" (the same before
         fitting), "member_val_r2" (the members' mean), "fit_r2" (the ensemble's on the fitted
         frames), "gain", "val_frames", "gain_frames" (how many frames each was measured on)}.
     """
     ids = torch.as_tensor(frame_ids, dtype=torch.long)
     fit, val = _split(ids, val_fraction)
+    # the frames the scores and the gain are measured on: the held-out tenth, or every frame
+    # when nothing is fitted (a prior used as it is: none of the clip's frames was fitted to)
+    held = val if steps > 0 else ids
     ref = targets[ids].mean(0)
     n = audio.shape[0]
     with torch.no_grad():  # before fitting: a prior's score, or an untrained net's
-        start_r2 = r2_score(ensemble(audio[neighbour_indices(val, ensemble.smooth, n)]), targets[val], ref)
+        start_r2 = r2_score(ensemble(audio[neighbour_indices(held, ensemble.smooth, n)]), targets[held], ref)
     member_val = []
     for k, member in enumerate(ensemble.members):
-        member_val.append(fit_articulation(member, audio, targets, frame_ids, steps=steps, lr=lr,
-                                           val_fraction=val_fraction, seed=seed + k)["val_r2"])
+        if steps > 0:
+            member_val.append(fit_articulation(member, audio, targets, frame_ids, steps=steps, lr=lr,
+                                               val_fraction=val_fraction, seed=seed + k)["val_r2"])
+        else:
+            with torch.no_grad():
+                member_val.append(r2_score(member(audio[neighbour_indices(held, ensemble.smooth, n)]),
+                                           targets[held], ref))
         if progress is not None:
             progress(k)
     with torch.no_grad():  # one pass over every frame: _split keeps ids' order, fit first
         pred = ensemble(audio[neighbour_indices(ids, ensemble.smooth, n)])
-        pred_fit, pred_val = pred[:len(fit)], pred[len(pred) - len(val):]
-        val_r2 = r2_score(pred_val, targets[val], ref)
+        pred_fit, pred_held = pred[:len(fit)], (pred[len(pred) - len(val):] if steps > 0 else pred)
+        val_r2 = r2_score(pred_held, targets[held], ref)
         fit_r2 = r2_score(pred_fit, targets[fit], ref)
-        # the frames the gain is measured on: the held-out tenth, or every frame when nothing was fitted
-        g_ids, g_pred = (val, pred_val) if steps > 0 else (ids, pred)
-        ratio = targets[g_ids].var(0, unbiased=False).sum() / g_pred.var(0, unbiased=False).sum().clamp_min(1e-12)
-        ensemble.gain.fill_(float(ratio.sqrt().clamp(1.0, 3.0)) if len(g_ids) > 1 else 1.0)
+        ratio = targets[held].var(0, unbiased=False).sum() / pred_held.var(0, unbiased=False).sum().clamp_min(1e-12)
+        ensemble.gain.fill_(float(ratio.sqrt().clamp(1.0, 3.0)) if len(held) > 1 else 1.0)
     return {"members": float(len(ensemble.members)), "val_r2": val_r2, "start_val_r2": start_r2,
             "member_val_r2": float(np.mean(member_val)), "fit_r2": fit_r2, "gain": float(ensemble.gain),
-            "val_frames": float(len(val)), "gain_frames": float(len(g_ids))}
+            "val_frames": float(len(held)), "gain_frames": float(len(held))}
 
 
 def describe_fit(val_r2: float, seconds: float, prior: bool) -> tuple[str, str]:
     """What an audio → articulation fit learnt, in words: (level, sentence).
 
     Args:
-        val_r2: held-out R² of the fit (the last tenth of the training frames).
+        val_r2: held-out R² of the fit (the last tenth of the training frames; all of them for a
+            prior used as it is, which was fitted to none).
         seconds: length of the training clip's training split.
         prior: whether the regressor started from the multi-speaker prior.
 
