@@ -64,6 +64,7 @@ def test_a_model_with_a_range_clamps_every_code_it_renders_and_one_without_none(
     big = torch.full((2, 3), 100.0)
     torch.testing.assert_close(model.clamp_codes(big), hi.expand(2, 3))
     torch.testing.assert_close(model.clamp_codes(-big), lo.expand(2, 3))
+    torch.testing.assert_close(model.code_conditions(big), hi.expand(2, 3)[:, None].expand(2, w, 3))
 
     # built from a spec with the range: the same clamp, and the same weights load (old files too)
     spec = {"name": "gstalker", "kwargs": {"aabb": [[-0.1, -0.1, -0.1], [0.1, 0.1, 0.1]], "audio_in_dim": 6,

@@ -146,3 +146,16 @@ def test_cli_checks_weight_flags_before_rendering(ws_copy, tmp_path):
     assert r.exit_code == 2 and "ground truth" in r.output
     r = runner.invoke(app, ["eval", "--compare", str(ws_copy), str(ws_copy), "--syncnet", str(bad)])
     assert r.exit_code == 2 and "--compare" in r.output
+
+
+def test_report_rows_name_the_model_its_code_rows_and_the_baselines_in_order():
+    from gstalk.stages.evaluate import report_rows
+
+    m = {"lmd": 1.0, "codes": {"oracle": {"lmd": 0.5}, "neutral": {}},
+         "baselines": {"mean_frame": {}, "coarse": {"lmd": 2.0}}}
+    assert [n for n, _ in report_rows(m)] == ["fine model", "fine model, tracked code (oracle)",
+                                              "fine model, neutral code", "baseline: mean_frame", "baseline: coarse"]
+    got = report_rows(m, "lmd")
+    assert [(n, v["lmd"]) for n, v in got] == [("fine model", 1.0), ("fine model, tracked code (oracle)", 0.5),
+                                               ("baseline: coarse", 2.0)]
+    assert got[0][1] is m  # the model's row is the metrics themselves

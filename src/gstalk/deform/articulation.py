@@ -247,8 +247,9 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
     held = val if steps > 0 else ids
     ref = targets[ids].mean(0)
     n = audio.shape[0]
+    held_windows = audio[neighbour_indices(held, ensemble.smooth, n)]  # gathered once: [H, K, W, C]
     with torch.no_grad():  # before fitting: a prior's score, or an untrained net's
-        start_r2 = r2_score(ensemble(audio[neighbour_indices(held, ensemble.smooth, n)]), targets[held], ref)
+        start_r2 = r2_score(ensemble(held_windows), targets[held], ref)
     member_val = []
     for k, member in enumerate(ensemble.members):
         if steps > 0:
@@ -256,8 +257,7 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
                                                val_fraction=val_fraction, seed=seed + k)["val_r2"])
         else:
             with torch.no_grad():
-                member_val.append(r2_score(member(audio[neighbour_indices(held, ensemble.smooth, n)]),
-                                           targets[held], ref))
+                member_val.append(r2_score(member(held_windows), targets[held], ref))
         if progress is not None:
             progress(k)
     with torch.no_grad():  # one pass over every frame: _split keeps ids' order, fit first

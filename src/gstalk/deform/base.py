@@ -269,6 +269,14 @@ class DeformationModel(nn.Module):
             return codes
         return codes.clamp(self.code_min, self.code_max)
 
+    def code_conditions(self, codes: torch.Tensor) -> torch.Tensor:
+        """The condition windows a render reads for articulation codes [N, D] (standardised
+        units, any gain already applied): clamped to the training range (:meth:`clamp_codes`),
+        then repeated over the window (:meth:`code_windows`) -> [N, W, D]. Every render path
+        takes this one (:meth:`conditions`, :meth:`frame_conditions`, eval's tracked- and
+        neutral-code rows); training reads :meth:`code_windows` of its noisy tracked codes."""
+        return self.code_windows(self.clamp_codes(codes))
+
     def predict_codes(self, audio_windows: torch.Tensor) -> torch.Tensor:
         """Articulation codes that drive the field, from audio windows [N, W, C] of a whole
         clip in frame order: the articulator's prediction times ``code_scale`` -> [N, D].
@@ -288,7 +296,7 @@ class DeformationModel(nn.Module):
         to the training range (:meth:`clamp_codes`) after the gain."""
         if self.articulator is None:
             return audio_windows
-        return self.code_windows(self.clamp_codes(self.predict_codes(audio_windows) * gain))
+        return self.code_conditions(self.predict_codes(audio_windows) * gain)
 
     @property
     def condition_context(self) -> int:
@@ -311,7 +319,7 @@ class DeformationModel(nn.Module):
             return neighbour_windows[:, k // 2]
         with torch.no_grad():
             codes = self.articulator(neighbour_windows) * self.code_scale
-        return self.code_windows(self.clamp_codes(codes * gain))
+        return self.code_conditions(codes * gain)
 
     def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:
         """Offsets for one frame: means [N, 3], condition windows [1, K, W, C'], blink [1]."""

@@ -20,8 +20,8 @@ import numpy as np
 
 # MediaPipe face-mesh inner-lip ring, in order round the mouth (upper lip 78 -> 308, lower back)
 INNER_LIP_IDS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
-TEETH_MIN_VALUE = 0.45  # HSV value, max(R, G, B) / 255
-TEETH_MAX_SATURATION = 0.45  # HSV saturation, (max - min) / max
+TEETH_MIN_VALUE = 0.45  # HSV value, max(R, G, B) / 255 (OpenCV's V / 255)
+TEETH_MAX_SATURATION = 0.45  # HSV saturation, (max - min) / max (OpenCV's S / 255, rounded to a level)
 
 
 def inner_mouth_mask(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -44,9 +44,10 @@ def inner_mouth_mask(landmarks: np.ndarray, height: int, width: int) -> np.ndarr
 def teeth_pixels(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[H, W] bool: the pixels of ``mask`` [H, W] whose colour in ``image`` [H, W, 3] uint8 RGB
     is bright and unsaturated (:data:`TEETH_MIN_VALUE`, :data:`TEETH_MAX_SATURATION`)."""
-    rgb = np.asarray(image, np.float32) / 255.0
-    v = rgb.max(-1)
-    s = np.where(v > 0, (v - rgb.min(-1)) / np.maximum(v, 1e-12), 0.0)
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2HSV)  # S, V in 0..255
+    s, v = hsv[..., 1] / 255.0, hsv[..., 2] / 255.0
     return np.asarray(mask, bool) & (v >= TEETH_MIN_VALUE) & (s <= TEETH_MAX_SATURATION)
 
 

@@ -162,9 +162,8 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
 
         tracked = standardise(tracks.articulation(), list(train))  # the units the field trained on
         for name, codes in (("oracle", tracked), ("neutral", torch.zeros_like(tracked))):
-            # clamped to the training range, as every render's code is (DeformationModel.clamp_codes)
-            windows = model.code_windows(model.clamp_codes(codes.to(device)))
-            code_rows[name] = render_split(renderer, windows, test, reporter, f"rendering test frames ({name} code)")
+            code_rows[name] = render_split(renderer, model.code_conditions(codes.to(device)), test, reporter,
+                                           f"rendering test frames ({name} code)")
 
     # baselines; the coarse head over the same background as the model's (its torso field's
     # render when it has one, else the frame's own torso), so the two differ by the head only
@@ -600,9 +599,7 @@ def report_markdown(m: dict[str, Any]) -> str:
              f"Self-driven, {m['n_frames']} held-out test frames {m['split']['test'][0]}-{m['split']['test'][1] - 1}; "
              f"model `{m['model_name']}`{basis_note(m)}; gstalk {m['gstalk_version']}, {m['created']}.", "",
              "| | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
-    code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
-    rows = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items()] \
-        + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+    rows = report_rows(m)
     for name, v in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
     lines += stability_lines(m)
@@ -667,11 +664,24 @@ def report_markdown(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CODE_ROW_NAMES = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
+
+
+def report_rows(m: dict[str, Any], key: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of the report's tables, named: the fine model (``m`` itself), its code rows
+    (``m["codes"]``: tracked and neutral code) and the baselines (``m["baselines"]``), in that
+    order; with ``key``, only the rows that hold it (metrics a row was not measured for, or
+    metrics written before a key existed, leave the row out)."""
+    rows = [("fine model", m)] + [(CODE_ROW_NAMES.get(k, f"fine model, {k} code"), v)
+                                  for k, v in m.get("codes", {}).items()] \
+        + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+    return rows if key is None else [(n, v) for n, v in rows if key in v]
+
+
 def stability_lines(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the sharpness and drift table (fine model and baselines), or none
     for metrics written before they were measured."""
-    rows = [("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
-    rows = [(n, v) for n, v in rows if "sharpness_ratio" in v]
+    rows = report_rows(m, "sharpness_ratio")
     if not rows:
         return []
     lines = ["", "| | face sharpness (render / ground truth) | PSNR trend along the split (dB) | dB per second |",
@@ -688,10 +698,7 @@ def stability_lines(m: dict[str, Any]) -> list[str]:
 def teeth_lines(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the teeth and inner-mouth table (fine model, code rows, coarse
     baseline), or none for metrics written before they were measured."""
-    code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
-    rows = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items()] \
-        + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
-    rows = [(n, v) for n, v in rows if "teeth_ratio" in v]
+    rows = report_rows(m, "teeth_ratio")
     if not rows:
         return []
     lines = ["", "| | teeth shown (render / ground truth) | teeth px per frame | inner-mouth PSNR (dB) |",
@@ -709,9 +716,7 @@ def teeth_lines(m: dict[str, Any]) -> list[str]:
 def lmd_lines(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the LMD table: one row per model and landmark detector, naming the
     detector (MediaPipe always; FAN when ``lmd_fan`` was measured)."""
-    code_names = {"oracle": "fine model, tracked code (oracle)", "neutral": "fine model, neutral code"}
-    lip = [("fine model", m)] + [(code_names[k], v) for k, v in m.get("codes", {}).items() if "lmd" in v] \
-        + [(f"baseline: {k}", v) for k, v in m["baselines"].items() if "lmd" in v]
+    lip = report_rows(m, "lmd")
     lines = ["", "| | landmarks | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
              "|---|---|---|---|---|---|"]
     for name, v in lip:
