@@ -158,6 +158,16 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
         if v["lip_frames"] > 0:
             assert v["teeth_px"] >= 0 and v["inner_mouth_px"] >= 0
             assert np.isfinite(v["inner_mouth_psnr"]) == (v["inner_mouth_px"] > 0)
+    # each code row's sharpness and PSNR trend, the trend the line through its own per-frame
+    # PSNR (written beside the model's), so a drift can be told from a wrong code
+    from gstalk.metrics.sharpness import linear_trend
+
+    for k, v in saved["codes"].items():
+        series = saved["per_frame"][f"{k}_code_psnr"]  # 6 significant digits
+        assert len(series) == saved["n_frames"]
+        assert v["psnr_trend_db"] == pytest.approx(linear_trend(np.asarray(series, dtype=float))["trend"], abs=1e-3)  # json rounds
+        assert 0.0 < v["sharpness_ratio"] < 2.0
+    assert saved["per_frame"]["oracle_code_psnr"] != saved["per_frame"]["neutral_code_psnr"]
     split = saved["error_split"]
     assert split["audio_to_code_db"] == pytest.approx(saved["codes"]["oracle"]["mouth_psnr"] - saved["mouth_psnr"])
     assert split["code_to_pixels_db"] == pytest.approx(saved["codes"]["oracle"]["mouth_psnr"]
@@ -167,6 +177,9 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
     assert "articulation prior" in fit["prior"]
     report = report_markdown(m)
     assert "fine model, tracked code (oracle)" in report and "Where the mouth error is" in report
+    from gstalk.stages.evaluate import stability_lines
+
+    assert any(line.startswith("| fine model, tracked code (oracle) |") for line in stability_lines(m))
     from gstalk.stages.evaluate import teeth_lines
 
     assert "teeth shown (render / ground truth)" in report

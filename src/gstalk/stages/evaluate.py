@@ -188,8 +188,10 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
     }
     fps = float(ex["fps"])
     per_frame_psnr = {"model": psnr(fine_t, gt), "coarse": psnr(coarse_t, gt), "mean_frame": psnr(mean_t, gt)}
+    per_frame_psnr.update({name: psnr(r, gt) for name, r in code_rows.items()})
     for name, v, pred in (("model", results["model"], fine_t), ("coarse", results["baselines"]["coarse"], coarse_t),
-                          ("mean_frame", results["baselines"]["mean_frame"], mean_t)):
+                          ("mean_frame", results["baselines"]["mean_frame"], mean_t),
+                          *((name, results["codes"][name], r) for name, r in code_rows.items())):
         v.update(stability_metrics(pred, gt, face_boxes, per_frame_psnr[name], fps))
     if "lpips" in nets:
         with reporter.task("LPIPS", 3) as bar:
@@ -232,6 +234,7 @@ def _eval(ws: Workspace, cfg: EvalConfig, nets: dict[str, Any], device: torch.de
     per_frame = {
         "frame": list(test), "psnr": per_frame_psnr["model"].tolist(),
         "coarse_psnr": per_frame_psnr["coarse"].tolist(), "mean_frame_psnr": per_frame_psnr["mean_frame"].tolist(),
+        **{f"{name}_code_psnr": per_frame_psnr[name].tolist() for name in code_rows},
         "mouth_opening": results["model"]["_opening"].tolist(),
         "real_mouth_opening": real_open.tolist(), "predicted_opening": predicted.tolist(),
     }
@@ -416,7 +419,8 @@ def lse_metrics(net: Any, frames: torch.Tensor, face_boxes: torch.Tensor, sample
 
 
 def write_plots(d: Path, per_frame: dict[str, Any]) -> None:
-    """``psnr.png`` (PSNR per test frame: fine model, coarse and mean-frame baselines) and
+    """``psnr.png`` (PSNR per test frame: fine model, the same field driven by the tracked code
+    when eval rendered it, coarse and mean-frame baselines) and
     ``mouth.png`` (mouth opening read on the renders and on the ground truth, and the opening
     the lip-sync proxy predicts from the audio, each z-scored) in the folder ``d``."""
     from gstalk.metrics.plots import mouth_plot, psnr_plot
@@ -428,10 +432,12 @@ def write_plots(d: Path, per_frame: dict[str, Any]) -> None:
     ok = np.isfinite(fine)
     centre = float(fine[ok].mean() - trend["slope_per_frame"] * np.arange(len(fine))[ok].mean()) if ok.any() else 0.0
     trend_label = f"fine model: linear trend ({trend['trend']:+.2f} dB over the split)"
-    psnr_plot(d / PLOTS["psnr"], frames, {"fine model": per_frame["psnr"], "baseline: coarse": per_frame["coarse_psnr"],
-                                          "baseline: mean frame": per_frame["mean_frame_psnr"],
-                                          trend_label: centre + trend["slope_per_frame"] * np.arange(len(fine))},
-              styles={trend_label: "k:"})
+    series = {"fine model": per_frame["psnr"]}
+    if "oracle_code_psnr" in per_frame:
+        series["fine model, tracked code"] = per_frame["oracle_code_psnr"]
+    series.update({"baseline: coarse": per_frame["coarse_psnr"], "baseline: mean frame": per_frame["mean_frame_psnr"],
+                   trend_label: centre + trend["slope_per_frame"] * np.arange(len(fine))})
+    psnr_plot(d / PLOTS["psnr"], frames, series, styles={trend_label: "k:"})
     mouth_plot(d / PLOTS["mouth"], frames,
                {"render (MediaPipe)": per_frame["mouth_opening"],
                 "ground truth (tracked)": per_frame["real_mouth_opening"],
