@@ -165,7 +165,7 @@ def test_eval_reports_oracle_and_neutral_codes_and_the_fit(ws_copy):
     for k, v in saved["codes"].items():
         series = saved["per_frame"][f"{k}_code_psnr"]  # 6 significant digits
         assert len(series) == saved["n_frames"]
-        assert v["psnr_trend_db"] == pytest.approx(linear_trend(np.asarray(series, dtype=float))["trend"], abs=1e-3)  # json rounds
+        assert v["psnr_trend_db"] == pytest.approx(linear_trend(np.asarray(series, dtype=float))["trend"], abs=1e-3)
         assert 0.0 < v["sharpness_ratio"] < 2.0
     assert saved["per_frame"]["oracle_code_psnr"] != saved["per_frame"]["neutral_code_psnr"]
     split = saved["error_split"]
