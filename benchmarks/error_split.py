@@ -11,7 +11,8 @@ and not head) and the rest (outside the person), for
 For each, the PSNR of the split's mean squared error (lower than eval's mean of per-frame
 PSNR), and per region its share of the image (``area``), its share of the squared error
 (``share``) and the PSNR the frames would reach were that region perfect
-(``psnr_if_perfect``). It found, for issue 23, that 61 % of man-black-sweater's error lay
+(``psnr_if_perfect``); the same for SSIM: the SSIM map's mean over the region (``ssim``) and
+its share of the map's loss, 1 − SSIM (``ssim_loss_share``). It found, for issue 23, that 61 % of man-black-sweater's error lay
 outside the person, where the torso field drew the shoulders too high (docs/methods.md,
 "Torso: residual flow").
 
@@ -40,17 +41,33 @@ def split_error(pred: torch.Tensor, gt: torch.Tensor, masks: dict[str, torch.Ten
     boolean ``masks`` ([F, H, W] each; they should tile the frames).
 
     Returns:
-        {"psnr_of_mean_mse": dB, region: {"area", "share", "psnr_if_perfect" (dB)}}.
+        {"psnr_of_mean_mse": dB, "ssim": the mean of the SSIM map, region: {"area", "share",
+        "psnr_if_perfect" (dB), "ssim" (the map's mean over the region), "ssim_loss_share"
+        (the region's share of the map's 1 − SSIM, summed over the frames' pixels)}}. The SSIM
+        map is torchmetrics' (11 × 11 Gaussian window, σ 1.5, the channels' mean), whose mean
+        is eval's SSIM to within the borders' handling.
     """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     se = (pred.double() - gt.double()).pow(2).mean(-1)  # [F, H, W]
     total = float(se.sum())
     mse = float(se.mean())
-    out: dict[str, Any] = {"psnr_of_mean_mse": -10.0 * math.log10(max(mse, 1e-20))}
+    maps = []
+    for p, t in zip(pred, gt):  # frame by frame: torchmetrics' full map holds several copies of its input
+        _, m = structural_similarity_index_measure(p.permute(2, 0, 1)[None].double(), t.permute(2, 0, 1)[None].double(),
+                                                   data_range=1.0, return_full_image=True)
+        maps.append(m[0].mean(0))
+    ssim_map = torch.stack(maps)  # [F, H, W]
+    loss = (1.0 - ssim_map).clamp_min(0.0)
+    loss_total = float(loss.sum())
+    out: dict[str, Any] = {"psnr_of_mean_mse": -10.0 * math.log10(max(mse, 1e-20)), "ssim": float(ssim_map.mean())}
     for name, m in masks.items():
         share = float(se[m].sum()) / total if total > 0 else 0.0
         left = mse * (1.0 - share)
         out[name] = {"area": float(m.double().mean()), "share": share,
-                     "psnr_if_perfect": -10.0 * math.log10(left) if left > 0 else math.inf}
+                     "psnr_if_perfect": -10.0 * math.log10(left) if left > 0 else math.inf,
+                     "ssim": float(ssim_map[m].mean()) if m.any() else math.nan,
+                     "ssim_loss_share": float(loss[m].sum()) / loss_total if loss_total > 0 else 0.0}
     return out
 
 
@@ -106,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = ", ".join(f"{k} {v[k]['share'] * 100:.0f} % (area {v[k]['area'] * 100:.0f} %, "
                           f"{v[k]['psnr_if_perfect']:.2f} dB if perfect)" for k in REGIONS)
         print(f"  {label}: {v['psnr_of_mean_mse']:.2f} dB; error in {parts}")
+        parts = ", ".join(f"{k} {v[k]['ssim']:.3f} ({v[k]['ssim_loss_share'] * 100:.0f} % of the loss)"
+                          for k in REGIONS)
+        print(f"    SSIM {v['ssim']:.4f}: {parts}")
     return 0
 
 

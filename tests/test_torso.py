@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from gstalk.deform.torso import TorsoField, init_torso, pixel_encoding, pose_code, render_torso, torso_seed_pixels
@@ -248,3 +249,25 @@ def test_registration_finds_a_known_turn_and_undoes_it():
     # without turns the shift-only registration is what it was
     t2 = init_torso(imgs, masks, vm, k96, 0.1, stride=1, n_frames=3)
     assert "turns" not in t2.spec() and not hasattr(t2, "turns")
+
+
+def test_the_registration_clamp_scales_with_the_image():
+    """A torso 6 px off on a 96 px frame: a wide clamp measures about 6 px; the default clamp,
+    8 px at 256 px scaled to the frame (3 px at 96), cuts it there; a clamp given is kept."""
+    from gstalk.config import pixel_scale
+    from gstalk.train.pose_refine import torso_shifts
+
+    k96 = torch.tensor([[120.0, 0.0, 48.0], [0.0, 120.0, 48.0], [0.0, 0.0, 1.0]])
+    imgs, masks = _textured_frames()
+    vm = _poses(3)
+    t = init_torso(imgs, masks, vm, k96, 0.1, stride=1, n_frames=3)
+    depth = float(t.means[:, 2].detach().median())
+    with torch.no_grad():
+        t.offsets[1] = torch.tensor([6.0, 0.0]) * depth / 120.0
+    data = _torso_frames(imgs, masks, vm, k96)
+    wide, _ = torso_shifts(t, data, backend="torch", max_px=20.0)
+    assert 4.5 < float(wide[1].norm()) < 7.0, wide
+    default, _ = torso_shifts(t, data, backend="torch")
+    assert float(default[1].norm()) == pytest.approx(8.0 * pixel_scale(96), abs=1e-4)
+    narrow, _ = torso_shifts(t, data, backend="torch", max_px=4.0)
+    assert float(narrow[1].norm()) == pytest.approx(4.0, abs=1e-4)

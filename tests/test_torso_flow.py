@@ -164,18 +164,45 @@ def test_eval_says_what_the_held_out_torso_is_made_of():
 
 def test_error_split_against_a_hand_computation(benchmark_script):
     mod = benchmark_script("error_split")
-    gt = torch.zeros(1, 2, 2, 3)
+    gt = torch.full((1, 16, 16, 3), 0.5)
     pred = gt.clone()
-    pred[0, 0, 0] = 0.1  # head pixel: squared error 0.01
-    pred[0, 1, 1] = 0.3  # outside pixel: 0.09
-    head = torch.tensor([[[True, False], [False, False]]])
-    torso = torch.tensor([[[False, True], [False, False]]])
+    pred[0, 0, 0] = 0.6  # head pixel: squared error 0.01
+    pred[0, 15, 15] = 0.8  # outside pixel: 0.09
+    head = torch.zeros(1, 16, 16, dtype=torch.bool)
+    head[0, :8, :8] = True
+    torso = torch.zeros_like(head)
+    torso[0, 8:, :8] = True
     r = mod.split_error(pred, gt, {"head": head, "torso": torso, "outside": ~(head | torso)})
-    # mean squared error over the 4 pixels: 0.1 / 4 = 0.025
-    assert r["psnr_of_mean_mse"] == pytest.approx(-10 * math.log10(0.025))
+    # mean squared error over the 256 pixels: 0.1 / 256
+    assert r["psnr_of_mean_mse"] == pytest.approx(-10 * math.log10(0.1 / 256))
     assert r["head"]["share"] == pytest.approx(0.1) and r["outside"]["share"] == pytest.approx(0.9)
     assert r["torso"]["share"] == 0 and r["outside"]["area"] == pytest.approx(0.5)
-    assert r["outside"]["psnr_if_perfect"] == pytest.approx(-10 * math.log10(0.0025))
+    assert r["outside"]["psnr_if_perfect"] == pytest.approx(-10 * math.log10(0.01 / 256))
+
+
+def test_error_split_splits_ssim_by_region(benchmark_script):
+    """The SSIM map's mean is torchmetrics' SSIM; a region whose pixels lie farther than the
+    window's reach (5 px) from every difference scores 1 and holds none of the loss; the
+    regions' shares of the loss add up to 1."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    mod = benchmark_script("error_split")
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(2, 32, 32, 3, generator=g)
+    pred = gt.clone()
+    pred[:, :8, :8] = (pred[:, :8, :8] + 0.2 * torch.randn(2, 8, 8, 3, generator=g)).clamp(0, 1)
+    head = torch.zeros(2, 32, 32, dtype=torch.bool)
+    head[:, :8, :8] = True
+    far = torch.zeros_like(head)
+    far[:, 16:, 16:] = True  # 8 px or more from the changed block
+    masks = {"head": head, "far": far, "rest": ~(head | far)}
+    r = mod.split_error(pred, gt, masks)
+    ref = float(structural_similarity_index_measure(pred.permute(0, 3, 1, 2).double(), gt.permute(0, 3, 1, 2).double(),
+                                                    data_range=1.0))
+    assert r["ssim"] == pytest.approx(ref, abs=1e-6)
+    assert r["far"]["ssim"] == pytest.approx(1.0, abs=1e-9) and r["far"]["ssim_loss_share"] == pytest.approx(0.0, abs=1e-9)
+    assert r["head"]["ssim"] < 0.9 and r["head"]["ssim_loss_share"] > 0.5
+    assert sum(r[k]["ssim_loss_share"] for k in masks) == pytest.approx(1.0)
 
 
 @pytest.mark.slow
@@ -188,6 +215,8 @@ def test_error_split_on_a_trained_workspace(trained_ws, benchmark_script):
         assert sum(v[k]["share"] for k in mod.REGIONS) == pytest.approx(1.0)
         assert sum(v[k]["area"] for k in mod.REGIONS) == pytest.approx(1.0)
         assert all(v[k]["psnr_if_perfect"] >= v["psnr_of_mean_mse"] for k in mod.REGIONS)
+        assert sum(v[k]["ssim_loss_share"] for k in mod.REGIONS) == pytest.approx(1.0)
+        assert 0.0 < v["ssim"] < 1.0
     # over each frame's own torso and background the coarse head's error is nearly all the head's
     own = r["coarse_own_background"]
     assert own["head"]["share"] > own["torso"]["share"]
@@ -210,3 +239,23 @@ def test_a_flow_without_placements_is_said_and_none_is_fitted(ws_copy, capsys):
     assert "torso_passes=0" in err and "torso_flow_grid is ignored" in err
     _, model, _ = load_fine_model(Workspace.open(ws_copy))
     assert model.torso is not None and model.torso.n_frames == 0 and model.torso.flow(3) is None
+
+
+def test_flow_settings_scale_with_the_image():
+    """At twice the reference size every pixel setting doubles and the prior's weights
+    quarter, so a displacement of the same fraction of the image costs the same; the fit
+    keeps its resolution (downsampled twice as much). Bad scales are refused."""
+    from gstalk.config import REFERENCE_SIZE_PX, pixel_scale
+    from gstalk.train.torso_flow import flow_penalty, scaled_flow_fit
+
+    assert pixel_scale(REFERENCE_SIZE_PX) == 1.0 and pixel_scale(512) == 2.0
+    base = FlowFit()
+    assert scaled_flow_fit(base, 1.0) == base
+    big = scaled_flow_fit(base, 2.0)
+    assert (big.lr_px, big.max_px, big.downsample) == (2 * base.lr_px, 2 * base.max_px, 2 * base.downsample)
+    assert big.steps == base.steps and big.chunk == base.chunk
+    d = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(flow_penalty(2 * d, big.mag, big.smooth), flow_penalty(d, base.mag, base.smooth))
+    assert scaled_flow_fit(base, 0.5).downsample == 1
+    with pytest.raises(ValueError, match="positive"):
+        scaled_flow_fit(base, 0.0)

@@ -282,6 +282,17 @@ class FineConfig:
         return getattr(self, self.model)
 
 
+# The working size (px) at which the settings counted in pixels were chosen (cpu-quick's);
+# a run at another size scales them by :func:`pixel_scale`, so a shift, a clamp or a flow's
+# prior means the same part of the face and body at 512 px as at 256.
+REFERENCE_SIZE_PX = 256
+
+
+def pixel_scale(width: int) -> float:
+    """How many pixels of an image ``width`` px wide one pixel of :data:`REFERENCE_SIZE_PX` is."""
+    return float(width) / REFERENCE_SIZE_PX
+
+
 # The default ``render --articulation-gain`` of a fine model that does not carry the coarse
 # articulation basis (trained before it, or with articulation_basis=none; see
 # default_articulation_gain): the predicted articulation code is already

@@ -95,14 +95,15 @@ def fit_torso_flows(trainer: FineTrainer, test: FrameSet | None, cfg: FineConfig
     finished, frozen torso field: the training frames, then the ``test`` frames (after their
     registration, :func:`register_test_torso`; None: none). Returns {"train": stats, "test":
     stats, "seconds"}; {} without a torso field with flows or with ``torso_flow_steps`` 0."""
-    from gstalk.train.torso_flow import FlowFit, fit_flows, set_flows
+    from gstalk.config import pixel_scale
+    from gstalk.train.torso_flow import FlowFit, fit_flows, scaled_flow_fit, set_flows
 
     torso = trainer.model.torso
     if torso is None or getattr(torso, "flow_grid", 0) == 0 or cfg.torso_flow_steps == 0:
         return {}
     t = time.perf_counter()
     sets = [("train", trainer.data)] + ([("test", test)] if test is not None else [])
-    settings = FlowFit(steps=cfg.torso_flow_steps)
+    settings = scaled_flow_fit(FlowFit(steps=cfg.torso_flow_steps), pixel_scale(trainer.data.width))
     out: dict[str, Any] = {}
     with reporter.task("torso residual flow", sum(len(d) for _, d in sets)) as bar:
         for name, data in sets:

@@ -331,7 +331,7 @@ def schedule(iterations: int, passes: int, start: float = 0.4) -> list[int]:
     return sorted({max(1, int(round(iterations * (start + (1.0 - start) * k / (passes - 1))))) for k in range(passes)})
 
 
-def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float = 8.0,
+def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float | None = None,
                  min_pixels: int = 100, progress: Callable[[], None] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """How far each frame's torso lies from the torso field's render of it, as a shift only:
@@ -342,7 +342,7 @@ def torso_shifts(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto
     return warps[:, :2].contiguous(), valid
 
 
-def torso_warps(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float = 8.0,
+def torso_warps(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto", max_px: float | None = None,
                 max_turn_deg: float = 3.0, max_log_scale: float = 0.03, min_pixels: int = 100, turns: bool = True,
                 progress: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """How far each frame's torso lies from the torso field's render of it: the dense optical
@@ -357,7 +357,8 @@ def torso_warps(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto"
         torso: a :class:`~gstalk.deform.torso.TorsoField` (with ``offsets``), on ``data``'s device.
         data: the frames (``backgrounds`` = torso over plate, ``torso_masks``, ``plate``,
             ``viewmats``, ``K``, ``frame_ids``).
-        max_px: a measured shift is clamped to this length (pixels at the working size).
+        max_px: a measured shift is clamped to this length (pixels at the working size);
+            None: 8 px at 256 px, scaled with the image (:func:`gstalk.config.pixel_scale`).
         max_turn_deg, max_log_scale: the turn and log scale are clamped to these.
         min_pixels: frames with fewer torso pixels are left out (zeros, not valid).
         turns: fit the rotation and scale too (else they are 0).
@@ -377,6 +378,10 @@ def torso_warps(torso: torch.nn.Module, data: FrameSet, *, backend: str = "auto"
     valid = torch.zeros(len(data), dtype=torch.bool)
     plate = data.plate_image()
     cx, cy = float(data.K[0, 2]), float(data.K[1, 2])
+    if max_px is None:
+        from gstalk.config import pixel_scale
+
+        max_px = 8.0 * pixel_scale(data.width)
     for i in range(len(data)):
         frame = int(data.frame_ids[i])
         with torch.no_grad():

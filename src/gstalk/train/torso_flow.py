@@ -60,6 +60,20 @@ class FlowFit:
     downsample: int = 2
 
 
+def scaled_flow_fit(settings: FlowFit, scale: float) -> FlowFit:
+    """``settings`` for images ``scale`` times the size they were chosen at
+    (:func:`gstalk.config.pixel_scale`): the step, the clamp and the downsampling scale with
+    the image, and the prior's weights (per px²) by 1 / scale², so the same displacement of the
+    body, as a fraction of the image, costs the same and is fitted at the same resolution."""
+    import dataclasses
+
+    if scale <= 0:
+        raise ValueError(f"a pixel scale must be positive, got {scale}")
+    return dataclasses.replace(settings, lr_px=settings.lr_px * scale, max_px=settings.max_px * scale,
+                               mag=settings.mag / scale ** 2, smooth=settings.smooth / scale ** 2,
+                               downsample=max(1, int(round(settings.downsample * scale))))
+
+
 def flow_penalty(d_px: torch.Tensor, mag: float, smooth: float) -> torch.Tensor:
     """λ_mag mean d² + λ_smooth mean (Δd)² per frame: d_px [B, 2, G, G] pixels -> [B]."""
     dx = (d_px[..., :, 1:] - d_px[..., :, :-1]).pow(2).flatten(1).mean(1)
