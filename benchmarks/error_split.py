@@ -12,9 +12,9 @@ For each, the PSNR of the split's mean squared error (lower than eval's mean of 
 PSNR), and per region its share of the image (``area``), its share of the squared error
 (``share``) and the PSNR the frames would reach were that region perfect
 (``psnr_if_perfect``); the same for SSIM: the SSIM map's mean over the region (``ssim``) and
-its share of the map's loss, 1 − SSIM (``ssim_loss_share``). It found, for issue 23, that 61 % of man-black-sweater's error lay
-outside the person, where the torso field drew the shoulders too high (docs/methods.md,
-"Torso: residual flow").
+its share of the map's loss, 1 − SSIM (``ssim_loss_share``). It found, for issue 23, that
+61 % of man-black-sweater's error lay outside the person, where the torso field drew the
+shoulders too high (docs/methods.md, "Torso: residual flow").
 
 Usage::
 
