@@ -3,6 +3,7 @@ traceback, and leaves no broken workspace behind. Inputs are generated here, sma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -116,6 +117,41 @@ def test_extract_bad_and_odd_inputs(corpus, tmp_path, name, file, code, message,
     assert summary["size"] == 128
     frames = sorted((ws / "extract" / "frames").glob("*.png"))
     assert len(frames) == 75
+
+
+@pytest.mark.slow
+def test_speech_from_a_separate_file(corpus, tmp_path):
+    """``extract --speech``: a video without sound takes its speaker's voice from another
+    file (cut to the video's length, recorded in the workspace); a file without audio, or
+    speech shorter than the video, is refused before any workspace exists."""
+    import soundfile as sf
+
+    from gstalk.media import read_audio
+
+    ws = tmp_path / "ws"
+    r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(corpus / "noaudio.mp4"), "--speech",
+                        str(corpus / "speech.wav"), "-w", str(ws), "--preset", "test", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["n_frames"] == 75 and summary["source"]["speech"].endswith("speech.wav")
+    got, rate = sf.read(ws / "extract" / "audio.wav", dtype="float32")
+    want = read_audio(corpus / "speech.wav", 16000)
+    assert rate == 16000 and len(got) == 48000  # 75 frames at 25 fps
+    np.testing.assert_allclose(got, want[:48000], atol=1.0 / 32767 + 1e-6)  # PCM-16 rounding
+    manifest = json.loads((ws / "manifest.json").read_text())
+    assert manifest["source"]["speech"]["sha256"] == hashlib.sha256((corpus / "speech.wav").read_bytes()).hexdigest()
+    # the hint on a silent video names the option
+    r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(corpus / "noaudio.mp4"), "-w",
+                        str(tmp_path / "a"), "--preset", "test"], capture_output=True, text=True)
+    assert r.returncode == 3 and "--speech" in r.stderr
+    sf.write(tmp_path / "short.wav", np.zeros(16000, np.float32), 16000)  # 1 s for a 3 s video
+    for speech, message in ((corpus / "noaudio.mp4", "has no audio track"), (tmp_path / "short.wav", "lasts 1.00 s")):
+        bad = tmp_path / f"bad_{speech.stem}"
+        r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(corpus / "noaudio.mp4"), "--speech",
+                            str(speech), "-w", str(bad), "--preset", "test"], capture_output=True, text=True)
+        assert r.returncode == 3 and message in r.stderr and "Fix:" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not bad.exists()
 
 
 # ---------------------------------------------------------------------------- awkward videos

@@ -99,6 +99,28 @@ def test_jobs_files_are_read_row_by_row(tmp_path):
         read_jobs(tmp_path / "empty.csv", "render")
 
 
+def test_train_rows_take_a_speech_column(tmp_path):
+    """``speech`` (a separate file with the speaker's voice, ``extract --speech``) is a train
+    column: resolved from the jobs file's folder, a missing file fails the row alone, left out
+    it is not in the spec (older results files keep their keys), and it is part of the key."""
+    from gstalk.batch.jobs import read_jobs
+
+    a = _tones(tmp_path, 2)
+    (tmp_path / "v.mp4").write_bytes(b"a video")
+    (tmp_path / "jobs.csv").write_text("video,workspace,speech\n"
+                                       f"v.mp4,w1,{a[0].name}\n"
+                                       "v.mp4,w2,nowhere.wav\n"
+                                       "v.mp4,w3,\n"
+                                       f"v.mp4,w4,{a[1].name}\n")
+    jobs = read_jobs(tmp_path / "jobs.csv", "train")
+    assert jobs[0].error is None and jobs[0].spec["speech"] == str(a[0])
+    assert "speech" in jobs[1].error and "nowhere.wav does not exist" in jobs[1].error
+    assert jobs[2].error is None and "speech" not in jobs[2].spec
+    key = jobs[0].key
+    os.utime(a[0], ns=(1, 1))
+    assert read_jobs(tmp_path / "jobs.csv", "train")[0].key != key
+
+
 def test_articulation_gain_column_is_checked_when_the_file_is_read(tmp_path):
     """``articulation_gain`` is a render column like the flag: a number in (0, 5]; a row with
     anything else fails alone, by its row number, before any worker runs; left out, it is not

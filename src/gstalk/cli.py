@@ -51,6 +51,10 @@ Detector = Annotated[Optional[str], typer.Option(
     "--detector", help="Landmark detector: mediapipe (478 points + 52 blendshapes, model shipped; the default) or "
                        "fan (face-alignment's 2D-FAN-4: 68 points in MediaPipe's face boxes, no blendshapes; needs "
                        "--fan-weights).", show_default=False)]
+Speech = Annotated[Optional[Path], typer.Option(
+    "--speech", help="The speaker's voice in a separate file (wav, mp3, flac, or a video with the sound), for a "
+                     "training video without it or with another track. It must start with the video's first frame "
+                     "and last as long.", show_default=False)]
 FanWeights = Annotated[Optional[Path], typer.Option(
     "--fan-weights", help="FAN's weights: face-alignment's TorchScript archive 2DFAN4-cd938726ad.zip, a file you "
                           "download yourself (docs/methods.md; gstalk downloads nothing, never unpickles, and loads "
@@ -171,6 +175,7 @@ def extract(
     size: Annotated[Optional[int], typer.Option(help="Working resolution in pixels (default from the preset: "
                                                      "256 for cpu-quick, 512 for paper).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed recorded for all later stages.")] = 0,
+    speech: Speech = None,
     audio_features: Annotated[Optional[str], typer.Option(
         "--audio-features", help="Audio front end: fbank+phones (default: log mel filter-banks normalised per "
                                  "utterance, and PocketSphinx viseme posteriors), fbank, phones, mfcc (gstalk's "
@@ -192,7 +197,7 @@ def extract(
         if audio_features is not None:
             get_extractor(audio_features, cfg.audio)  # a UsageError naming the known ones, before any work
             cfg = dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, features=audio_features))
-        ws = run_extract(video, workspace, cfg, preset=p.name, seed=seed, reporter=_reporter(quiet))
+        ws = run_extract(video, workspace, cfg, preset=p.name, seed=seed, speech=speech, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("extract").summary, as_json)
 
 
@@ -584,6 +589,7 @@ def run(
                                                   "the test split with its own audio).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Video to write.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    speech: Speech = None,
     detector: Detector = None,
     fan_weights: FanWeights = None,
     raster: Raster = "auto",
@@ -605,7 +611,7 @@ def run(
 
         rep = _reporter(quiet)
         r = run_all(video, workspace, preset=preset, audio=audio, output=output, seed=seed, detector=detector,
-                    fan_weights=fan_weights, raster=raster, device=device, size=size, reporter=rep)
+                    fan_weights=fan_weights, raster=raster, device=device, size=size, speech=speech, reporter=rep)
         if as_json:
             _print_json(r)
         else:
@@ -755,8 +761,9 @@ def batch_render(
 def batch_train(
     videos: Annotated[Path, typer.Argument(help="CSV (with a header) or JSONL jobs file; one row per training video: "
                                                 "video, and optionally workspace (default VIDEO_STEM_ws), preset "
-                                                "(cpu-quick), model (gstalker), seed (0), raster, device, eval (true) "
-                                                "and bundle (a .gstalk path to export to).")],
+                                                "(cpu-quick), model (gstalker), seed (0), raster, device, eval (true), "
+                                                "bundle (a .gstalk path to export to) and speech (the voice in a "
+                                                "separate file, as extract --speech).")],
     engine: Engine = "local", address: Address = None, workers: Workers = None, threads: Threads = None,
     gpus_per_job: Gpus = 0.0, force: Force = False, results: ResultsOpt = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,

@@ -23,7 +23,8 @@ SEQUENCE = ("extract", "track", "coarse", "fine", "render", "eval")
 def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: str = "cpu-quick",
             audio: str | Path | None = None, output: str | Path | None = None, seed: int = 0,
             detector: str | None = None, fan_weights: str | Path | None = None, raster: str = "auto",
-            device: str = "auto", size: int | str = "auto", reporter: Reporter = SILENT) -> dict[str, Any]:
+            device: str = "auto", size: int | str = "auto", speech: str | Path | None = None,
+            reporter: Reporter = SILENT) -> dict[str, Any]:
     """Run every stage of :data:`SEQUENCE` on ``video`` with the preset ``preset``.
 
     Args:
@@ -37,6 +38,8 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
         size: the working size in pixels, or ``auto``: twice the preset's when the face in the
             video is large enough and the measured cost fits the preset's time budget on this
             device (:func:`gstalk.budget.choose_size`), else the preset's.
+        speech: the speaker's voice in a separate file, for a video without it
+            (:func:`~gstalk.stages.extract.run_extract`).
 
     Returns:
         {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device", "preset",
@@ -66,7 +69,7 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
         track_cfg = dataclasses.replace(track_cfg,
                                         min_face_px=track_cfg.min_face_px * extract_cfg.size / p.extract.size)
     reporter.log(f"[bold]run[/bold] {extract_cfg.size} px: {reason}")
-    ws = run_extract(video, workspace, extract_cfg, preset=p.name, seed=seed, reporter=reporter)
+    ws = run_extract(video, workspace, extract_cfg, preset=p.name, seed=seed, speech=speech, reporter=reporter)
     times["extract"] = time.perf_counter() - t
     root = str(ws.root)
     for name, fn in (("track", lambda: run_track(root, track_cfg, reporter=reporter)),

@@ -4,7 +4,7 @@ One row is one job. ``batch render`` rows name ``avatar`` (a workspace, a ``.gst
 bundle or an unpacked bundle folder) and ``audio``, and optionally ``output`` and any
 ``gstalk render`` option as a column (:data:`RENDER_OPTIONS`, named as the flags are).
 ``batch train`` rows name ``video``, and optionally ``workspace``, ``preset``, ``model``,
-``seed``, ``raster``, ``device``, ``eval`` and ``bundle`` (:data:`TRAIN_OPTIONS`). Relative paths are
+``seed``, ``raster``, ``device``, ``eval``, ``bundle`` and ``speech`` (:data:`TRAIN_OPTIONS`). Relative paths are
 taken from the jobs file's folder. Empty CSV cells mean "the default".
 
 A row that cannot run (unknown option, a value of the wrong type, a missing input file, an
@@ -34,14 +34,15 @@ RENDER_OPTIONS: dict[str, type] = {"output": str, "pose": str, "background": str
 the file is read; both left out of the spec unless the row sets them, so older results files
 still match)."""
 TRAIN_OPTIONS: dict[str, type] = {"workspace": str, "preset": str, "model": str, "seed": int, "raster": str,
-                                  "device": str, "eval": bool, "bundle": str}
+                                  "device": str, "eval": bool, "bundle": str, "speech": str}
 """Optional columns of a train row (``eval``: evaluate after fine, default yes; ``bundle``: export
-the trained avatar to this ``.gstalk`` path; ``device`` as for render rows)."""
+the trained avatar to this ``.gstalk`` path; ``device`` as for render rows; ``speech``: the
+speaker's voice in a separate file, ``gstalk extract --speech``, left out of the spec unless set)."""
 RENDER_DEFAULTS: dict[str, Any] = {"pose": "loop", "background": "plate", "alpha": False, "size": None,
                                    "blink": "video", "raster": "auto"}
 TRAIN_DEFAULTS: dict[str, Any] = {"preset": "cpu-quick", "model": "gstalker", "seed": 0, "raster": "auto",
                                   "eval": True, "bundle": None}
-PATH_KEYS = {"render": ("avatar", "audio", "output"), "train": ("video", "workspace", "bundle")}
+PATH_KEYS = {"render": ("avatar", "audio", "output"), "train": ("video", "workspace", "bundle", "speech")}
 TRUE, FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
 
 
@@ -247,8 +248,10 @@ def _job(kind: str, row: int, line: int, values: dict[str, Any], err: str | None
     else:
         if not spec.get("workspace"):
             spec["workspace"] = str(base / f"{Path(spec['video']).stem}_ws")
-        if not Path(spec["video"]).is_file():
-            job.error, job.error_code = f"video {spec['video']} does not exist", 3
+        for k in ("video", "speech"):
+            if spec.get(k) and not Path(spec[k]).is_file():
+                job.error, job.error_code = f"{k} {spec[k]} does not exist", 3
+                break
     job.spec = spec
     return job
 
@@ -296,7 +299,8 @@ def _fingerprint(path: str) -> Any:
     return None
 
 
-INPUT_KEYS: dict[str, tuple[str, ...]] = {"render": ("avatar", "audio", "pose", "background"), "train": ("video",)}
+INPUT_KEYS: dict[str, tuple[str, ...]] = {"render": ("avatar", "audio", "pose", "background"),
+                                          "train": ("video", "speech")}
 
 
 def job_key(job: Job, fingerprint: Callable[[str], Any] = _fingerprint) -> str:

@@ -155,7 +155,8 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
                              hint="give this row its own workspace column, or delete that folder")
     ran: list[str] = []
     stages: list[tuple[str, Callable[[bool], Any]]] = [
-        ("extract", lambda resume: run_extract(spec["video"], root, p.extract, preset=p.name, seed=spec["seed"])),
+        ("extract", lambda resume: run_extract(spec["video"], root, p.extract, preset=p.name, seed=spec["seed"],
+                                               speech=spec.get("speech"))),
         ("track", lambda resume: run_track(str(root), p.track)),
         ("coarse", lambda resume: run_coarse(str(root), override(p.coarse, raster=raster, device=device),
                                              resume=resume)),

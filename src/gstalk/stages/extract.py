@@ -228,22 +228,32 @@ def source_crop_side(video: str | Path, cfg: ExtractConfig) -> float | None:
     return float(crop[2])
 
 
+# a separate speech file may fall short of the video's end by this much (an encoder's last
+# frame, a trimmed silence); beyond it the last frames would have no audio
+SPEECH_SHORTFALL_S = 0.5
+
+
 def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractConfig, *, preset: str, seed: int = 0,
-                reporter: Reporter = SILENT) -> Workspace:
+                speech: str | Path | None = None, reporter: Reporter = SILENT) -> Workspace:
     """Run the extract stage.
 
     Args:
-        video: input video with one speaker and an audio track.
+        video: input video with one speaker and (unless ``speech`` is given) an audio track.
         workspace: workspace folder (created if needed); None: ``<video stem>_ws``.
         cfg: the stage config (``size`` px, ``fps``, crop and audio settings).
         preset: preset name recorded in the manifest for later stages.
         seed: random seed recorded in the manifest.
+        speech: the speaker's voice in a separate file (any file ffmpeg reads with an audio
+            track), used instead of the video's audio: for videos without sound or with
+            another track. It must start with the video (sample 0 = frame 0) and last as
+            long, to within :data:`SPEECH_SHORTFALL_S`.
 
     Returns:
         The workspace.
 
     Raises:
-        InputError: not a video, no audio, too short.
+        InputError: not a video, no audio (in the video or in ``speech``), ``speech`` shorter
+            than the video, too short. Raised before the workspace is created or written.
         TrackingError: no face found for the crop.
         ResourceError: the workspace cannot be written.
     """
@@ -253,22 +263,38 @@ def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractCon
     if info.video is None:
         raise InputError(f"{video} has no video stream (audio only?).",
                          hint="extract needs the training video of the speaker", path=video)
-    if info.audio is None:
-        raise InputError(f"{video} has no audio track.",
-                         hint="the training video must contain the speaker's voice", path=video)
     duration = info.video.duration_s or info.duration_s
+    if speech is None and info.audio is None:
+        raise InputError(f"{video} has no audio track.",
+                         hint="the training video must contain the speaker's voice; if it is in a separate file, "
+                              "give it with --speech FILE (it must start with the video)", path=video)
+    if speech is not None:
+        speech = Path(speech)
+        sp = probe(speech)
+        if sp.audio is None:
+            raise InputError(f"{speech} has no audio track.", hint="--speech takes a file with the speaker's voice "
+                                                                  "(wav, mp3, m4a, flac, a video...)", path=speech)
+        speech_s = sp.audio.duration_s or sp.duration_s
+        if speech_s + SPEECH_SHORTFALL_S < duration:
+            raise InputError(f"{speech} lasts {speech_s:.2f} s, the video {duration:.2f} s: the speech must cover "
+                             "the whole video, starting with its first frame.",
+                             hint="give the speech recorded with this video, or cut the video to it "
+                                  f"(ffmpeg -i {video.name} -t {speech_s:.2f} -c copy OUT.mp4)", path=speech)
     if duration < MIN_DURATION_S:
         raise InputError(f"{video} is {duration:.2f} s long; gstalk needs at least {MIN_DURATION_S:.0f} s "
                          "(3-5 minutes for a good model).", hint="record a longer clip", path=video)
 
-    ws = Workspace.create(workspace or default_workspace(video), preset=preset, seed=seed,
-                          source={"path": str(video.resolve()), "sha256": sha256_file(video)})
-    run_stage(ws, "extract", to_dict(cfg), lambda: _extract(video, ws, cfg, info, duration, reporter), started=t0)
+    source: dict[str, Any] = {"path": str(video.resolve()), "sha256": sha256_file(video)}
+    if speech is not None:
+        source["speech"] = {"path": str(speech.resolve()), "sha256": sha256_file(speech)}
+    ws = Workspace.create(workspace or default_workspace(video), preset=preset, seed=seed, source=source)
+    run_stage(ws, "extract", to_dict(cfg), lambda: _extract(video, ws, cfg, info, duration, reporter, speech),
+              started=t0)
     return ws
 
 
 def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration: float,
-             reporter: Reporter) -> dict[str, Any]:
+             reporter: Reporter, speech: Path | None = None) -> dict[str, Any]:
     import cv2
 
     src = (info.video.width, info.video.height)
@@ -307,7 +333,10 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
     if info.video.variable_rate:
         reporter.log(f"  variable frame rate ({info.video.n_frames or '?'} frames, {info.video.fps:.2f} fps on "
                      f"average): resampled by timestamp to {cfg.fps:g} fps, {n} frames")
-    samples = read_audio(video, cfg.audio.sample_rate)
+    samples = read_audio(speech or video, cfg.audio.sample_rate)
+    if speech is not None:
+        samples = samples[:int(round(n / cfg.fps * cfg.audio.sample_rate))]  # the video's length: its frames'
+        reporter.log(f"  speech from {speech} ({samples.size / cfg.audio.sample_rate:.2f} s used)")
     write_wav(ws.path(EXTRACT_AUDIO), samples, cfg.audio.sample_rate)
     extractor = get_extractor(cfg.audio.features, cfg.audio)
     with reporter.task(f"audio features ({extractor.name})", 1) as bar:
@@ -328,7 +357,9 @@ def _extract(video: Path, ws: Workspace, cfg: ExtractConfig, info: Any, duration
         "crop": {"x": crop[0], "y": crop[1], "side": crop[2]},
         "source": {"width": src[0], "height": src[1], "fps": info.video.fps, "duration_s": duration,
                    "rotation": info.video.rotation, "variable_rate": info.video.variable_rate,
-                   "n_frames": info.video.n_frames, "audio_sample_rate": info.audio.sample_rate},
+                   "n_frames": info.video.n_frames,
+                   "audio_sample_rate": info.audio.sample_rate if info.audio is not None else None,
+                   "speech": str(speech) if speech is not None else None},
         "face": face,
         "audio": {"duration_s": samples.size / cfg.audio.sample_rate, **meta, "feature_steps": int(steps.shape[0])},
         "split": {"train": [0, n_train], "test": [n_train, n]},
