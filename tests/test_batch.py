@@ -352,6 +352,12 @@ def test_batch_train_trains_exports_and_skips_on_rerun(mannequin_clip, tmp_path)
                                  "seed": 4}) + "\n")
     s = run_batch("train", other)
     assert s["failed"] == 1 and "made from another seed" in s["failures"][0]["error"]
+    # nor over a workspace whose audio came from another file (or from the video itself)
+    speech = _tones(tmp_path, 1)[0]
+    other.write_text(json.dumps({"video": str(mannequin_clip.path), "workspace": "ws_a", "preset": "test",
+                                 "seed": 3, "speech": str(speech)}) + "\n")
+    s = run_batch("train", other)
+    assert s["failed"] == 1 and "made from another speech" in s["failures"][0]["error"]
     assert Workspace.open(tmp_path / "ws_a").stage("fine").run_id == ok["fine_run_id"]
 
 

@@ -125,8 +125,8 @@ def render_job(spec: dict[str, Any], avatar: Callable[[], Avatar]) -> dict[str, 
 def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     """``gstalk extract`` ... ``fine`` (and ``eval``, ``export``) for one video, as ``gstalk
     run`` does, continuing a workspace where an earlier (killed) job left it: a stage that is
-    done, intact and not stale, with the same video, preset, seed (and model, for fine), is
-    kept; an interrupted coarse or fine stage with a checkpoint resumes.
+    done, intact and not stale, with the same video, speech file, preset, seed (and model, for
+    fine), is kept; an interrupted coarse or fine stage with a checkpoint resumes.
 
     Returns:
         workspace, fine_run_id, stages_run, eval (psnr, mouth_psnr, ...), bundle, bundle_sha256.
@@ -146,12 +146,16 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     fine_cfg = override(p.fine, model=spec["model"], raster=raster, device=device)
     if (root / MANIFEST).is_file():  # continue this video's workspace; never overwrite another's
         ws = Workspace.open(root)
-        have = (ws.manifest.get("source", {}).get("sha256"), ws.preset, ws.seed)
-        want = (sha256_file(spec["video"]), p.name, spec["seed"])
-        diff = [k for k, a, b in zip(("video", "preset", "seed"), have, want) if a != b]
+        source = ws.manifest.get("source", {})
+        have = (source.get("sha256"), (source.get("speech") or {}).get("sha256"), ws.preset, ws.seed)
+        want = (sha256_file(spec["video"]), sha256_file(spec["speech"]) if spec.get("speech") else None, p.name,
+                spec["seed"])
+        names = ("video", "speech", "preset", "seed")
+        diff = [k for k, a, b in zip(names, have, want) if a != b]
         if diff:
+            shown = ("video sha256", "speech sha256", "preset", "seed")
             raise UsageError(f"Workspace {root} was made from another {' and '.join(diff)} "
-                             f"({', '.join(f'{k} {a}' for k, a in zip(('video sha256', 'preset', 'seed'), have))}).",
+                             f"({', '.join(f'{k} {a}' for k, a in zip(shown, have))}).",
                              hint="give this row its own workspace column, or delete that folder")
     ran: list[str] = []
     stages: list[tuple[str, Callable[[bool], Any]]] = [
