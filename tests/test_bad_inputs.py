@@ -141,6 +141,13 @@ def test_speech_from_a_separate_file(corpus, tmp_path):
     np.testing.assert_allclose(got, want[:48000], atol=1.0 / 32767 + 1e-6)  # PCM-16 rounding
     manifest = json.loads((ws / "manifest.json").read_text())
     assert manifest["source"]["speech"]["sha256"] == hashlib.sha256((corpus / "speech.wav").read_bytes()).hexdigest()
+    # extracting again into the same workspace records the new source (here: the video's own
+    # audio track, so no speech file)
+    r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(corpus / "ok.mp4"), "-w", str(ws),
+                        "--preset", "test"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((ws / "manifest.json").read_text())
+    assert "speech" not in manifest["source"] and manifest["source"]["path"].endswith("ok.mp4")
     # the hint on a silent video names the option
     r = subprocess.run([sys.executable, "-m", "gstalk", "extract", str(corpus / "noaudio.mp4"), "-w",
                         str(tmp_path / "a"), "--preset", "test"], capture_output=True, text=True)
