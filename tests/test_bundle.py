@@ -84,6 +84,13 @@ def test_head_renderer_renders_what_the_workspace_files_hold(trained_ws):
     assert torch.equal(got, want)
     assert avatar.torso_frames is None and avatar.has_torso_field
     assert avatar.provenance["source_sha256"] == ws.manifest["source"]["sha256"]
+    assert "speech_sha256" not in avatar.provenance  # the fixture's voice is the video's own
+    # a workspace whose voice came from a separate file names it in the provenance
+    from gstalk.avatar import workspace_provenance
+
+    ws.manifest["source"]["speech"] = {"path": "/x/voice.wav", "sha256": "ab" * 32}
+    prov = workspace_provenance(ws, {})
+    assert (prov["speech_name"], prov["speech_sha256"]) == ("voice.wav", "ab" * 32)
 
 
 def test_bundle_round_trip_renders_the_same_frames(trained_ws, bundle_file, tmp_path):

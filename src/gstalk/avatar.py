@@ -208,7 +208,8 @@ class Avatar:
 
 
 def workspace_provenance(ws: Workspace, meta: dict[str, Any]) -> dict[str, Any]:
-    """Where a workspace's model comes from: the training video's name and SHA-256, the gstalk
+    """Where a workspace's model comes from: the training video's name and SHA-256 (and the
+    separate speech file's, ``speech_name`` / ``speech_sha256``, when extract took one), the gstalk
     version that trained it (and created the workspace), preset, seed, model, the fine run's id
     and time, and the eval summary when ``eval/metrics.json`` exists (scalar metrics only)."""
     from gstalk.workspace import EVAL_METRICS, read_json
@@ -221,6 +222,9 @@ def workspace_provenance(ws: Workspace, meta: dict[str, Any]) -> dict[str, Any]:
         "workspace_created_with": ws.manifest.get("gstalk_version"), "preset": ws.preset, "seed": ws.seed,
         "model": meta.get("spec", {}).get("name"), "fine_run_id": fine.run_id, "trained": fine.data.get("finished"),
     }
+    if src.get("speech"):  # the voice came from a separate file (extract --speech)
+        prov["speech_name"] = Path(str(src["speech"].get("path", ""))).name
+        prov["speech_sha256"] = src["speech"].get("sha256")
     metrics = ws.path(EVAL_METRICS)
     if metrics.is_file():
         try:
