@@ -159,3 +159,28 @@ def test_report_rows_name_the_model_its_code_rows_and_the_baselines_in_order():
     assert [(n, v["lmd"]) for n, v in got] == [("fine model", 1.0), ("fine model, tracked code (oracle)", 0.5),
                                                ("baseline: coarse", 2.0)]
     assert got[0][1] is m  # the model's row is the metrics themselves
+
+
+def test_markdown_table_and_the_report_tables_built_with_it():
+    """The helper writes the header, the separator and the rows as given, and refuses a row
+    of the wrong width; the stability and LMD tables are built with it, one row per named row
+    (a FAN row beside the MediaPipe row when FAN was measured)."""
+    from gstalk.metrics.report import markdown_table
+    from gstalk.stages.evaluate import lmd_lines, stability_lines
+
+    assert markdown_table(["", "a", "b"], [["x", "1", "2"]]) == ["|  | a | b |", "|---|---|---|", "| x | 1 | 2 |"]
+    assert markdown_table(["a"], []) == ["| a |", "|---|"]
+    with pytest.raises(ValueError, match="needs 2 cells, got 1"):
+        markdown_table(["a", "b"], [["only"]])
+    row = {"sharpness_ratio": 0.5, "psnr_trend_db": -1.25, "psnr_slope_db_per_s": -0.5}
+    m = {**row, "codes": {"oracle": dict(row, sharpness_ratio=0.6)}, "baselines": {"coarse": {}}}
+    lines = stability_lines(m)
+    assert lines[3:5] == ["| fine model | 0.50 | -1.25 | -0.50 |",
+                          "| fine model, tracked code (oracle) | 0.60 | -1.25 | -0.50 |"]
+    assert stability_lines({"baselines": {}}) == []
+    lip = {"lmd": 1.0, "lmd_512": 2.0, "aue": 0.01, "lip_frames": 7}
+    m = {**lip, "lmd_fan": 1.5, "lmd_fan_512": 3.0, "lmd_fan_frames": 6, "baselines": {"coarse": dict(lip)}}
+    rows = [line for line in lmd_lines(m) if line.startswith("| fine model") or line.startswith("| baseline")]
+    assert rows == ["| fine model | MediaPipe, 40 lip points | 1.00 | 2.00 | 0.0100 | 7 |",
+                    "| fine model | FAN 2D-FAN-4, points 48-67 | 1.50 | 3.00 | – | 6 |",
+                    "| baseline: coarse | MediaPipe, 40 lip points | 1.00 | 2.00 | 0.0100 | 7 |"]

@@ -1,10 +1,11 @@
 """Report helpers shared by the evaluations (``eval``, ``eval --audio``, ``eval --compare``):
-numbers for JSON, the Markdown lines of the SyncNet table and of the skipped metrics, and a
-metric's table cell. They own no data: each stage formats its own with them.
+numbers for JSON, a Markdown table, the Markdown lines of the SyncNet table and of the skipped
+metrics, and a metric's table cell. They own no data: each stage formats its own with them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,21 @@ def json_floats(values: Any) -> list[Any]:
             f = float(v)
             out.append(float(f"{f:.6g}") if np.isfinite(f) else None)
     return out
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table: ``header`` (the column titles; the first may be empty),
+    the separator, then one line per row of already formatted cells (as many as the header).
+
+    Raises:
+        ValueError: a row with another number of cells than the header.
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells in rows:
+        if len(cells) != len(header):
+            raise ValueError(f"a table row needs {len(header)} cells, got {len(cells)}: {list(cells)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def lse_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:

@@ -41,7 +41,7 @@ from gstalk.dataset import (
 from gstalk.gaussians.splat import composite, splat
 from gstalk.images import to_uint8, write_png
 from gstalk.metrics.image import crop, image_metrics, psnr
-from gstalk.metrics.report import SKIPPED, json_floats, lse_lines, skipped_lines
+from gstalk.metrics.report import SKIPPED, json_floats, lse_lines, markdown_table, skipped_lines
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer
 from gstalk.tensorio import load_tensors
@@ -685,15 +685,15 @@ def report_rows(m: dict[str, Any], key: str | None = None) -> list[tuple[str, di
 
 
 def stability_lines(m: dict[str, Any]) -> list[str]:
-    """Markdown lines of the sharpness and drift table (fine model and baselines), or none
-    for metrics written before they were measured."""
+    """Markdown lines of the sharpness and drift table (fine model, code rows, baselines), or
+    none for metrics written before they were measured."""
     rows = report_rows(m, "sharpness_ratio")
     if not rows:
         return []
-    lines = ["", "| | face sharpness (render / ground truth) | PSNR trend along the split (dB) | dB per second |",
-             "|---|---|---|---|"]
-    lines += [f"| {n} | {v['sharpness_ratio']:.2f} | {v['psnr_trend_db']:+.2f} | {v['psnr_slope_db_per_s']:+.2f} |"
-              for n, v in rows]
+    lines = [""] + markdown_table(
+        ["", "face sharpness (render / ground truth)", "PSNR trend along the split (dB)", "dB per second"],
+        ([n, f"{v['sharpness_ratio']:.2f}", f"{v['psnr_trend_db']:+.2f}", f"{v['psnr_slope_db_per_s']:+.2f}"]
+         for n, v in rows))
     lines += ["", "Sharpness: the variance of the Laplacian of the luma in the face box (no resampling), the "
               "renders' mean over the ground truth's (1 = as much fine detail as the footage). PSNR trend: the "
               "least-squares line through the per-frame PSNR, its change from the first to the last test frame "
@@ -707,10 +707,9 @@ def teeth_lines(m: dict[str, Any]) -> list[str]:
     rows = report_rows(m, "teeth_ratio")
     if not rows:
         return []
-    lines = ["", "| | teeth shown (render / ground truth) | teeth px per frame | inner-mouth PSNR (dB) |",
-             "|---|---|---|---|"]
-    lines += [f"| {n} | {v['teeth_ratio']:.2f} | {v['teeth_px']:.1f} | {v['inner_mouth_psnr']:.2f} |"
-              for n, v in rows]
+    lines = [""] + markdown_table(
+        ["", "teeth shown (render / ground truth)", "teeth px per frame", "inner-mouth PSNR (dB)"],
+        ([n, f"{v['teeth_ratio']:.2f}", f"{v['teeth_px']:.1f}", f"{v['inner_mouth_psnr']:.2f}"] for n, v in rows))
     truth = rows[0][1]  # the first row measured (its frames read): the ground truth's side
     lines += ["", f"Teeth: bright, unsaturated pixels inside the inner-lip landmarks (gstalk.metrics.teeth), "
               f"each frame's own; the ground truth shows {truth['teeth_px_truth']:.1f} per frame, in "
@@ -722,15 +721,15 @@ def teeth_lines(m: dict[str, Any]) -> list[str]:
 def lmd_lines(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the LMD table: one row per model and landmark detector, naming the
     detector (MediaPipe always; FAN when ``lmd_fan`` was measured)."""
-    lip = report_rows(m, "lmd")
-    lines = ["", "| | landmarks | LMD (px) | LMD at 512 px | blendshape MAE (AUE analogue) | frames read |",
-             "|---|---|---|---|---|---|"]
-    for name, v in lip:
-        lines.append(f"| {name} | MediaPipe, 40 lip points | {v['lmd']:.2f} | {v['lmd_512']:.2f} | {v['aue']:.4f} | "
-                     f"{v['lip_frames']} |")
+    cells = []
+    for name, v in report_rows(m, "lmd"):
+        cells.append([name, "MediaPipe, 40 lip points", f"{v['lmd']:.2f}", f"{v['lmd_512']:.2f}", f"{v['aue']:.4f}",
+                      f"{v['lip_frames']}"])
         if "lmd_fan" in v:
-            lines.append(f"| {name} | FAN 2D-FAN-4, points 48-67 | {v['lmd_fan']:.2f} | {v['lmd_fan_512']:.2f} | – | "
-                         f"{v['lmd_fan_frames']} |")
+            cells.append([name, "FAN 2D-FAN-4, points 48-67", f"{v['lmd_fan']:.2f}", f"{v['lmd_fan_512']:.2f}", "–",
+                          f"{v['lmd_fan_frames']}"])
+    lines = [""] + markdown_table(["", "landmarks", "LMD (px)", "LMD at 512 px", "blendshape MAE (AUE analogue)",
+                                   "frames read"], cells)
     if "lmd_fan" in m:
         fan = m.get("weights", {}).get("fan", {})
         lines += ["", "FAN rows: LMD the way ER-NeRF and TalkingGaussian compute it: FAN reads the render and the "
