@@ -249,7 +249,8 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
     n = audio.shape[0]
     held_windows = audio[neighbour_indices(held, ensemble.smooth, n)]  # gathered once: [H, K, W, C]
     with torch.no_grad():  # before fitting: a prior's score, or an untrained net's
-        start_r2 = r2_score(ensemble(held_windows), targets[held], ref)
+        start_pred = ensemble(held_windows)
+        start_r2 = r2_score(start_pred, targets[held], ref)
     member_val = []
     for k, member in enumerate(ensemble.members):
         if steps > 0:
@@ -261,7 +262,8 @@ def fit_ensemble(ensemble: ArticulationEnsemble, audio: torch.Tensor, targets: t
         if progress is not None:
             progress(k)
     with torch.no_grad():  # one pass over every frame: _split keeps ids' order, fit first
-        pred = ensemble(audio[neighbour_indices(ids, ensemble.smooth, n)])
+        # nothing fitted: the start prediction is this one (held is ids, in that order)
+        pred = start_pred if steps == 0 else ensemble(audio[neighbour_indices(ids, ensemble.smooth, n)])
         pred_fit, pred_held = pred[:len(fit)], (pred[len(pred) - len(val):] if steps > 0 else pred)
         val_r2 = r2_score(pred_held, targets[held], ref)
         fit_r2 = r2_score(pred_fit, targets[fit], ref)
