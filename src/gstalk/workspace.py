@@ -276,7 +276,14 @@ class Workspace:
     # ----------------------------------------------------------------- creation / loading
     @classmethod
     def create(cls, root: str | Path, *, preset: str, seed: int, source: dict[str, Any]) -> Workspace:
-        """Create (or reuse) a workspace folder and write a fresh manifest if none exists."""
+        """Create (or reuse) a workspace folder and write a fresh manifest if none exists; a
+        reused one records ``source`` (the files extract reads: the video, and a separate
+        speech file when there is one, each ``{path, sha256}``) when it differs.
+
+        Raises:
+            WorkspaceError / ResourceError: the folder cannot be made, or its manifest is
+                damaged or cannot be written.
+        """
         ws = cls(root)
         try:
             ws.root.mkdir(parents=True, exist_ok=True)
@@ -284,6 +291,9 @@ class Workspace:
             _raise_os_error(exc, ws.root)
         if ws.manifest_path.exists():
             ws.load()
+            if ws.manifest.get("source") != source:  # extracting again, from other files
+                ws.manifest["source"] = source
+                ws.save()
             return ws
         ws._manifest = {
             "schema_version": SCHEMA_VERSION,

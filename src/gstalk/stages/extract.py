@@ -288,9 +288,6 @@ def run_extract(video: str | Path, workspace: str | Path | None, cfg: ExtractCon
     if speech is not None:
         source["speech"] = {"path": str(speech.resolve()), "sha256": sha256_file(speech)}
     ws = Workspace.create(workspace or default_workspace(video), preset=preset, seed=seed, source=source)
-    if ws.manifest.get("source") != source:  # extracting again, from another video or speech file
-        ws.manifest["source"] = source
-        ws.save()
     run_stage(ws, "extract", to_dict(cfg), lambda: _extract(video, ws, cfg, info, duration, reporter, speech),
               started=t0)
     return ws
