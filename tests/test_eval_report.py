@@ -184,3 +184,28 @@ def test_markdown_table_and_the_report_tables_built_with_it():
     assert rows == ["| fine model | MediaPipe, 40 lip points | 1.00 | 2.00 | 0.0100 | 7 |",
                     "| fine model | FAN 2D-FAN-4, points 48-67 | 1.50 | 3.00 | – | 6 |",
                     "| baseline: coarse | MediaPipe, 40 lip points | 1.00 | 2.00 | 0.0100 | 7 |"]
+
+
+def test_sync_lse_and_summary_tables_share_the_helper():
+    """The lip-sync proxy table (eval's and the cross-driven report's) keeps only the rows
+    that were scored and formats each; the SyncNet table writes a dash row for a note; the
+    several-voice table ends with its mean row."""
+    from gstalk.metrics.report import lse_lines, sync_lines
+    from gstalk.stages.crosseval import cross_summary_report
+
+    scored = {"sync_corr": 0.4567, "sync_lag": -2, "sync_corr_best": 0.61}
+    assert sync_lines([("fine model", scored), ("baseline: coarse", {})]) == [
+        "| lip-sync proxy | corr at lag 0 | best lag (frames) | corr at best lag |", "|---|---|---|---|",
+        "| fine model | 0.46 | -2 | 0.61 |"]
+    lse = lse_lines([("a", {"lse_c": 7.1234, "lse_d": 6.5, "syncnet_offset": 1, "syncnet_windows": 40}),
+                     ("b", {"syncnet_note": "no face"}), ("c", {})])
+    assert lse[3:5] == ["| a | 7.123 | 6.500 | +1 | 40 |", "| b | – | – | – | no face |"]
+    voice = {"voice": "de", "sync_corr": 0.3, "sync_lag": 1, "sync_corr_best": 0.5, "sync_fraction": 0.6,
+             "mouth_motion": 0.9}
+    s = {"voices": [voice], "summary": voice, "workspace": "ws", "gstalk_version": "x", "created": "now",
+         "articulation_gain": 1.0, "real_video": {"sync_corr_best": 0.8, "sync_lag": 0},
+         "targets": {"met": {"lag": True}}}
+    lines = cross_summary_report(s).splitlines()
+    i = lines.index("| voice | corr at lag 0 | best lag | corr at best lag | lag-0 corr / real | mouth motion |")
+    assert lines[i + 2:i + 4] == ["| de | 0.30 | +1 | 0.50 | 0.60 | 0.90 |",
+                                  "| **mean** | 0.30 | – | 0.50 | 0.60 | 0.90 |"]

@@ -58,6 +58,21 @@ def test_fit_quality_in_words(r2, seconds, prior, level, helps):
     assert ("would help" in text) == bool(helps)
 
 
+def test_a_clip_the_prior_was_fitted_on_is_named_and_its_score_not_called_held_out():
+    """The shipped prior knows its corpus clips by their videos' SHA-256: one of them is found
+    (the first its clip list records), an unknown or empty hash is not;
+    the fit's sentence for such a clip says the R² is not held out."""
+    from gstalk.prior import ArticulationPrior
+
+    prior = ArticulationPrior.load()
+    clip = prior.meta["clips"][0]
+    assert prior.fitted_on(clip["sha256"]) == clip["name"]
+    assert prior.fitted_on("0" * 64) is None and prior.fitted_on("") is None
+    level, text = describe_fit(0.59, 7.3, True, "menendez_sadtalker")
+    assert level == "good" and "not held out" in text and "menendez_sadtalker" in text and "held-out" not in text
+    assert "held-out R² 0.59" in describe_fit(0.59, 7.3, True)[1]
+
+
 def test_offset_is_applied_only_when_confident():
     from gstalk.tracking.avsync import MIN_CONFIDENT_CORR, offset_from_curve
 
@@ -333,3 +348,21 @@ def test_a_workspace_with_the_old_mfcc_front_end_trains_and_renders_new_speech(m
     assert r.exit_code == 0, r.output
     info = probe(out)
     assert info.video is not None and info.video.n_frames == round(1.5 * 25)
+
+
+def test_eval_carries_the_prior_clip_name_from_the_fine_summary():
+    """eval's articulation_fit copies the fine summary's prior_fitted_on_clip beside R² and the
+    sentence, and leaves it out when fine did not record one."""
+    from types import SimpleNamespace
+
+    from gstalk.stages.evaluate import articulation_fit_summary
+
+    def ws(fit):
+        summary = {"articulation_fit": fit, "articulation_prior": "articulation prior: the shipped one"}
+        return SimpleNamespace(stage=lambda name: SimpleNamespace(summary=summary))
+
+    fit = {"val_r2": 0.59, "quality": "good", "quality_text": "t", "prior_fitted_on_clip": "menendez_sadtalker",
+           "members": 5}
+    got = articulation_fit_summary(ws(fit))
+    assert got["prior_fitted_on_clip"] == "menendez_sadtalker" and got["val_r2"] == 0.59 and "members" not in got
+    assert "prior_fitted_on_clip" not in articulation_fit_summary(ws({"val_r2": 0.3}))

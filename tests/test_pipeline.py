@@ -136,7 +136,9 @@ def test_eval_quality_gate_exit_codes(trained_ws):
 
 
 def test_still_pose_holds_the_most_frontal_training_pose(trained_ws, tmp_path, monkeypatch):
-    from gstalk.dataset import load_tracks, split_indices
+    """``render --pose still`` holds the training frame whose camera (the coarse stage's refined
+    one, which every render uses) looks most frontally at the head."""
+    from gstalk.dataset import load_cameras, load_tracks, split_indices
     from gstalk.render.driver import frontal_frame
     from gstalk.stages.render import run_render
     from gstalk.tracking.pose import view_angles
@@ -144,9 +146,10 @@ def test_still_pose_holds_the_most_frontal_training_pose(trained_ws, tmp_path, m
 
     ws = Workspace.open(trained_ws)
     tracks = load_tracks(ws)
+    viewmats = load_cameras(ws).viewmats
     train, _ = split_indices(ws)
-    f = frontal_frame(tracks.viewmats, train)
-    angles = np.abs(view_angles(tracks.viewmats[list(train)].double().numpy())).max(1)
+    f = frontal_frame(viewmats, train)
+    angles = np.abs(view_angles(viewmats[list(train)].double().numpy())).max(1)
     assert angles[list(train).index(f)] == pytest.approx(angles.min())
 
     sr = 16000

@@ -74,6 +74,34 @@ def test_lift_recovers_a_rigid_motion_of_the_face_points_and_the_prior_shrinks_i
     assert weak.norm() < 0.8 * true.norm()
 
 
+def test_pose_prior_scales_its_pixels_with_the_image():
+    """At twice the working size (focal and principal point doubled, every target twice as
+    far in pixels, a few points off by a constant outlier) the scaled prior lifts the same
+    correction as the unscaled one at the reference size; left unscaled, the doubled pixel
+    errors would weigh four times as much against the prior and move it."""
+    from gstalk.config import CoarseConfig
+    from gstalk.testing.mannequin import head_pose
+    from gstalk.tracking.canonical import canonical_face
+    from gstalk.train.coarse import pose_prior
+
+    cfg = CoarseConfig(pose_noise_px=0.5)  # a weak image, so the prior's pull shows
+    p1, p2 = pose_prior(cfg), pose_prior(cfg, 2.0)
+    assert (p2.noise_px, p2.huber_px) == (2 * p1.noise_px, 2 * p1.huber_px) and p2.sigma().equal(p1.sigma())
+    pts = torch.from_numpy(canonical_face().vertices).float()
+    K1 = torch.tensor([[500.0, 0, 128], [0, 500.0, 128], [0, 0, 1]])
+    K2 = K1 * torch.tensor([[2.0], [2.0], [1.0]])
+    vm = torch.from_numpy(head_pose(0.05, 0.02, 0.0, t=(0.0, 0.01, 0.45))).float()
+    moved = corrected_viewmats(vm[None], torch.tensor([[0.6, -0.9, 0.3, 0.5, -0.7, 0.2]]), p1)[0]
+    t1 = project_points(pts, moved, K1)
+    t1[::40] += 3.0  # outliers beyond the Huber threshold
+    t2 = (t1 - K1[:2, 2]) * 2 + K2[:2, 2]
+    got1 = lift(vm, K1, pts, t1, p1)
+    assert torch.allclose(lift(vm, K2, pts, t2, p2), got1, atol=1e-4)
+    assert not torch.allclose(lift(vm, K2, pts, t2, p1), got1, atol=1e-2)
+    with pytest.raises(ValueError, match="positive"):
+        pose_prior(cfg, 0.0)
+
+
 def test_schedule():
     assert schedule(2500, 3) == [1000, 1750, 2500]
     assert schedule(2500, 1) == [2500]

@@ -173,6 +173,42 @@ def test_capacity_rule():
     assert [forced.acquire("a") is not None for _ in range(4)] == [True, True, True, False]
 
 
+def test_a_newcomer_waits_for_a_closing_session_not_for_a_busy_one():
+    """The slot of a session that is closing (its render thread stopping) goes to a newcomer
+    that arrives meanwhile: it waits for the release instead of being refused; with the same
+    session still live, or with no room even once it is gone, the refusal is immediate."""
+    import asyncio
+
+    pytest.importorskip("starlette", reason="gstalk serve needs the serve extra: pip install -e '.[serve]'")
+    from gstalk.serve.app import _acquire
+    from gstalk.serve.capacity import Capacity
+
+    async def scenario(cap: Capacity, release_after_s: float | None, ticket) -> tuple[object, float]:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        if release_after_s is not None:
+            loop.call_later(release_after_s, cap.release, ticket)
+        t0 = time.monotonic()
+        got = await _acquire(cap, "a", "live", wait_s=3.0)
+        return got, time.monotonic() - t0
+
+    cap = Capacity({"a": 1})
+    held = cap.acquire("a")
+    assert held is not None and not cap.fits_once_closed("a")
+    got, waited = asyncio.run(scenario(cap, 0.3, held))  # live, not closing: refused at once
+    assert got is None and waited < 0.1 and cap.active() == 1
+    cap.mark_closing(held)
+    assert cap.fits_once_closed("a") and cap.fits_once_closed("a", "render")
+    got, waited = asyncio.run(scenario(cap, 0.3, held))
+    assert got is not None and 0.25 < waited < 2.0 and cap.active() == 1
+
+    two = Capacity({"a": 2, "b": 1})  # b needs the whole machine: one closing a of two live ones is not enough
+    t1, t2 = two.acquire("a"), two.acquire("a")
+    two.mark_closing(t1)
+    assert not two.fits_once_closed("b") and two.fits_once_closed("a")
+    two.mark_closing(t2)
+    assert two.fits_once_closed("b")
+
+
 def test_measured_capacity_keeps_each_stream_real_time(live):  # type: ignore[no-untyped-def]
     """The measurement's last admitted count kept every stream at 25 / 0.9 frames/s; the next
     one (if measured) did not."""

@@ -142,6 +142,29 @@ def test_masks_cover_landmark_hulls(mannequin_clip):
     assert mouth_mask(lm, (256, 256)).sum() > lips.sum()
 
 
+def test_head_polygon_reaches_the_hair_on_top():
+    """The head polygon is the face oval widened 1.18x about its centre and raised by up to 0.8
+    face heights above it (checked against the oval's own extent); nothing under the centre
+    moves up, so the neck and collar beside the jaw stay out."""
+    from gstalk.tracking.canonical import canonical_face
+    from gstalk.tracking.masks import face_geometry, head_polygon
+    from gstalk.tracking.schemes import face_outline
+
+    v = canonical_face().vertices
+    lm = np.zeros((478, 3))
+    lm[:468, :2] = np.stack([128 + 900 * v[:, 0], 128 - 900 * v[:, 1]], 1)  # image y down
+    oval = face_outline(lm)
+    c, width, h = face_geometry(lm)
+    poly = head_polygon(lm)
+    assert np.ptp(poly[:, 0]) == pytest.approx(1.18 * width, rel=1e-6)
+    top = oval[:, 1].argmin()  # the forehead's top point, more than half a face height above the centre
+    assert c[1] - oval[top, 1] >= 0.5 * h
+    assert poly[top, 1] == pytest.approx(oval[top, 1] - 0.8 * h, abs=1e-6)
+    below = oval[:, 1] > c[1]
+    assert below.sum() > 5 and np.allclose(poly[below, 1], oval[below, 1])
+    assert np.allclose(head_polygon(lm, 1.0, 0.3)[top], [oval[top, 0], oval[top, 1] - 0.3 * h])
+
+
 def test_background_plate_median_and_inpaint():
     rng = np.random.default_rng(0)
     bg = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)

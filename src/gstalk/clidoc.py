@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gstalk.metrics.report import markdown_table
+
 # typer 0.29 vendors click (``typer._click``): the objects are duck-typed here.
 
 
@@ -24,10 +26,10 @@ def _params_table(cmd: Any, ctx: Any) -> list[str]:
         default = p.default
         default_s = "" if default is None or callable(default) or isinstance(default, bool) else f"`{default}`"
         help_s = " ".join((p.help or "").split()).replace("|", "\\|")
-        rows.append(f"| {name} | {kind} | {default_s} | {help_s} |")
+        rows.append([name, kind, default_s, help_s])
     if not rows:
         return []
-    return ["| option | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+    return [*markdown_table(["option", "type", "default", "meaning"], rows), ""]
 
 
 def _walk(cmd: Any, path: list[str], out: list[str]) -> None:

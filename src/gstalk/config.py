@@ -119,7 +119,8 @@ class CoarseConfig:
     pose_sigma_rot_deg: float = 1.0  # prior std of each rotation component of a correction, degrees
     pose_sigma_trans_mm: float = 2.0  # prior std of its translation across the image, mm
     pose_sigma_depth_mm: float = 10.0  # prior std of its translation along the optical axis, mm
-    pose_noise_px: float = 0.05  # registration error of the mean face point, px: weighs the image against the prior
+    pose_noise_px: float = 0.05  # registration error of the mean face point, px at 256 px (scaled with the
+    # working size, gstalk.train.coarse.pose_prior): weighs the image against the prior
 
 
 ModelName = Literal["gstalker", "audioplane", "egstalker"]

@@ -125,6 +125,14 @@ class ArticulationPrior:
             return "its articulation code has other dimensions"
         return None
 
+    def fitted_on(self, sha256: str) -> str | None:
+        """The name of the clip in this prior's corpus whose video has this SHA-256 (hex), or None
+        (no such clip, or no hash given). The prior was fitted on that clip's training split, so
+        a score over those frames is not held out."""
+        if not sha256:
+            return None
+        return next((str(c.get("name", "?")) for c in self.meta.get("clips", []) if c.get("sha256") == sha256), None)
+
     def save(self, path: str | Path) -> None:
         from gstalk.tensorio import save_tensors
 

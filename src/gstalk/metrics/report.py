@@ -42,20 +42,24 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list
     return lines
 
 
+def sync_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown lines of the lip-sync proxy table (:func:`gstalk.metrics.lipsync.sync_scores`'
+    ``sync_corr``, ``sync_lag``, ``sync_corr_best``), one row per named dict that has them."""
+    return markdown_table(["lip-sync proxy", "corr at lag 0", "best lag (frames)", "corr at best lag"],
+                          [[name, f"{v['sync_corr']:.2f}", f"{v['sync_lag']:+d}", f"{v['sync_corr_best']:.2f}"]
+                           for name, v in rows if "sync_corr" in v])
+
+
 def lse_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Markdown lines of the SyncNet table (rows whose dict has ``lse_d`` or a
     ``syncnet_note``); [] when no row has either."""
     rows = [(n, v) for n, v in rows if "lse_d" in v or "syncnet_note" in v]
     if not rows:
         return []
-    lines = ["", "| SyncNet | LSE-C (higher is better) | LSE-D (lower is better) | offset (frames) | windows |",
-             "|---|---|---|---|---|"]
-    for name, v in rows:
-        if "lse_d" in v:
-            lines.append(f"| {name} | {v['lse_c']:.3f} | {v['lse_d']:.3f} | {v['syncnet_offset']:+d} | "
-                         f"{v['syncnet_windows']} |")
-        else:
-            lines.append(f"| {name} | – | – | – | {v['syncnet_note']} |")
+    cells = [[name, f"{v['lse_c']:.3f}", f"{v['lse_d']:.3f}", f"{v['syncnet_offset']:+d}", str(v["syncnet_windows"])]
+             if "lse_d" in v else [name, "–", "–", "–", str(v["syncnet_note"])] for name, v in rows]
+    lines = ["", *markdown_table(["SyncNet", "LSE-C (higher is better)", "LSE-D (lower is better)",
+                                  "offset (frames)", "windows"], cells)]
     return lines + ["", "LSE-C/LSE-D as the peers compute them (syncnet_python, offsets ±15 frames, 224 px face "
                     "crops); offset in the reference's sign (−k: the audio is k frames late)."]
 

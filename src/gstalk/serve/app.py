@@ -39,11 +39,26 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gstalk import __version__
 from gstalk.serve import protocol
-from gstalk.serve.capacity import Capacity
+from gstalk.serve.capacity import Capacity, Ticket
 from gstalk.serve.live import LiveAvatar
 from gstalk.serve.session import Closing, Limits, Session, _rss_mb, frames_per_pending
 
 RETRY_AFTER_S = 15
+# how long a newcomer waits for closing sessions to free the slot it needs (a closing session
+# stops its render thread within Session.stop's 5 s timeout, usually within one frame)
+CLOSING_WAIT_S = 5.0
+
+
+async def _acquire(capacity: Capacity, avatar: str, kind: str, wait_s: float = CLOSING_WAIT_S) -> Ticket | None:
+    """:meth:`Capacity.acquire`, waiting up to ``wait_s`` seconds (polled every 20 ms) while the
+    slot would be free once the sessions that are closing have released theirs. None: no room,
+    and none is coming (the caller refuses with a retry hint)."""
+    deadline = time.monotonic() + wait_s
+    while (ticket := capacity.acquire(avatar, kind)) is None:
+        if time.monotonic() >= deadline or not capacity.fits_once_closed(avatar, kind):
+            return None
+        await asyncio.sleep(0.02)
+    return ticket
 
 
 @dataclass
@@ -205,7 +220,7 @@ def create_app(state: ServerState) -> Starlette:
             why = await run_in_threadpool(_not_audio, audio)
             if why is not None:
                 return _error(422, "bad_audio", why, "send a speech file that ffmpeg reads (WAV, MP3, FLAC, M4A, ...)")
-            ticket = state.capacity.acquire(live.name, "render")
+            ticket = await _acquire(state.capacity, live.name, "render")
             if ticket is None:
                 return _try_later("capacity", f"the server is at capacity ({state.capacity.active()} sessions or "
                                   "renders)")
@@ -386,7 +401,7 @@ async def _live_session(state: ServerState, ws: WebSocket) -> None:
     if not 8000 <= rate <= 192000 or channels not in (1, 2):
         return await refuse(protocol.CLOSE_UNSUPPORTED, "bad_format",
                             f"sample_rate {rate} / channels {channels}: need 8000-192000 Hz and 1 or 2 channels")
-    ticket = state.capacity.acquire(live.name, "live")
+    ticket = await _acquire(state.capacity, live.name, "live")
     if ticket is None:
         cap = state.capacity.summary()
         return await refuse(protocol.CLOSE_TRY_LATER, "capacity",
@@ -464,6 +479,7 @@ async def _live_session(state: ServerState, ws: WebSocket) -> None:
         await handle.done.wait()
     finally:
         try:
+            state.capacity.mark_closing(ticket)  # a newcomer waits for this slot instead of being refused
             closing = handle.closing or Closing(protocol.CLOSE_NORMAL, "session ended")
             recv_task.cancel()
             await loop.run_in_executor(None, session.stop)

@@ -9,6 +9,9 @@ takes ``1 / N_a`` of the machine. Sessions, and renders of ``POST /v1/render`` (
 one session each; of an avatar of which no session fits, a render takes the whole machine),
 are admitted while the shares add up to at most 1; one more is refused
 (HTTP 503, WebSocket close 1013, with a retry hint) rather than slowing every stream down.
+A session that is closing holds its slot until its render thread has stopped; it is marked
+(:meth:`Capacity.mark_closing`) so that a newcomer that fits once it is gone waits for it
+rather than being refused (a page reloaded, a client that reconnects at once).
 ``--sessions N`` replaces the measurement by N of any avatar.
 """
 
@@ -21,11 +24,13 @@ from typing import Any
 
 @dataclass
 class Ticket:
-    """A held slot: ``kind`` (``live`` or ``render``), the avatar, its share of the machine."""
+    """A held slot: ``kind`` (``live`` or ``render``), the avatar, its share of the machine,
+    and whether its holder is closing (it will be released within seconds)."""
 
     kind: str
     avatar: str
     load: float
+    closing: bool = False
 
 
 class Capacity:
@@ -52,19 +57,39 @@ class Capacity:
         n = self.sessions_alone(avatar)
         return 1.0 / n if n > 0 else None
 
+    def _load_of(self, avatar: str, kind: str) -> float | None:
+        load = self.load(avatar)
+        if load is None and kind == "render":
+            return 1.0  # no live session fits: a render still may, when it has the machine to itself
+        return load
+
     def acquire(self, avatar: str, kind: str = "live") -> Ticket | None:
         """A slot for one more session (or render) of ``avatar``, or None when it does not fit."""
-        load = self.load(avatar)
+        load = self._load_of(avatar, kind)
         if load is None:
-            if kind != "render":
-                return None
-            load = 1.0  # no live session fits: a render still may, when it has the machine to itself
+            return None
         with self._lock:
             if sum(t.load for t in self._held) + load > 1.0 + 1e-9:
                 return None
             t = Ticket(kind, avatar, load)
             self._held.append(t)
             return t
+
+    def mark_closing(self, ticket: Ticket) -> None:
+        """Say that ``ticket``'s holder is closing: :meth:`release` follows within seconds."""
+        with self._lock:
+            ticket.closing = True
+
+    def fits_once_closed(self, avatar: str, kind: str = "live") -> bool:
+        """Whether one more session (or render) of ``avatar`` will fit once the closing holders
+        have released their slots (False when it would not fit even then, or none is closing)."""
+        load = self._load_of(avatar, kind)
+        if load is None:
+            return False
+        with self._lock:
+            if not any(t.closing for t in self._held):
+                return False
+            return sum(t.load for t in self._held if not t.closing) + load <= 1.0 + 1e-9
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:

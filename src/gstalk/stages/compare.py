@@ -18,7 +18,7 @@ from typing import Any
 
 from gstalk.config import flat_settings, get_preset
 from gstalk.errors import WorkspaceError
-from gstalk.metrics.report import fmt_metric
+from gstalk.metrics.report import fmt_metric, markdown_table
 from gstalk.workspace import EVAL_METRICS, Workspace
 
 COLUMNS = ("psnr", "ssim", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd", "aue", "mouth_motion")
@@ -96,15 +96,11 @@ def compare(paths: list[Path]) -> dict[str, Any]:
 def compare_markdown(result: dict[str, Any]) -> str:
     """The comparison as a Markdown table."""
     cols = result["columns"]
-    head = "| model | " + " | ".join(cols) + " | Gaussians | fine s | render FPS |"
-    lines = [head, "|---|" + "---|" * (len(cols) + 3)]
-    for r in result["rows"]:
-        cells = [fmt_metric(k, r.get(k)) for k in cols]
-        cells += [str(r["n_gaussians"]) if r["n_gaussians"] else "–",
-                  f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
-                  f"{r['render_fps']:.1f}" if r["render_fps"] else "–"]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[r["name"], *(fmt_metric(k, r.get(k)) for k in cols),
+             str(r["n_gaussians"]) if r["n_gaussians"] else "–",
+             f"{r['fine_seconds']:.0f}" if r["fine_seconds"] else "–",
+             f"{r['render_fps']:.1f}" if r["render_fps"] else "–"] for r in result["rows"]]
+    return "\n".join(markdown_table(["model", *cols, "Gaussians", "fine s", "render FPS"], rows))
 
 
 def compare_table(result: dict[str, Any]) -> Any:

@@ -30,7 +30,7 @@ from gstalk.dataset import (
 )
 from gstalk.errors import InputError
 from gstalk.metrics.plots import mouth_plot
-from gstalk.metrics.report import json_floats, lse_lines, skipped_lines
+from gstalk.metrics.report import json_floats, lse_lines, markdown_table, skipped_lines, sync_lines
 from gstalk.metrics.syncnet import CROP_SIZE, crop_face, face_crops, smooth_boxes
 from gstalk.metrics.syncnet import FPS as SYNCNET_FPS
 from gstalk.progress import SILENT, Reporter
@@ -178,16 +178,14 @@ def cross_report(m: dict[str, Any]) -> str:
             ("training video vs its own audio (real)", m["real_video"])]
     lines = [f"# gstalk eval --audio {Path(m['audio']).name}: {m['workspace']}", "",
              f"Cross-driven, {m['frames']} frames ({m['duration_s']:.1f} s), model `{m['model_name']}`, mouth read "
-             f"on {m['lip_frames']} frames; gstalk {m['gstalk_version']}, {m['created']}.", "",
-             "| lip-sync proxy | corr at lag 0 | best lag (frames) | corr at best lag |", "|---|---|---|---|"]
-    lines += [f"| {name} | {v['sync_corr']:.2f} | {v['sync_lag']:+d} | {v['sync_corr_best']:.2f} |" for name, v in rows]
+             f"on {m['lip_frames']} frames; gstalk {m['gstalk_version']}, {m['created']}.", "", *sync_lines(rows)]
     lines += ["", "Lip sync as a fraction of the real video's (renders at lag 0 / real video at its A/V offset): "
               f"{m['sync_fraction']:.2f}. Mouth motion (std of the "
-              f"opening, renders / real video): {m['mouth_motion']:.2f}.", "",
-              "| blendshape | renders mean | renders std | real mean | real std |", "|---|---|---|---|---|"]
-    for k, v in m["blendshapes"].items():
-        r = m["real_blendshapes"].get(k, {"mean": float("nan"), "std": float("nan")})
-        lines.append(f"| {k} | {v['mean']:.3f} | {v['std']:.3f} | {r['mean']:.3f} | {r['std']:.3f} |")
+              f"opening, renders / real video): {m['mouth_motion']:.2f}.", ""]
+    nan = {"mean": float("nan"), "std": float("nan")}
+    lines += markdown_table(["blendshape", "renders mean", "renders std", "real mean", "real std"],
+                            [[k, f"{v['mean']:.3f}", f"{v['std']:.3f}", f"{r['mean']:.3f}", f"{r['std']:.3f}"]
+                             for k, v in m["blendshapes"].items() for r in [m["real_blendshapes"].get(k, nan)]])
     lines += lse_lines(rows)
     lines += skipped_lines(m)
     if "mouth" in m.get("plots", {}):
@@ -275,15 +273,14 @@ def cross_summary_report(s: dict[str, Any]) -> str:
     lines = [f"# gstalk eval --audio, {len(s['voices'])} voices: {s['workspace']}", "",
              f"gstalk {s['gstalk_version']}, {s['created']}; articulation gain {s['articulation_gain']}. The real "
              f"video scores {real.get('sync_corr_best', float('nan')):.2f} against its own audio (best lag "
-             f"{real.get('sync_lag', 0):+d}).", "",
-             "| voice | corr at lag 0 | best lag | corr at best lag | lag-0 corr / real | mouth motion |",
-             "|---|---|---|---|---|---|"]
-    for r in s["voices"]:
-        lines.append(f"| {r['voice']} | {r['sync_corr']:.2f} | {r['sync_lag']:+d} | {r['sync_corr_best']:.2f} | "
-                     f"{r['sync_fraction']:.2f} | {r['mouth_motion']:.2f} |")
+             f"{real.get('sync_lag', 0):+d}).", ""]
     m = s["summary"]
-    lines.append(f"| **mean** | {m['sync_corr']:.2f} | – | {m['sync_corr_best']:.2f} | {m['sync_fraction']:.2f} | "
-                 f"{m['mouth_motion']:.2f} |")
+    lines += markdown_table(
+        ["voice", "corr at lag 0", "best lag", "corr at best lag", "lag-0 corr / real", "mouth motion"],
+        [*([r["voice"], f"{r['sync_corr']:.2f}", f"{r['sync_lag']:+d}", f"{r['sync_corr_best']:.2f}",
+            f"{r['sync_fraction']:.2f}", f"{r['mouth_motion']:.2f}"] for r in s["voices"]),
+         ["**mean**", f"{m['sync_corr']:.2f}", "–", f"{m['sync_corr_best']:.2f}", f"{m['sync_fraction']:.2f}",
+          f"{m['mouth_motion']:.2f}"]])
     t = s["targets"]
     lines += ["", "Targets: lag-0 correlation at least 0.8 x the real video's, best lag within ±1 frame, mouth motion "
               "0.8-1.2 x real: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in t["met"].items()) + "."]

@@ -41,7 +41,7 @@ from gstalk.dataset import (
 from gstalk.gaussians.splat import composite, splat
 from gstalk.images import to_uint8, write_png
 from gstalk.metrics.image import crop, image_metrics, psnr
-from gstalk.metrics.report import SKIPPED, json_floats, lse_lines, markdown_table, skipped_lines
+from gstalk.metrics.report import SKIPPED, json_floats, lse_lines, markdown_table, skipped_lines, sync_lines
 from gstalk.progress import SILENT, Reporter
 from gstalk.render.driver import HeadRenderer
 from gstalk.tensorio import load_tensors
@@ -385,13 +385,14 @@ def error_split(model: dict[str, Any], codes: dict[str, dict[str, Any]]) -> dict
 
 def articulation_fit_summary(ws: Workspace) -> dict[str, Any]:
     """The fine stage's audio → articulation fit as the report states it: held-out R², level,
-    the sentence, and the prior used ({} for a model without one)."""
+    the sentence, the prior used, and the prior's corpus clip this video is, when it is one
+    (``prior_fitted_on_clip``: that R² is not held out) ({} for a model without one)."""
     s = ws.stage("fine").summary or {}
     fit = s.get("articulation_fit") or {}
     if not fit:
         return {}
-    return {k: fit[k] for k in ("val_r2", "start_val_r2", "quality", "quality_text", "gain", "code_scale")
-            if k in fit} | {"prior": s.get("articulation_prior", "")}
+    return {k: fit[k] for k in ("val_r2", "start_val_r2", "quality", "quality_text", "gain", "code_scale",
+                                "prior_fitted_on_clip") if k in fit} | {"prior": s.get("articulation_prior", "")}
 
 
 def lpips_metrics(metric: Any, pred: torch.Tensor, gt: torch.Tensor, face_boxes: torch.Tensor) -> dict[str, float]:
@@ -603,11 +604,10 @@ def report_markdown(m: dict[str, Any]) -> str:
     """The eval report as Markdown (metrics table against the baselines)."""
     lines = [f"# gstalk eval: {m['workspace']}", "",
              f"Self-driven, {m['n_frames']} held-out test frames {m['split']['test'][0]}-{m['split']['test'][1] - 1}; "
-             f"model `{m['model_name']}`{basis_note(m)}; gstalk {m['gstalk_version']}, {m['created']}.", "",
-             "| | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+             f"model `{m['model_name']}`{basis_note(m)}; gstalk {m['gstalk_version']}, {m['created']}.", ""]
     rows = report_rows(m)
-    for name, v in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS) + " |")
+    lines += markdown_table(["", *KEYS], [[name, *(f"{v[k]:.4f}" if "ssim" in k else f"{v[k]:.2f}" for k in KEYS)]
+                                          for name, v in rows])
     lines += stability_lines(m)
     if m.get("blink_closed_frames") is not None:
         lines += ["", f"Eyes: {m['blink_closed_frames']} test frame(s) with closed eyes (tracked blink ≥ 0.5); "
@@ -624,9 +624,10 @@ def report_markdown(m: dict[str, Any]) -> str:
     if fit.get("quality_text"):
         lines += ["", f"{fit['quality_text'][0].upper()}{fit['quality_text'][1:]}. {fit.get('prior', '')}."]
     if "lpips" in m:
-        lines += ["", f"| LPIPS ({m.get('weights', {}).get('lpips', {}).get('net', 'alex')}; lower is better) "
-                  "| full frame | face box |", "|---|---|---|"]
-        lines += [f"| {name} | {v['lpips']:.4f} | {v['face_lpips']:.4f} |" for name, v in rows if "lpips" in v]
+        net = m.get("weights", {}).get("lpips", {}).get("net", "alex")
+        lines += ["", *markdown_table([f"LPIPS ({net}; lower is better)", "full frame", "face box"],
+                                      [[name, f"{v['lpips']:.4f}", f"{v['face_lpips']:.4f}"]
+                                       for name, v in rows if "lpips" in v])]
     lines += lse_lines([("fine model", m)] + [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
                        + [("real video (ground truth)", m.get("real_video", {}))])
     lines += skipped_lines(m)
@@ -644,11 +645,8 @@ def report_markdown(m: dict[str, Any]) -> str:
         lines += ["", f"Lip-sync proxy: {m['sync_note']}."]
     if "sync_corr" in m:
         real = m.get("real_video", {})
-        lines += ["", "| lip-sync proxy | corr at lag 0 | best lag (frames) | corr at best lag |", "|---|---|---|---|"]
-        for name, v in [("fine model", m), ("baseline: coarse", m["baselines"].get("coarse", {})),
-                        ("real video (tracked)", real)]:
-            if "sync_corr" in v:
-                lines.append(f"| {name} | {v['sync_corr']:.2f} | {v['sync_lag']:+d} | {v['sync_corr_best']:.2f} |")
+        lines += ["", *sync_lines([("fine model", m), ("baseline: coarse", m["baselines"].get("coarse", {})),
+                                   ("real video (tracked)", real)])]
         lines += ["", f"Lip-sync as a fraction of the real video's (best-lag correlations): "
                   f"{m.get('sync_fraction', float('nan')):.2f}. The proxy correlates the mouth opening read on the "
                   "frames with the opening a ridge regression predicts from the audio (gstalk.metrics.lipsync); "

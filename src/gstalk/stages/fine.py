@@ -294,19 +294,26 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
     if fit is not None:
         from gstalk.deform.articulation import describe_fit
 
+        seen = prior.fitted_on(str(ws.manifest.get("source", {}).get("sha256", ""))) if prior is not None else None
+        if seen:
+            fit["prior_fitted_on_clip"] = seen
         if prior is not None and cfg.articulation_adapt_steps == 0:  # nothing fitted: every frame held out
+            fitted = "which the prior was fitted on" if seen else "none fitted to"  # the clip: fit_text
             reporter.log(f"  audio -> articulation: the prior as it is, R² {fit['val_r2']:.2f} over the "
-                         f"{int(fit.get('val_frames', 0))} training frames, none fitted to (one of its "
+                         f"{int(fit.get('val_frames', 0))} training frames, {fitted} (one of its "
                          f"{int(fit['members'])} regressors alone: {fit['member_val_r2']:.2f}); code scale "
                          f"{fit['code_scale']:.2f}")
         else:
             start = (f"; the prior alone: {fit['start_val_r2']:.2f}" if prior is not None and "start_val_r2" in fit
                      else "")
-            reporter.log(f"  audio -> articulation: held-out R² {fit['val_r2']:.2f} with {int(fit['members'])} "
+            held = f"R² {fit['val_r2']:.2f} (not held out: the prior saw these frames)" if seen else \
+                f"held-out R² {fit['val_r2']:.2f}"
+            reporter.log(f"  audio -> articulation: {held} with {int(fit['members'])} "
                          f"regressors (one alone: {fit['member_val_r2']:.2f}; on the fitted frames "
                          f"{fit['fit_r2']:.2f}{start}); code scale {fit['code_scale']:.2f}")
         fps = float(ws.stage("extract").summary["fps"])
-        fit_level, fit_text = describe_fit(float(fit["val_r2"]), len(train) / fps, "articulation prior:" in prior_note)
+        fit_level, fit_text = describe_fit(float(fit["val_r2"]), len(train) / fps, "articulation prior:" in prior_note,
+                                           seen)
         fit["quality"], fit["quality_text"] = fit_level, fit_text
         if fit_level in ("weak", "none"):
             reporter.warn(fit_text)

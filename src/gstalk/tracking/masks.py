@@ -5,8 +5,8 @@ masks from the tracked landmarks (MediaPipe's 478 or FAN's 68, see
 :mod:`gstalk.tracking.schemes`) and refines the person/background split with OpenCV's
 GrabCut (Rother et al. 2004), seeded from the landmarks:
 
-- ``head``: the face oval, widened and extended upwards to take in hair and ears, kept
-  where GrabCut says "person" (and always the face oval itself);
+- ``head``: the face oval, widened and extended upwards to take in the hair and the ears
+  (:func:`head_polygon`), kept where GrabCut says "person" (and always the face oval itself);
 - ``mouth``: the outer-lip polygon, dilated by 6 % of the face height;
 - ``person``: GrabCut foreground;
 - ``torso``: person and not head (neck, shoulders, hair outside the head polygon).
@@ -47,9 +47,15 @@ def face_geometry(lm: np.ndarray) -> tuple[np.ndarray, float, float]:
     return centre, width, height
 
 
-def head_polygon(lm: np.ndarray, widen: float = 1.18, up: float = 0.30) -> np.ndarray:
+def head_polygon(lm: np.ndarray, widen: float = 1.18, up: float = 0.8) -> np.ndarray:
     """The face oval widened by ``widen`` about its centre, with points above the centre
-    pushed up by up to ``up`` x face height (hair): [K, 2] px (K = 36 for MediaPipe, 27 for iBUG 68)."""
+    pushed up by up to ``up`` x face height (hair): [K, 2] px (K = 36 for MediaPipe, 27 for iBUG 68).
+
+    :func:`frame_masks` cuts it with the person mask, so ``up`` reaches for the whole top of
+    the head: the hair there moves with the head and belongs to the head layer, not to the
+    torso field (0.8 face heights, measured against 0.30; widening the oval further, which
+    also takes in the neck and collar beside the jaw, cost obama 1.8 dB: docs/methods.md,
+    "The head mask takes in the hair")."""
     oval = face_outline(lm)
     c, _, h = face_geometry(lm)
     p = c + (oval - c) * np.array([widen, 1.0])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gstalk.config import CoarseConfig
+from gstalk.config import CoarseConfig, pixel_scale
 from gstalk.deform.basis import articulated
 from gstalk.errors import TrainingError
 from gstalk.gaussians import Densifier
@@ -98,7 +98,7 @@ class CoarseTrainer:
         self.tracked = self.data.viewmats.detach().cpu().clone()
         self.corrections = torch.zeros(len(self.data), 6)
         self.registered = torch.zeros(len(self.data), dtype=torch.bool)
-        self.pose_prior = pose_prior(c)
+        self.pose_prior = pose_prior(c, pixel_scale(self.data.width))
         self.pose_steps = set(schedule(c.iterations, c.pose_passes))
         self.basis: torch.nn.ParameterDict | None = None
         self.basis_optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -276,11 +276,20 @@ def _lower_face_box() -> tuple[float, float, float, float]:
             float(min(v[61, 2], v[291, 2]) - 0.03))
 
 
-def pose_prior(cfg: CoarseConfig) -> PosePrior:
-    """The pose corrections' prior of a coarse config."""
+def pose_prior(cfg: CoarseConfig, scale: float = 1.0) -> PosePrior:
+    """The pose corrections' prior of a coarse config for frames ``scale`` times the size its
+    pixel settings were chosen at (:func:`gstalk.config.pixel_scale`): the registration noise
+    and the Huber threshold, both in pixels, scale with the image, so a registration error of
+    the same fraction of the face weighs the same against the prior at 512 px as at 256 px.
+
+    Raises:
+        ValueError: ``scale`` is not positive.
+    """
+    if not scale > 0:
+        raise ValueError(f"a pixel scale must be positive, got {scale}")
     return PosePrior(sigma_rot_deg=cfg.pose_sigma_rot_deg,
                      sigma_trans_mm=(cfg.pose_sigma_trans_mm, cfg.pose_sigma_trans_mm, cfg.pose_sigma_depth_mm),
-                     noise_px=cfg.pose_noise_px)
+                     noise_px=cfg.pose_noise_px * scale, huber_px=PosePrior.huber_px * scale)
 
 
 def correction_stats(corrections: torch.Tensor, prior: PosePrior) -> dict[str, float]:

@@ -108,6 +108,7 @@ class PosePrior:
     sigma_rot_deg: float = 1.0
     sigma_trans_mm: tuple[float, float, float] = (2.0, 2.0, 10.0)
     noise_px: float = 0.05  # expected error of the mean registered point, px at the working size
+    huber_px: float = 1.0  # a point's error beyond this (px at the working size) is weighed down (Huber)
     max_sigmas: float = 6.0  # a correction this far out (any component, prior units) is refused
 
     def sigma(self) -> torch.Tensor:
@@ -123,8 +124,7 @@ def project_points(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor)
 
 
 def lift(viewmat: torch.Tensor, K: torch.Tensor, points: torch.Tensor, targets: torch.Tensor,
-         prior: PosePrior, start: torch.Tensor | None = None, iterations: int = 4,
-         huber_px: float = 1.0) -> torch.Tensor:
+         prior: PosePrior, start: torch.Tensor | None = None, iterations: int = 4) -> torch.Tensor:
     """The 6-DoF correction that moves the projected canonical ``points`` onto the pixels
     ``targets`` where the frame shows them, regularised by the prior (Gauss-Newton with a
     Huber weight per point, i.e. iteratively reweighted ridge least squares).
@@ -134,7 +134,7 @@ def lift(viewmat: torch.Tensor, K: torch.Tensor, points: torch.Tensor, targets: 
 
         Σ_p ρ(|r_p(δ)|) / (P · noise_px²) + |δ|²,
 
-    (ρ: Huber's loss with threshold ``huber_px``), the negative log posterior up to
+    (ρ: Huber's loss with the prior's threshold ``huber_px``), the negative log posterior up to
     constants when the mean of the P points' errors has std ``noise_px``.
 
     Args:
@@ -142,7 +142,7 @@ def lift(viewmat: torch.Tensor, K: torch.Tensor, points: torch.Tensor, targets: 
         K: [3, 3] float32 intrinsics, px.
         points: [P, 3] float32 canonical points (metres), e.g. the face mesh.
         targets: [P, 2] float32 where the frame shows them, px.
-        prior: :class:`PosePrior`.
+        prior: :class:`PosePrior` (its ``noise_px`` and ``huber_px`` in pixels of these ``targets``).
         start: [6] the current correction (prior units), the first iterate; default zeros.
         iterations: Gauss-Newton steps.
 
@@ -154,6 +154,7 @@ def lift(viewmat: torch.Tensor, K: torch.Tensor, points: torch.Tensor, targets: 
     if len(points) == 0:
         return d
     w = 1.0 / (len(points) * prior.noise_px ** 2)
+    huber_px = prior.huber_px
     fx, fy = K[0, 0], K[1, 1]
     eye = torch.eye(3).expand(len(points), 3, 3)
     for _ in range(iterations):
