@@ -3,8 +3,10 @@ one tiny trained workspace reused by the render/eval/CLI tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,17 @@ def ws_copy(trained_ws: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "ws"
     shutil.copytree(trained_ws, dst)
     return dst
+
+
+@contextlib.contextmanager
+def serve_threads(n: int = 1) -> Iterator[None]:
+    """Torch's CPU threads as ``gstalk serve --threads`` sets them (default 1), for a server run
+    inside the test process; the test process's own setting comes back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -210,6 +210,39 @@ def test_ensemble_is_the_mean_of_its_members_and_fits_better_than_chance():
         ArticulationEnsemble(4, members=0)
 
 
+@pytest.mark.parametrize("smooth", [1, 8])
+def test_fused_ensemble_equals_the_members_mean_and_follows_weight_changes(smooth):
+    """FusedEnsemble (ArticulationEnsemble.infer): each layer once for all members, equal to
+    the members' mean; the stacked weights are rebuilt after an in-place update or a load."""
+    torch.manual_seed(0)
+    ens = ArticulationEnsemble(6, 16, 32, smooth, 7, members=5)
+    x = torch.randn(4, smooth, 16, 6)
+    with torch.no_grad():
+        ref = torch.stack([m(x) for m in ens.members]).mean(0)
+    out = ens.infer(x)
+    assert out.shape == (4, 7) and not out.requires_grad
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert (out - ens.infer(x)).abs().max() == 0  # the cached stack gives the same numbers
+    with torch.no_grad():
+        ens.members[3].encoder.net.conv[2].weight.mul_(-2.0)  # an optimiser step's in-place update
+    with torch.no_grad():
+        changed = torch.stack([m(x) for m in ens.members]).mean(0)
+    assert (changed - ref).abs().max() > 1e-3
+    torch.testing.assert_close(ens.infer(x), changed, rtol=1e-5, atol=1e-6)
+    other = ArticulationEnsemble(6, 16, 32, smooth, 7, members=5)
+    ens.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ens.infer(x), other(x), rtol=1e-5, atol=1e-6)
+    # predict_sequence: the members' path with gradients on, the fused one with them off
+    seq = torch.randn(9, 16, 6)
+    members = ens.predict_sequence(seq)
+    assert members.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(ens.predict_sequence(seq), members.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, K, 16, 6\]"):
+        ens.infer(torch.randn(2, smooth, 8, 6))
+
+
 def test_audio_conditioning_uses_the_audio_windows():
     data = _frameset()
     torch.manual_seed(0)

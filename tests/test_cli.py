@@ -207,3 +207,14 @@ def test_set_changes_fine_settings_and_refuses_unknown_keys():
     assert r.exit_code == 2 and "not one of kan, mlp" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["fine", "/nonexistent_ws", "--model", "banana"])
     assert r.exit_code == 2 and "not one of gstalker, audioplane, egstalker" in r.output
+
+
+def test_serve_refuses_bad_numbers_before_loading_anything(tmp_path):
+    """`gstalk serve`'s numeric options are checked first: a usage error (exit 2) naming the
+    option, before any avatar path is looked at (this one does not exist)."""
+    missing = str(tmp_path / "no_such_avatar")
+    for args, message in ((["--threads", "0"], "--threads 0 must be 1 or more"),
+                          (["--jpeg-quality", "101"], "--jpeg-quality 101 must be between 1 and 100"),
+                          (["--port", "70000"], "--port 70000 must be between 0 and 65535")):
+        r = runner.invoke(app, ["serve", missing, *args])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output

@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn", reason="gstalk serve needs the serve extra: pip i
 pytest.importorskip("websockets", reason="gstalk serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("soxr", reason="gstalk serve needs the serve extra: pip install -e '.[serve]'")
 
+from conftest import serve_threads  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
@@ -52,9 +53,10 @@ def served(trained_ws):  # type: ignore[no-untyped-def]
     from gstalk.serve.server import BackgroundServer, prepare
 
     before = tree_digest(trained_ws)
-    state = prepare([trained_ws], max_upload_bytes=1 << 20)
-    with BackgroundServer(state) as srv:
-        yield srv
+    with serve_threads():
+        state = prepare([trained_ws], max_upload_bytes=1 << 20)
+        with BackgroundServer(state) as srv:
+            yield srv
     assert tree_digest(trained_ws) == before  # serving wrote nothing into the workspace
 
 
@@ -314,6 +316,7 @@ def test_sessions_hold_real_time_or_are_refused(trained_ws):  # type: ignore[no-
         url = info["url"]
         fit = info["avatars"][0]["sessions"]
         assert fit == info["capacity"]["avatars"]["ws"]["sessions"]
+        assert info["threads"] == 1  # --threads' default, set before the capacity is measured
         n = min(fit, 2)
         pcm = speech_pcm(3.0)
         results: list[dict[str, Any]] = [{} for _ in range(n)]

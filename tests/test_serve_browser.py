@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serve_threads
 
 pytest.importorskip("starlette", reason="gstalk serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="gstalk serve needs the serve extra: pip install -e '.[serve]'")
@@ -63,12 +64,13 @@ def loud_server(trained_ws):  # type: ignore[no-untyped-def]
         last.weight[11:14] = torch.randn(3, last.weight.shape[1], generator=g) * 0.5
         head.first_shared.weight *= 50.0
         live.renderer.spatial = live.avatar.model.spatial(live.avatar.params["means"])
-    state = prepare([live], measure_frames=10, sessions=1)
-    with BackgroundServer(state) as srv:
-        yield srv
+    with serve_threads():
+        state = prepare([live], measure_frames=10, sessions=1)
+        with BackgroundServer(state) as srv:
+            yield srv
 
 
-def browser(wav: Path):  # type: ignore[no-untyped-def]
+def browser(wav: Path, profile: Path):  # type: ignore[no-untyped-def]
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -77,7 +79,11 @@ def browser(wav: Path):  # type: ignore[no-untyped-def]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
               "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
               f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
-              "--mute-audio", "--window-size=1100,800"):
+              "--mute-audio", "--window-size=1100,800",
+              # no background traffic: this machine's closed network refuses it, and the retries
+              # take CPU from the server the test measures
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-quic", "--disable-default-apps", f"--user-data-dir={profile}"):
         opts.add_argument(a)
     return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
 
@@ -92,11 +98,11 @@ def wait_for(driver, script: str, timeout: float = 60.0):  # type: ignore[no-unt
     raise AssertionError(f"timed out waiting for: {script}")
 
 
-def test_page_upload_and_microphone(loud_server, speech_wav):  # type: ignore[no-untyped-def]
+def test_page_upload_and_microphone(loud_server, speech_wav, tmp_path):  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
 
     wav, silence_s, speech_s = speech_wav
-    d = browser(wav)
+    d = browser(wav, tmp_path / "chromium")
     try:
         d.get(loud_server.url)
         wait_for(d, "return window.gstalk && gstalk.avatars.length > 0")
@@ -119,14 +125,25 @@ def test_page_upload_and_microphone(loud_server, speech_wav):  # type: ignore[no
         d.find_element(By.ID, "mic-start").click()
         wait_for(d, "return gstalk.ready !== null && gstalk.received > 0", timeout=30)
         t0 = time.monotonic()
-        n0 = d.execute_script("return gstalk.shown")
+        g0 = d.execute_script("return {played: gstalk.played, received: gstalk.received, shown: gstalk.shown, "
+                              "skipped: gstalk.skipped}")
         time.sleep(8.0)
-        g = d.execute_script("return {shown: gstalk.shown, received: gstalk.received, speech: gstalk.speech, "
-                             "skipped: gstalk.skipped, close: gstalk.closeCode, errors: gstalk.errors, "
-                             "thumbs: gstalk.thumbs}")
-        rate = (g["shown"] - n0) / (time.monotonic() - t0)
+        g = d.execute_script("return {played: gstalk.played, shown: gstalk.shown, received: gstalk.received, "
+                             "speech: gstalk.speech, skipped: gstalk.skipped, close: gstalk.closeCode, "
+                             "errors: gstalk.errors, thumbs: gstalk.thumbs}")
+        dt = time.monotonic() - t0
+        rate = {k: (g[k] - g0[k]) / dt for k in ("played", "received", "shown")}
         assert g["close"] is None and not g["errors"], g["errors"]
-        assert rate > 20, rate  # shown on the page's clock; the server sends 25 frames/s
+        # The server sends 25 frames/s; a frame it could not render in time comes without a
+        # picture ("skipped", its audio still plays), so how many carry one depends on the
+        # machine: a CI machine running chromium beside the server sent 16 a second. The page
+        # must play every picture it gets, in order, on its clock; it draws as many as the
+        # browser paints, passing over a frame for a later one due in the same paint.
+        pictures = rate["received"] - (g["skipped"] - g0["skipped"]) / dt
+        assert rate["received"] > 22, rate
+        assert pictures > 10, f"the server sent {pictures:.1f} frames/s with a picture: too slow to test the page"
+        assert rate["played"] >= 0.9 * pictures - 1.0, (rate, pictures)
+        assert rate["shown"] > 5, rate
         assert g["speech"] > 100  # frames that show the microphone's audio
         thumbs = g["thumbs"]
         idx = [t["i"] for t in thumbs]

@@ -414,6 +414,10 @@ def serve(
         show_default=False)] = None,
     jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the live frames, "
                                               "1-100.")] = 85,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads each session's (or render's) tensor "
+                                         "operations use. Sessions already run side by side, each on its own "
+                                         "thread, and a live frame's operations are small: one thread rendered "
+                                         "obama's frames faster than two on 2 cores (docs/serve.md).")] = 1,
     raster: Raster = "auto",
     quiet: Quiet = False, debug: Debug = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the start-up summary (URL, avatars, measured speed, "
@@ -444,10 +448,15 @@ def serve(
             raise UsageError(f"--jpeg-quality {jpeg_quality} must be between 1 and 100.")
         if not 0 <= port <= 65535:
             raise UsageError(f"--port {port} must be between 0 and 65535.")
+        if threads < 1:
+            raise UsageError(f"--threads {threads} must be 1 or more.")
         roots = [_avatar_path(p) for p in avatars]
         require_web()
         sock = open_socket(host, port)
         reporter = _reporter(quiet)
+        import torch
+
+        torch.set_num_threads(threads)  # before the capacity is measured: it is measured as served
         state = prepare(roots, backend=raster, sessions=sessions, reporter=reporter,
                         limits=Limits(max_session_s=max_session, idle_timeout_s=idle_timeout, max_ahead_s=max_ahead),
                         max_upload_bytes=int(max_upload * 2**20), token=token_from(token),

@@ -8,10 +8,13 @@ Audio-Plane Eq. 7). Models only run the forward pass; training lives in ``gstalk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from gstalk.deform.articulation import ArticulationEnsemble
 
 
 @dataclass
@@ -135,7 +138,7 @@ class DeformationModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.articulator: nn.Module | None = None
+        self.articulator: ArticulationEnsemble | None = None
         self.torso: nn.Module | None = None  # a TorsoField (gstalk.deform.torso) when trained with one
         self.window = 16
         self.smooth = 1
@@ -317,8 +320,7 @@ class DeformationModel(nn.Module):
                              f"got {list(neighbour_windows.shape)}")
         if self.articulator is None:
             return neighbour_windows[:, k // 2]
-        with torch.no_grad():
-            codes = self.articulator(neighbour_windows) * self.code_scale
+        codes = self.articulator.infer(neighbour_windows) * self.code_scale
         return self.code_conditions(codes * gain)
 
     def forward(self, means: torch.Tensor, windows: torch.Tensor, blink: torch.Tensor) -> Deltas:

@@ -199,10 +199,15 @@ class Session:
             self.t0 = self.clock() - self.margin_s  # the frame clock starts with it
             next_stats = self.t0 + 2.0
             while not self._stop.is_set():
+                # frames whose audio has arrived first (they are due soonest), then the queued
+                # audio: a backlog of client audio (at start-up, or after a stall) does not hold
+                # up frames that are ready
+                if self._render_ready():
+                    continue
                 self._drain()
                 if self._stop.is_set():
                     break
-                if self._render_ready():
+                if self.stream.ready():
                     continue
                 now = self.clock()
                 if now >= next_stats:
@@ -309,7 +314,6 @@ class Session:
             late = self.clock() - self._due(i)
             self._send(self.stream.skip_next() if late > self.max_late_s else self.stream.render_next(), late)
             did = True
-            self._drain()
         return did
 
     def _send(self, f: LiveFrame, late: float) -> None:
