@@ -147,14 +147,24 @@ def test_registration_recovers_a_known_perturbation_and_leaves_correct_cameras_a
         res = registration_pass(params, d, tracked, corrections, prior)
         corrections = res.corrections
     assert res.failed == 0 and res.rejected == 0
-    err_w, err_t = correction_between(true, corrected_viewmats(tracked, corrections, prior))
+    refined = corrected_viewmats(tracked, corrections, prior)
+    err_w, err_t = correction_between(true, refined)
     err_deg = err_w.norm(dim=1) * 180 / math.pi
     err_mm = err_t.norm(dim=1) * 1000
+    # how far the face mesh's points land from where the true camera puts them, px
+    from gstalk.tracking.canonical import canonical_face
+
+    pts = torch.from_numpy(canonical_face().vertices).float()
+    err_px = torch.stack([(project_points(pts, refined[i], d.K) - project_points(pts, true[i], d.K)).norm(dim=1).mean()
+                          for i in range(n)])
     # stated tolerance: within 0.4 degree and 0.5 mm of the true camera (from 1.7 degrees and
-    # 2.5 mm off) on the 128 px test frames; a correct camera moves by less than 0.1 degree
-    # and 0.1 mm
+    # 2.5 mm off) on the 128 px test frames; a correct camera moves by less than 0.1 degree and
+    # its face by less than 0.05 px on average (0.003-0.010 px measured). The camera is 0.86 m
+    # away with a 512 px focal length, 1.7 mm a pixel across: a bound of 0.1 mm, as this test
+    # had, sat below what the frames can show and flipped with the float rounding of the
+    # trained workspace (0.054 mm, then 0.103 mm, for a face moved by 0.010 px)
     assert (err_deg[perturbed] < 0.4).all() and (err_mm[perturbed] < 0.5).all(), (err_deg, err_mm)
-    assert (err_deg[~perturbed] < 0.1).all() and (err_mm[~perturbed] < 0.1).all(), (err_deg, err_mm)
+    assert (err_deg[~perturbed] < 0.1).all() and (err_px[~perturbed] < 0.05).all(), (err_deg, err_px)
 
 
 def test_coarse_writes_cameras_that_fine_render_and_eval_use(ws_copy):
