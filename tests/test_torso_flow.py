@@ -180,6 +180,24 @@ def test_error_split_against_a_hand_computation(benchmark_script):
     assert r["outside"]["psnr_if_perfect"] == pytest.approx(-10 * math.log10(0.01 / 256))
 
 
+def test_error_split_denoises_the_truth_for_its_noise_ceiling(benchmark_script):
+    """The denoised-truth row: a smooth image plus noise comes back as [F, H, W, 3] float32 in
+    [0, 1], closer to the smooth image than the noisy one was; a flat image stays flat, within
+    the colour conversion's rounding (OpenCV denoises in CIELAB: 90 comes back as 89)."""
+    import numpy as np
+
+    mod = benchmark_script("error_split")
+    yy, xx = np.mgrid[0:48, 0:48]
+    clean = np.stack([100 + yy, 80 + xx, 120 + (yy + xx) // 2], -1).astype(np.float64)
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 3, clean.shape), 0, 255).round().astype(np.uint8)
+    out = mod.denoised(torch.from_numpy(np.stack([noisy, np.full_like(noisy, 90)])))
+    assert out.shape == (2, 48, 48, 3) and out.dtype == torch.float32
+    err_before = np.abs(noisy / 255.0 - clean / 255.0).mean()
+    err_after = float((out[0] - torch.from_numpy(clean / 255.0).float()).abs().mean())
+    assert err_after < 0.7 * err_before
+    assert float(out[1].std()) == 0.0 and abs(float(out[1].mean()) - 90 / 255.0) <= 1.5 / 255.0
+
+
 def test_error_split_splits_ssim_by_region(benchmark_script):
     """The SSIM map's mean is torchmetrics' SSIM; a region whose pixels lie farther than the
     window's reach (5 px) from every difference scores 1 and holds none of the loss; the

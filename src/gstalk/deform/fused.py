@@ -4,10 +4,11 @@
 trained :class:`~gstalk.deform.articulation.ArticulationRegressor` s. Run member by member, a
 live frame costs ``M`` × ~25 small tensor operations (AudioNet's four convolutions and head,
 AudioAttNet's four convolutions and attention, the output layer), and at these sizes each
-operation's fixed cost dominates. :class:`FusedEnsemble` stacks the members' weights so that each layer runs once for all
-members: the first convolution (shared input) with ``M ×`` the output channels, the others as
-grouped convolutions (``groups=M``), the linear layers as batched matrix products. The result
-equals the members' mean up to float rounding (a different summation order). A live frame of
+operation's fixed cost dominates. :class:`FusedEnsemble` stacks the members' weights so
+that each layer runs once for all members: the first convolution (shared input) with ``M ×``
+the output channels, the others as grouped convolutions (``groups=M``), the linear layers as
+batched matrix products. The result equals the members' mean up to float rounding (a
+different summation order). A live frame of
 the ``test`` preset's avatar (the shipped 5-member prior) took 19.4 ms member by member and
 12.7 ms fused on 2 threads; obama's 30.5 and 24.3 ms (docs/serve.md).
 
