@@ -8,9 +8,9 @@ operation's fixed cost dominates. :class:`FusedEnsemble` stacks the members' wei
 that each layer runs once for all members: the first convolution (shared input) with ``M ×``
 the output channels, the others as grouped convolutions (``groups=M``), the linear layers as
 batched matrix products. The result equals the members' mean up to float rounding (a
-different summation order). A live frame of
-the ``test`` preset's avatar (the shipped 5-member prior) took 19.4 ms member by member and
-12.7 ms fused on 2 threads; obama's 30.5 and 24.3 ms (docs/serve.md).
+different summation order). A live frame of the ``test`` preset's avatar (the shipped
+5-member prior) took 19.4 ms member by member and 12.7 ms fused on 2 threads; obama's 30.5
+and 24.3 ms (docs/serve.md).
 
 It is a snapshot of the weights taken when it is built: :meth:`ArticulationEnsemble.infer`
 rebuilds it whenever a parameter has changed since (an optimiser step, ``load_state_dict``).
@@ -27,11 +27,19 @@ from torch import nn
 if TYPE_CHECKING:
     from gstalk.deform.articulation import ArticulationEnsemble
 
-_SLOPE = 0.02  # AudioNet's and AudioAttNet's LeakyReLU slope
-
-
 def _convs(seq: nn.Sequential) -> list[nn.Conv1d]:
     return [m for m in seq if isinstance(m, nn.Conv1d)]
+
+
+def _slope(seq: nn.Sequential) -> float:
+    """The negative slope of the LeakyReLU layers in ``seq`` (one value for all of them).
+
+    Raises:
+        ValueError: ``seq`` has no LeakyReLU, or several slopes."""
+    slopes = {float(m.negative_slope) for m in seq if isinstance(m, nn.LeakyReLU)}
+    if len(slopes) != 1:
+        raise ValueError(f"expected one LeakyReLU slope, found {sorted(slopes)}")
+    return slopes.pop()
 
 
 def _stack_convs(layers: list[list[nn.Conv1d]]) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
@@ -60,8 +68,12 @@ class FusedEnsemble:
         ensemble: the ensemble; its members must share one architecture (they do: one
             constructor builds them all).
 
-    Call with windows [B, K, W, C] float32 (K = the ensemble's ``smooth``) -> [B, D] float32,
-    the mean of the members' outputs.
+    Call with windows [B, K, W, C] float32 (K = the ensemble's ``smooth``, W its window, C
+    its audio features per step) -> [B, D] float32, the mean of the members' outputs
+    (standardised articulation units, as :meth:`ArticulationEnsemble.forward`).
+
+    Raises:
+        ValueError: windows of another shape (when called).
     """
 
     def __init__(self, ensemble: ArticulationEnsemble):
@@ -70,11 +82,13 @@ class FusedEnsemble:
         enc = [r.encoder for r in members]
         self.window, self.in_dim = enc[0].net.window, enc[0].net.in_dim
         self.conv = _stack_convs([_convs(e.net.conv) for e in enc])
+        self.slope, self.head_slope = _slope(enc[0].net.conv), _slope(enc[0].net.head)  # members share them
         heads = [[lin for lin in e.net.head if isinstance(lin, nn.Linear)] for e in enc]
         self.head = [_stack_linear([h[j] for h in heads]) for j in range(len(heads[0]))]
         self.att = None
         if enc[0].att is not None:
-            self.att = (_stack_convs([_convs(e.att.conv) for e in enc]), _stack_linear([e.att.att for e in enc]))
+            self.att = (_stack_convs([_convs(e.att.conv) for e in enc]), _stack_linear([e.att.att for e in enc]),
+                        _slope(enc[0].att.conv))
         self.out = _stack_linear([r.out for r in members])
 
     @staticmethod
@@ -93,19 +107,19 @@ class FusedEnsemble:
             # AudioNet per window: the first convolution reads the shared input, the rest are grouped
             h = windows.reshape(b * k, w, c).transpose(1, 2)
             for j, (wt, bias, stride, pad) in enumerate(self.conv):
-                h = F.leaky_relu(F.conv1d(h, wt, bias, stride, pad, groups=1 if j == 0 else m), _SLOPE)
+                h = F.leaky_relu(F.conv1d(h, wt, bias, stride, pad, groups=1 if j == 0 else m), self.slope)
             h = h.reshape(b * k, m, -1).transpose(0, 1)  # [M, B·K, out·L]: each member's flatten(1)
-            h = F.leaky_relu(self._linear(h, self.head[0]), _SLOPE)
+            h = F.leaky_relu(self._linear(h, self.head[0]), self.head_slope)
             codes = self._linear(h, self.head[1])  # [M, B·K, dim]
             dim = codes.shape[-1]
             codes = codes.reshape(m, b, k, dim)
             if self.att is None:
                 z = codes[:, :, k // 2]  # [M, B, dim]
             else:
-                convs, att = self.att
+                convs, att, slope = self.att
                 a = codes.permute(1, 0, 3, 2).reshape(b, m * dim, k)  # [B, M·dim, K], member-major
                 for wt, bias, stride, pad in convs:
-                    a = F.leaky_relu(F.conv1d(a, wt, bias, stride, pad, groups=m), _SLOPE)
+                    a = F.leaky_relu(F.conv1d(a, wt, bias, stride, pad, groups=m), slope)
                 a = self._linear(a.transpose(0, 1), att)  # [M, B, K]
                 a = torch.softmax(a, dim=-1)
                 z = (a[..., None] * codes).sum(2)  # [M, B, dim]

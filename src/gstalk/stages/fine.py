@@ -298,7 +298,7 @@ def _fine(ws: Workspace, cfg: FineConfig, resume: bool, reporter: Reporter, devi
         if seen:
             fit["prior_fitted_on_clip"] = seen
         if prior is not None and cfg.articulation_adapt_steps == 0:  # nothing fitted: every frame held out
-            fitted = "which the prior was fitted on" if seen else "none fitted to"  # the clip: fit_text
+            fitted = "which the prior was fitted on" if seen else "none fitted to"
             reporter.log(f"  audio -> articulation: the prior as it is, R² {fit['val_r2']:.2f} over the "
                          f"{int(fit.get('val_frames', 0))} training frames, {fitted} (one of its "
                          f"{int(fit['members'])} regressors alone: {fit['member_val_r2']:.2f}); code scale "
