@@ -218,3 +218,12 @@ def test_serve_refuses_bad_numbers_before_loading_anything(tmp_path):
                           (["--port", "70000"], "--port 70000 must be between 0 and 65535")):
         r = runner.invoke(app, ["serve", missing, *args])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_plate_statistic_is_checked_before_anything_is_written(tmp_path, mannequin_clip):
+    """`--plate` names one of mean/median; another is a usage error (exit 2) naming the flag,
+    from `run` before the video is extracted (no workspace folder appears)."""
+    ws = tmp_path / "ws"
+    r = runner.invoke(app, ["run", str(mannequin_clip.path), "--workspace", str(ws), "--plate", "mode"])
+    assert r.exit_code == 2 and "'mode' (--plate)" in r.output and "mean, median" in r.output, r.output
+    assert not ws.exists()

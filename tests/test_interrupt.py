@@ -109,11 +109,20 @@ def outputs(ws: Path, stage: str) -> dict[str, str]:
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:
+    """Every tensor of ``a`` equals ``b``'s bit for bit; a failure lists each tensor that
+    differs, by how much and in how many elements (a rounding-sized difference says the
+    arithmetic was not reproducible; a large one that the run started from another state)."""
     ta, _ = load_tensors(a)
     tb, _ = load_tensors(b)
     assert ta.keys() == tb.keys()
+    differ = {}
     for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+        if ta[k].shape != tb[k].shape:
+            differ[k] = f"shape {tuple(ta[k].shape)} != {tuple(tb[k].shape)}"
+        elif not torch.equal(ta[k], tb[k]):
+            d = (ta[k].double() - tb[k].double()).abs()
+            differ[k] = f"max |diff| {float(d.max()):.3g} in {int((d > 0).sum())} of {d.numel()} elements"
+    assert not differ, f"{a} != {b}: {differ}"
 
 
 def test_extract_killed_while_writing_frames(mannequin_clip, trained_ws, tmp_path):

@@ -185,7 +185,7 @@ def test_background_plate_equals_nanmedian():
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 256, (7, 12, 10, 3), dtype=np.uint8)
     person = np.where(rng.random((7, 12, 10)) < 0.5, 255, 0).astype(np.uint8)
-    plate, unseen = background_plate(frames, person, margin=0)
+    plate, unseen = background_plate(frames, person, margin=0, statistic="median")
     data = frames.astype(np.float64)
     data[person > 0] = np.nan
     seen = ~(person > 0).all(0)
@@ -198,6 +198,42 @@ def test_background_plate_equals_nanmedian():
     assert unseen == pytest.approx(1 - seen.mean())
     # numpy rounds half to even like the plate does
     assert np.array_equal(plate[seen], np.round(ref[seen]).astype(np.uint8))
+
+
+def test_background_plate_equals_nanmean_by_default():
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (9, 12, 10, 3), dtype=np.uint8)
+    person = np.where(rng.random((9, 12, 10)) < 0.5, 255, 0).astype(np.uint8)
+    plate, unseen = background_plate(frames, person, margin=0)
+    data = frames.astype(np.float64)
+    data[person > 0] = np.nan
+    seen = ~(person > 0).all(0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmean(data, axis=0)
+    assert unseen == pytest.approx(1 - seen.mean())
+    assert np.array_equal(plate[seen], np.round(ref[seen]).astype(np.uint8))
+    with pytest.raises(ValueError, match="plate statistic 'mode'"):
+        background_plate(frames, person, statistic="mode")
+
+
+def test_mean_plate_of_a_moving_curtain_has_the_least_squared_error_on_new_frames():
+    """A background region that is dark in 3 of 5 frames and light in 2 (a curtain that
+    moves): the median plate shows it dark, the mean plate its average, 110, which scores
+    better on frames drawn the same way (what held-out PSNR measures)."""
+    frames = np.full((5, 8, 8, 3), 90, np.uint8)
+    frames[:3, :4] = 50
+    frames[3:, :4] = 200
+    person = np.zeros((5, 8, 8), np.uint8)
+    mean, _ = background_plate(frames, person, margin=0)
+    median, _ = background_plate(frames, person, margin=0, statistic="median")
+    assert (mean[:4] == 110).all() and (median[:4] == 50).all()
+    assert (mean[4:] == 90).all() and (median[4:] == 90).all()
+    held_out = np.concatenate([frames, frames]).astype(float)  # the same mix of states
+    mse = {k: float(((held_out - v.astype(float)) ** 2).mean()) for k, v in (("mean", mean), ("median", median))}
+    assert mse["mean"] < mse["median"]
 
 
 def test_mouth_mask_roi_equals_full_frame_dilation():
@@ -230,6 +266,13 @@ def test_mask_writer_writes_every_frame_and_reports_errors(mannequin_clip, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(5)]
     frames, person = w.plate_inputs()
     assert frames.shape == (3, 256, 256, 3) and person.shape == (3, 256, 256)
+    # only the frames named for the plate are kept (track: the training split)
+    with MaskWriter(tmp_path, 64, 1, plate_every=1, plate_frames=range(1, 3)) as w:
+        for i in range(4):
+            img, uv = render(0.3 * i, mannequin_clip.poses[i], mannequin_clip.focal, mannequin_clip.size)
+            lm[:468, :2] = uv
+            w.submit(i, img, lm)
+    assert sorted(w.plate) == [1, 2]
     with pytest.raises(ValueError):
         with MaskWriter(tmp_path, 64, 1, plate_every=1) as w:
             w.submit(0, np.zeros((8, 8, 3), np.uint8), np.full((478, 3), np.nan))
@@ -320,3 +363,34 @@ def test_landmark_smoothing_reduces_jitter_without_lag():
     lag = np.argmax(np.correlate(smooth[:, 0, 0] - 100, clean[:, 0, 0] - 100, "full")) - (n - 1)
     assert lag == 0
     assert landmark_jitter(clean[:1]) == 0.0
+
+
+
+def test_track_plate_is_the_mean_of_the_training_frames_only(trained_ws, benchmark_script):
+    """The workspace's plate is remade, pixel for pixel, from the training frames and their
+    person masks (every max(1, n_train // 100)-th): the held-out frames, which eval scores
+    renders against, are not averaged into it. benchmarks/plate_error.py scores the same
+    remade plates against those frames by hand."""
+    import cv2
+
+    from gstalk.dataset import load_background, load_frames, load_masks, split_indices
+    from gstalk.workspace import Workspace
+
+    ws = Workspace.open(trained_ws)
+    train, test = split_indices(ws)
+    assert len(test) > 0
+    picked = list(train)[:: max(1, len(train) // 100)]
+    plate, _ = background_plate(load_frames(ws, picked), load_masks(ws, picked)[..., 3])
+    assert np.array_equal(load_background(ws), plate)
+    everything = list(range(test.stop))[:: max(1, len(train) // 100)]
+    with_test, _ = background_plate(load_frames(ws, everything), load_masks(ws, everything)[..., 3])
+    assert not np.array_equal(with_test, plate)  # the check above can tell the two apart
+
+    r = benchmark_script("plate_error").plate_error(str(trained_ws))
+    assert r["workspace"] == r["mean_training"]
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+    behind = np.stack([cv2.dilate(m, k) == 0 for m in load_masks(ws, list(test))[..., 3]])
+    err = ((load_frames(ws, list(test)).astype(float) - plate.astype(float)) ** 2).mean(-1)
+    assert r["background_area"] == pytest.approx(behind.mean())
+    assert r["mean_training"]["mse_share_of_frame"] == pytest.approx(err[behind].sum() / behind.size)
+    assert r["mean_training"]["psnr_background"] == pytest.approx(10 * np.log10(255**2 / err[behind].mean()))

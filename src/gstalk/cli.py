@@ -55,6 +55,11 @@ Speech = Annotated[Optional[Path], typer.Option(
     "--speech", help="The speaker's voice in a separate file (wav, mp3, flac, or a video with the sound), for a "
                      "training video without it or with another track. It must start with the video's first frame "
                      "and last as long.", show_default=False)]
+Plate = Annotated[Optional[str], typer.Option(
+    "--plate", help="Background plate, per pixel over the training frames where the person is not: mean (the "
+                    "default: least squares, so the best PSNR against new frames; a moving curtain becomes its "
+                    "average) or median (one of its states; robust where the person mask misses an arm).",
+    show_default=False)]
 FanWeights = Annotated[Optional[Path], typer.Option(
     "--fan-weights", help="FAN's weights: face-alignment's TorchScript archive 2DFAN4-cd938726ad.zip, a file you "
                           "download yourself (docs/methods.md; gstalk downloads nothing, never unpickles, and loads "
@@ -215,6 +220,7 @@ def track(
     preset: Preset = None,
     detector: Detector = None,
     fan_weights: FanWeights = None,
+    plate: Plate = None,
     quiet: Quiet = False, debug: Debug = False, as_json: JsonOut = False,
 ) -> None:
     """Track the face in every frame (MediaPipe, model shipped with gstalk): 478 landmarks, blendshapes, head pose, one
@@ -227,7 +233,7 @@ def track(
 
         root = _workspace(workspace)
         cfg = override(_preset(preset, root).track, detector=detector,
-                       fan_weights=str(fan_weights) if fan_weights is not None else None)
+                       fan_weights=str(fan_weights) if fan_weights is not None else None, plate=plate)
         ws = run_track(str(root), cfg, reporter=_reporter(quiet))
         _result(ws.root, ws.stage("track").summary, as_json)
 
@@ -601,6 +607,7 @@ def run(
     speech: Speech = None,
     detector: Detector = None,
     fan_weights: FanWeights = None,
+    plate: Plate = None,
     raster: Raster = "auto",
     device: Device = "auto",
     size: Annotated[str, typer.Option(
@@ -620,7 +627,8 @@ def run(
 
         rep = _reporter(quiet)
         r = run_all(video, workspace, preset=preset, audio=audio, output=output, seed=seed, detector=detector,
-                    fan_weights=fan_weights, raster=raster, device=device, size=size, speech=speech, reporter=rep)
+                    fan_weights=fan_weights, raster=raster, device=device, size=size, speech=speech, plate=plate,
+                    reporter=rep)
         if as_json:
             _print_json(r)
         else:

@@ -60,6 +60,10 @@ class TrackConfig:
     max_view_angle: float = 45.0  # degrees a head may turn from the camera before its frames are flagged
     detector: str = "mediapipe"  # landmark detector: mediapipe (478 points + blendshapes) or fan (68 points)
     fan_weights: str | None = None  # FAN's TorchScript archive (--fan-weights; else $GSTALK_FAN_WEIGHTS)
+    # the background plate's per-pixel statistic over the training frames that show the pixel:
+    # mean (least squares: what PSNR scores; a moving curtain becomes its average) or median
+    # (robust to a person mask that misses an arm); docs/methods.md, "The background plate"
+    plate: str = "mean"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
             audio: str | Path | None = None, output: str | Path | None = None, seed: int = 0,
             detector: str | None = None, fan_weights: str | Path | None = None, raster: str = "auto",
             device: str = "auto", size: int | str = "auto", speech: str | Path | None = None,
-            reporter: Reporter = SILENT) -> dict[str, Any]:
+            plate: str | None = None, reporter: Reporter = SILENT) -> dict[str, Any]:
     """Run every stage of :data:`SEQUENCE` on ``video`` with the preset ``preset``.
 
     Args:
@@ -40,14 +40,16 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
             device (:func:`gstalk.budget.choose_size`), else the preset's.
         speech: the speaker's voice in a separate file, for a video without it
             (:func:`~gstalk.stages.extract.run_extract`).
+        plate: the track stage's background plate statistic (``mean`` or ``median``;
+            default the preset's).
 
     Returns:
         {"workspace", "video" (the render), "seconds" (per stage), "metrics" (eval's), "device", "preset",
         "size", "size_reason"}.
 
     Raises:
-        Whatever the stages raise; a bad device, rasterizer or FAN weights file before
-        anything is extracted.
+        Whatever the stages raise; a bad device, rasterizer, plate statistic or FAN weights
+        file before anything is extracted.
     """
     from gstalk.config import EvalConfig, RenderConfig, get_preset, override
     from gstalk.device import stage_device
@@ -56,10 +58,12 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
     from gstalk.stages.extract import run_extract
     from gstalk.stages.fine import run_fine
     from gstalk.stages.render import run_render
-    from gstalk.stages.track import load_detector_model, run_track
+    from gstalk.stages.track import check_plate, load_detector_model, run_track
 
     p = get_preset(preset)
-    track_cfg = override(p.track, detector=detector, fan_weights=str(fan_weights) if fan_weights else None)
+    track_cfg = override(p.track, detector=detector, fan_weights=str(fan_weights) if fan_weights else None,
+                         plate=plate)
+    check_plate(track_cfg)
     load_detector_model(track_cfg)  # refuse missing or bad FAN weights before extracting anything
     dev = str(stage_device(device, raster))  # and a device or rasterizer that cannot run here
     times: dict[str, float] = {}

@@ -166,32 +166,53 @@ def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     return np.stack([head, mouth, torso, person | head], axis=-1), model
 
 
-def background_plate(frames: np.ndarray, person: np.ndarray, margin: int = 4) -> tuple[np.ndarray, float]:
-    """One background image for the video: the per-pixel median over the frames where the
-    pixel is background (person masks dilated by ``margin`` px); pixels never seen are
-    inpainted (Telea).
+PLATE_STATISTICS = ("mean", "median")
+
+
+def background_plate(frames: np.ndarray, person: np.ndarray, margin: int = 4,
+                     statistic: str = "mean") -> tuple[np.ndarray, float]:
+    """One background image for the video: per pixel, the mean or the median over the frames
+    where the pixel is background (person masks dilated by ``margin`` px); pixels never seen
+    are inpainted (Telea).
+
+    The mean is the plate with the least squared error against those frames, so against
+    held-out frames of the same background it is what PSNR rewards: a curtain or plants that
+    move become their average, where the median picks one of their states. The median stays
+    right where a person mask misses part of the person in a minority of the frames.
 
     Args:
         frames: [F, H, W, 3] uint8 RGB (a subsample of the video is enough).
         person: [F, H, W] uint8 person masks.
+        margin: px the person masks are dilated by.
+        statistic: ``"mean"`` or ``"median"`` (of an even count: the mean of the middle two).
 
     Returns:
         ([H, W, 3] uint8 RGB plate, fraction of pixels that had to be inpainted).
+
+    Raises:
+        ValueError: an unknown ``statistic``.
     """
     import cv2
 
+    if statistic not in PLATE_STATISTICS:
+        raise ValueError(f"plate statistic {statistic!r}: use one of {', '.join(PLATE_STATISTICS)}")
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
     f, h, w = person.shape
     bg = np.stack([cv2.dilate(m, k) == 0 for m in person]).reshape(f, h * w)  # True where background
     count = bg.sum(0)  # [H*W] frames that see each pixel
     plate = np.zeros((h * w, 3), np.uint8)
-    for c in range(3):  # per-pixel median of the background samples: sort, invalid (256) last
-        vals = np.where(bg, frames[..., c].reshape(f, h * w).astype(np.uint16), np.uint16(256)).T.copy()
-        vals.sort(axis=1)
-        lo = np.take_along_axis(vals, np.maximum(count - 1, 0)[:, None] // 2, 1)[:, 0].astype(np.float32)
-        hi = np.take_along_axis(vals, np.maximum(count, 1)[:, None] // 2, 1)[:, 0].astype(np.float32)
-        hi = np.where(count % 2 == 1, lo, hi)
-        plate[:, c] = np.clip(np.round((lo + hi) / 2), 0, 255).astype(np.uint8)
+    for c in range(3):
+        channel = frames[..., c].reshape(f, h * w)
+        if statistic == "mean":
+            total = np.where(bg, channel, 0).sum(0, dtype=np.float64)
+            value = total / np.maximum(count, 1)
+        else:  # per-pixel median of the background samples: sort, invalid (256) last
+            vals = np.where(bg, channel.astype(np.uint16), np.uint16(256)).T.copy()
+            vals.sort(axis=1)
+            lo = np.take_along_axis(vals, np.maximum(count - 1, 0)[:, None] // 2, 1)[:, 0].astype(np.float32)
+            hi = np.take_along_axis(vals, np.maximum(count, 1)[:, None] // 2, 1)[:, 0].astype(np.float32)
+            value = (lo + np.where(count % 2 == 1, lo, hi)) / 2
+        plate[:, c] = np.clip(np.round(value), 0, 255).astype(np.uint8)
     unseen = (count == 0).reshape(h, w)
     plate = plate.reshape(h, w, 3)
     plate[unseen] = 0
@@ -207,20 +228,21 @@ class MaskWriter:
     colour models are fitted on one frame in ``refit_every`` and kept fixed in between.
 
     At most ``max_pending`` frames wait in the queue, so memory stays bounded whatever the
-    video's length. Every ``plate_every``-th frame and its person mask are kept for
-    :func:`background_plate`.
+    video's length. Every ``plate_every``-th frame of ``plate_frames`` (default: every frame)
+    and its person mask are kept for :func:`background_plate`.
 
     Use as a context manager; leaving it waits for the queued work and re-raises the first
     error of the worker.
     """
 
     def __init__(self, folder: Path, work_size: int, iterations: int, plate_every: int, max_pending: int = 16,
-                 refit_every: int = 25):
+                 refit_every: int = 25, plate_frames: range | None = None):
         self.folder, self.work_size, self.iterations = Path(folder), work_size, iterations
         self.refit_every = refit_every
         self._model: GrabCutModel | None = None
         self._model_age = 0
         self.plate_every = max(1, plate_every)
+        self.plate_frames = plate_frames
         self._slots = threading.BoundedSemaphore(max_pending)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gstalk-masks")
         self._futures: list[Future] = []
@@ -250,7 +272,7 @@ class MaskWriter:
             self._model_age += 1
             ok, buf = cv2.imencode(".png", m)
             (self.folder / f"{index:06d}.png").write_bytes(buf.tobytes())
-            if index % self.plate_every == 0:
+            if index % self.plate_every == 0 and (self.plate_frames is None or index in self.plate_frames):
                 self.plate[index] = (image, m[..., 3])
             self.written += 1
         finally:
