@@ -233,6 +233,11 @@ def test_fused_ensemble_equals_the_members_mean_and_follows_weight_changes(smoot
     ens.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(ens.infer(x), other(x), rtol=1e-5, atol=1e-6)
+    # new parameter objects (assign=True): infer lists them again instead of reading the old ones
+    third = ArticulationEnsemble(6, 16, 32, smooth, 7, members=5)
+    ens.load_state_dict({k: v.clone() for k, v in third.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ens.infer(x), third(x), rtol=1e-5, atol=1e-6)
     # predict_sequence: the members' path with gradients on, the fused one with them off
     seq = torch.randn(9, 16, 6)
     members = ens.predict_sequence(seq)
