@@ -4,9 +4,10 @@ Behind the person, every held-out render shows the plate (the track stage's
 ``background.png``), so the plate alone decides the error there. This script remakes the
 plate from the workspace's frames and person masks four ways, the per-pixel statistic
 (``median`` or ``mean``, :func:`gstalk.tracking.masks.background_plate`) times the frames
-it sees (``all`` the clip's, or only the ``training`` split's), every
-``max(1, n_train // 100)``-th as the track stage keeps them, and scores each against the
-held-out frames where their person mask, dilated as the plate's are, is off:
+it sees (``all`` the clip's, as the track stage took them before issue 23's fix, or only the
+``training`` split's, as it does now; :func:`gstalk.tracking.masks.plate_frame_ids` of each),
+and scores each against the held-out frames where their person mask, dilated as the plate's
+are, is off:
 
 - ``psnr_background``: PSNR over those pixels (8-bit, all channels);
 - ``mse_share_of_frame``: their squared error summed and divided by the whole frames'
@@ -37,18 +38,26 @@ import numpy as np
 
 
 def plate_error(ws_path: str) -> dict[str, Any]:
-    """{variant: {"psnr_background", "mse_share_of_frame"}} and the background's area."""
+    """The numbers above for workspace ``ws_path``.
+
+    Returns:
+        {"background_area": the fraction of the held-out frames' pixels scored,
+        "workspace" | "median_all" | "mean_all" | "median_training" | "mean_training":
+        {"psnr_background": dB, "mse_share_of_frame": 8-bit² units}}.
+
+    Raises:
+        WorkspaceError: no such workspace; FileNotFoundError: its track stage has not run.
+    """
     import cv2
 
     from gstalk.dataset import load_background, load_frames, load_masks, split_indices
-    from gstalk.tracking.masks import background_plate
+    from gstalk.tracking.masks import background_plate, plate_frame_ids
     from gstalk.workspace import Workspace
 
     ws = Workspace.open(ws_path)
     train, test = split_indices(ws)
     n = int(ws.stage("extract").summary["n_frames"])
-    every = max(1, len(train) // 100)
-    sets = {"all": list(range(0, n, every)), "training": list(train)[::every]}
+    sets = {"all": plate_frame_ids(range(n)), "training": plate_frame_ids(train)}
     test_frames = load_frames(ws, list(test)).astype(np.float64)
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))  # background_plate's margin of 4 px
     behind = np.stack([cv2.dilate(m, k) == 0 for m in load_masks(ws, list(test))[..., 3]])  # [T, H, W]

@@ -258,7 +258,7 @@ def test_mask_writer_writes_every_frame_and_reports_errors(mannequin_clip, tmp_p
     from gstalk.testing.mannequin import render
 
     lm = np.zeros((478, 3))
-    with MaskWriter(tmp_path, 64, 1, plate_every=2, max_pending=2, refit_every=2) as w:
+    with MaskWriter(tmp_path, 64, 1, plate_ids=range(0, 5, 2), max_pending=2, refit_every=2) as w:
         for i in range(5):
             img, uv = render(0.3 * i, mannequin_clip.poses[i], mannequin_clip.focal, mannequin_clip.size)
             lm[:468, :2] = uv
@@ -266,15 +266,15 @@ def test_mask_writer_writes_every_frame_and_reports_errors(mannequin_clip, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(5)]
     frames, person = w.plate_inputs()
     assert frames.shape == (3, 256, 256, 3) and person.shape == (3, 256, 256)
-    # only the frames named for the plate are kept (track: the training split)
-    with MaskWriter(tmp_path, 64, 1, plate_every=1, plate_frames=range(1, 3)) as w:
+    # only the frames named for the plate are kept (track: plate_frame_ids of the training split)
+    with MaskWriter(tmp_path, 64, 1, plate_ids=[1, 2]) as w:
         for i in range(4):
             img, uv = render(0.3 * i, mannequin_clip.poses[i], mannequin_clip.focal, mannequin_clip.size)
             lm[:468, :2] = uv
             w.submit(i, img, lm)
     assert sorted(w.plate) == [1, 2]
     with pytest.raises(ValueError):
-        with MaskWriter(tmp_path, 64, 1, plate_every=1) as w:
+        with MaskWriter(tmp_path, 64, 1, plate_ids=[0]) as w:
             w.submit(0, np.zeros((8, 8, 3), np.uint8), np.full((478, 3), np.nan))
 
 
@@ -379,10 +379,10 @@ def test_track_plate_is_the_mean_of_the_training_frames_only(trained_ws, benchma
     ws = Workspace.open(trained_ws)
     train, test = split_indices(ws)
     assert len(test) > 0
-    picked = list(train)[:: max(1, len(train) // 100)]
+    picked = list(train)[:: max(1, len(train) // 100)]  # by hand: plate_frame_ids(train)
     plate, _ = background_plate(load_frames(ws, picked), load_masks(ws, picked)[..., 3])
     assert np.array_equal(load_background(ws), plate)
-    everything = list(range(test.stop))[:: max(1, len(train) // 100)]
+    everything = list(range(test.stop))[:: max(1, test.stop // 100)]  # what track took before
     with_test, _ = background_plate(load_frames(ws, everything), load_masks(ws, everything)[..., 3])
     assert not np.array_equal(with_test, plate)  # the check above can tell the two apart
 

@@ -46,6 +46,10 @@ class ExtractConfig:
     audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
 
 
+#: the background plate's per-pixel statistic (:func:`gstalk.tracking.masks.background_plate`)
+PlateStatistic = Literal["mean", "median"]
+
+
 @dataclass(frozen=True)
 class TrackConfig:
     focal_min: float = 0.8  # focal search range, as a multiple of the frame size in px
@@ -63,7 +67,7 @@ class TrackConfig:
     # the background plate's per-pixel statistic over the training frames that show the pixel:
     # mean (least squares: what PSNR scores; a moving curtain becomes its average) or median
     # (robust to a person mask that misses an arm); docs/methods.md, "The background plate"
-    plate: str = "mean"
+    plate: PlateStatistic = "mean"
 
 
 @dataclass(frozen=True)

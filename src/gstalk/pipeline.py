@@ -58,12 +58,11 @@ def run_all(video: str | Path, workspace: str | Path | None = None, *, preset: s
     from gstalk.stages.extract import run_extract
     from gstalk.stages.fine import run_fine
     from gstalk.stages.render import run_render
-    from gstalk.stages.track import check_plate, load_detector_model, run_track
+    from gstalk.stages.track import load_detector_model, run_track
 
     p = get_preset(preset)
     track_cfg = override(p.track, detector=detector, fan_weights=str(fan_weights) if fan_weights else None,
-                         plate=plate)
-    check_plate(track_cfg)
+                         plate=plate)  # a --plate that is not one of its choices: UsageError
     load_detector_model(track_cfg)  # refuse missing or bad FAN weights before extracting anything
     dev = str(stage_device(device, raster))  # and a device or rasterizer that cannot run here
     times: dict[str, float] = {}

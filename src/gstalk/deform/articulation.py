@@ -143,12 +143,7 @@ class ArticulationEnsemble(nn.Module):
         # std of the tracked code over std of the prediction on held-out frames (set by fit_ensemble)
         self.register_buffer("gain", torch.ones(()))
         # load_state_dict(assign=True) puts new Parameter objects in: infer's list is stale
-        self.register_load_state_dict_post_hook(_drop_fused_after_load)  # a module function: pickles
-
-    def _drop_fused(self) -> None:
-        """Forget :meth:`infer`'s parameter list and stacked weights (rebuilt on next call)."""
-        self.__dict__.pop("_fused_params", None)
-        self.__dict__.pop("_fused", None)
+        self.register_load_state_dict_post_hook(_drop_fused)  # a module function: the module pickles
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(windows) for m in self.members]).mean(0)
@@ -180,8 +175,11 @@ class ArticulationEnsemble(nn.Module):
         return _predict_sequence(fn, windows, self.smooth, self.out_dim, batch)
 
 
-def _drop_fused_after_load(module: ArticulationEnsemble, _keys: object) -> None:
-    module._drop_fused()
+def _drop_fused(module: ArticulationEnsemble, _keys: object) -> None:
+    """Forget :meth:`ArticulationEnsemble.infer`'s parameter list and stacked weights (a
+    load_state_dict post-hook; they are rebuilt on the next call)."""
+    module.__dict__.pop("_fused_params", None)
+    module.__dict__.pop("_fused", None)
 
 
 def _predict_sequence(module: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, smooth: int,

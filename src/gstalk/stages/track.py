@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from gstalk.config import TrackConfig, to_dict
+from gstalk.config import TrackConfig, check_choices, to_dict
 from gstalk.dataset import load_audio, load_frame, split_indices
 from gstalk.errors import TrackingError, UsageError
 from gstalk.progress import SILENT, Reporter
 from gstalk.tensorio import save_tensors
 from gstalk.tracking.avsync import AVOffset, estimate_offset, estimate_offset_predicted, mouth_opening
 from gstalk.tracking.detector import DETECTORS, N_BLENDSHAPES, FaceDetection, get_detector
-from gstalk.tracking.masks import PLATE_STATISTICS, MaskWriter, background_plate, face_geometry
+from gstalk.tracking.masks import MaskWriter, background_plate, face_geometry, plate_frame_ids
 from gstalk.tracking.pose import (
     frame_ranges,
     intrinsics,
@@ -180,24 +180,13 @@ def load_detector_model(cfg: TrackConfig) -> Any:
     return FANModel(resolve_weights(cfg.fan_weights))
 
 
-def check_plate(cfg: TrackConfig) -> None:
-    """Refuse an unknown ``cfg.plate`` (:data:`~gstalk.tracking.masks.PLATE_STATISTICS`).
-
-    Raises:
-        UsageError: naming the flag and the statistics there are.
-    """
-    if cfg.plate not in PLATE_STATISTICS:
-        raise UsageError(f"Unknown background plate statistic {cfg.plate!r} (--plate).",
-                         hint=f"use one of: {', '.join(PLATE_STATISTICS)}")
-
-
 def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) -> Workspace:
     """Run the track stage on a workspace whose extract stage is done.
 
     Raises:
         WorkspaceError: extract missing.
-        UsageError / InputError: ``--detector fan`` without usable weights, or an unknown
-        ``cfg.plate`` (checked before anything is written).
+        UsageError / InputError: ``--detector fan`` without usable weights, or a setting that
+        is not one of its choices (``--plate``) (checked before anything is written).
         TrackingError: no face, face too small, face lost for too long.
     """
     import dataclasses
@@ -205,7 +194,7 @@ def run_track(workspace: str, cfg: TrackConfig, *, reporter: Reporter = SILENT) 
     t0 = time.perf_counter()
     ws = Workspace.open(workspace)
     ws.require("track")
-    check_plate(cfg)
+    check_choices(cfg, "flag")
     fan = load_detector_model(cfg)
     if fan is not None:  # record the file actually used (it may come from the environment)
         cfg = dataclasses.replace(cfg, fan_weights=str(fan.info.path.resolve()))
@@ -241,9 +230,8 @@ def _track(ws: Workspace, cfg: TrackConfig, reporter: Reporter,
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_dir(ws.path(TRACK_MASKS)) as mask_dir:
         # the plate sees the training frames only: held-out frames are scored against it
-        train = split_indices(ws)[0]
-        with MaskWriter(mask_dir, cfg.grabcut_size, cfg.grabcut_iterations, max(1, len(train) // 100),
-                        plate_frames=train) as masks:
+        plate_ids = plate_frame_ids(split_indices(ws)[0])
+        with MaskWriter(mask_dir, cfg.grabcut_size, cfg.grabcut_iterations, plate_ids) as masks:
             kw: dict[str, Any] = {"model": fan} if fan is not None else {}
             with get_detector(cfg.detector, video=True, num_faces=2, **kw) as det, \
                     reporter.task(f"landmarks ({cfg.detector}) + masks", n) as bar:

@@ -17,12 +17,15 @@ All masks are [H, W] uint8 in {0, 255} at the frame's resolution.
 from __future__ import annotations
 
 import threading
+import typing
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gstalk.config import PlateStatistic
 from gstalk.tracking.schemes import face_height, face_outline, scheme_of
 
 MASK_CHANNELS = ("head", "mouth", "torso", "person")
@@ -166,11 +169,18 @@ def frame_masks(image: np.ndarray, lm: np.ndarray, work_size: int = 128, iterati
     return np.stack([head, mouth, torso, person | head], axis=-1), model
 
 
-PLATE_STATISTICS = ("mean", "median")
+PLATE_EVERY = 100  # the plate sees about this many frames (every n // 100-th)
+
+
+def plate_frame_ids(frames: range) -> list[int]:
+    """The frames of ``frames`` (the track stage: the training split) whose image and person
+    mask :class:`MaskWriter` keeps for :func:`background_plate`: every
+    ``max(1, len(frames) // PLATE_EVERY)``-th, from the first."""
+    return list(frames)[:: max(1, len(frames) // PLATE_EVERY)]
 
 
 def background_plate(frames: np.ndarray, person: np.ndarray, margin: int = 4,
-                     statistic: str = "mean") -> tuple[np.ndarray, float]:
+                     statistic: PlateStatistic = "mean") -> tuple[np.ndarray, float]:
     """One background image for the video: per pixel, the mean or the median over the frames
     where the pixel is background (person masks dilated by ``margin`` px); pixels never seen
     are inpainted (Telea).
@@ -194,8 +204,8 @@ def background_plate(frames: np.ndarray, person: np.ndarray, margin: int = 4,
     """
     import cv2
 
-    if statistic not in PLATE_STATISTICS:
-        raise ValueError(f"plate statistic {statistic!r}: use one of {', '.join(PLATE_STATISTICS)}")
+    if statistic not in typing.get_args(PlateStatistic):
+        raise ValueError(f"plate statistic {statistic!r}: use one of {', '.join(typing.get_args(PlateStatistic))}")
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
     f, h, w = person.shape
     bg = np.stack([cv2.dilate(m, k) == 0 for m in person]).reshape(f, h * w)  # True where background
@@ -228,21 +238,20 @@ class MaskWriter:
     colour models are fitted on one frame in ``refit_every`` and kept fixed in between.
 
     At most ``max_pending`` frames wait in the queue, so memory stays bounded whatever the
-    video's length. Every ``plate_every``-th frame of ``plate_frames`` (default: every frame)
-    and its person mask are kept for :func:`background_plate`.
+    video's length. The frames in ``plate_ids`` (:func:`plate_frame_ids`) are kept with their
+    person masks for :func:`background_plate`.
 
     Use as a context manager; leaving it waits for the queued work and re-raises the first
     error of the worker.
     """
 
-    def __init__(self, folder: Path, work_size: int, iterations: int, plate_every: int, max_pending: int = 16,
-                 refit_every: int = 25, plate_frames: range | None = None):
+    def __init__(self, folder: Path, work_size: int, iterations: int, plate_ids: Collection[int],
+                 max_pending: int = 16, refit_every: int = 25):
         self.folder, self.work_size, self.iterations = Path(folder), work_size, iterations
         self.refit_every = refit_every
         self._model: GrabCutModel | None = None
         self._model_age = 0
-        self.plate_every = max(1, plate_every)
-        self.plate_frames = plate_frames
+        self.plate_ids = frozenset(plate_ids)
         self._slots = threading.BoundedSemaphore(max_pending)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gstalk-masks")
         self._futures: list[Future] = []
@@ -272,7 +281,7 @@ class MaskWriter:
             self._model_age += 1
             ok, buf = cv2.imencode(".png", m)
             (self.folder / f"{index:06d}.png").write_bytes(buf.tobytes())
-            if index % self.plate_every == 0 and (self.plate_frames is None or index in self.plate_frames):
+            if index in self.plate_ids:
                 self.plate[index] = (image, m[..., 3])
             self.written += 1
         finally:
