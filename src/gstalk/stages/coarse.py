@@ -150,13 +150,15 @@ def run_coarse(workspace: str, cfg: CoarseConfig, *, resume: bool = False, repor
     Raises:
         WorkspaceError: extract/track missing or stale, or ``resume`` without a checkpoint
             made with the same settings.
-        UsageError / DependencyError: a device or rasterizer that cannot run here (before
-            anything is written).
+        UsageError / DependencyError: a detail-loss setting that cannot work, or a device or
+            rasterizer that cannot run here (before anything is written).
         TrainingError: the loss became NaN/Inf.
     """
+    from gstalk.config import check_detail_loss
     from gstalk.device import stage_device
 
     t0 = time.perf_counter()
+    check_detail_loss(cfg)
     ws = Workspace.open(workspace)
     ws.require("coarse")
     device = stage_device(cfg.device, cfg.raster)

@@ -57,16 +57,18 @@ def run_fine(workspace: str, cfg: FineConfig, *, resume: bool = False, reporter:
 
     Raises:
         WorkspaceError: coarse missing/stale, or ``resume`` without a compatible checkpoint.
-        UsageError / DependencyError: a setting that is not one of its choices, or a device or
-            rasterizer that cannot run here (before anything is written).
+        UsageError / DependencyError: a setting that is not one of its choices or cannot work
+            (the torso flow's, the detail loss's), or a device or rasterizer that cannot run here
+            (before anything is written).
         TrainingError: the loss stayed NaN/Inf.
     """
-    from gstalk.config import check_choices
+    from gstalk.config import check_choices, check_detail_loss
     from gstalk.device import stage_device
 
     t0 = time.perf_counter()
     check_choices(cfg)
     check_torso_flow(cfg)
+    check_detail_loss(cfg)
     ws = Workspace.open(workspace)
     ws.require("fine")
     device = stage_device(cfg.device, cfg.raster)

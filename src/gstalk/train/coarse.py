@@ -32,7 +32,7 @@ from gstalk.gaussians import Densifier
 from gstalk.gaussians.splat import composite, splat
 from gstalk.tracking.canonical import canonical_face
 from gstalk.train.frames import FrameSet
-from gstalk.train.losses import photometric_loss
+from gstalk.train.losses import detail_loss, photometric_loss, scaled_window
 from gstalk.train.pose_refine import PosePrior, corrected_viewmats, registration_pass, schedule
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -99,6 +99,7 @@ class CoarseTrainer:
         self.corrections = torch.zeros(len(self.data), 6)
         self.registered = torch.zeros(len(self.data), dtype=torch.bool)
         self.pose_prior = pose_prior(c, pixel_scale(self.data.width))
+        self.detail_window = scaled_window(c.detail_window, pixel_scale(self.data.width))
         self.pose_steps = set(schedule(c.iterations, c.pose_passes))
         self.basis: torch.nn.ParameterDict | None = None
         self.basis_optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -211,6 +212,8 @@ class CoarseTrainer:
                                      sh_degree=self.sh_degree())
         pred = composite(colors, alphas, d.background(i))
         loss = photometric_loss(pred, d.image(i), c.ssim_lambda)
+        if c.detail_lambda > 0:
+            loss = loss + c.detail_lambda * detail_loss(pred, d.image(i), self.detail_window)
         if not torch.isfinite(loss):
             raise TrainingError(f"coarse loss became {loss.item()} at step {self.step} (frame {int(d.frame_ids[i])}).",
                                 hint="run the coarse stage again with `--raster torch` to rule out the compiled "

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gstalk.config import CoarseConfig, DensifyConfig, FineConfig
+from gstalk.config import CoarseConfig, DensifyConfig, FineConfig, pixel_scale
 from gstalk.deform.articulation import fit_ensemble
 from gstalk.deform.audio import neighbour_indices
 from gstalk.deform.base import DeformationModel, Deltas
@@ -51,7 +51,7 @@ from gstalk.gaussians.splat import composite
 from gstalk.render.head import HeadRender, TalkingHead
 from gstalk.train.coarse import exp_decay, gaussian_optimizers
 from gstalk.train.frames import FrameSet
-from gstalk.train.losses import masked_l1, photometric_loss
+from gstalk.train.losses import detail_loss, masked_l1, photometric_loss, scaled_window
 from gstalk.train.pose_refine import schedule, torso_warps, warp_torso
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -141,6 +141,7 @@ class FineTrainer:
         self.densify_state = self.densifier.initialize_state(self.params["means"].shape[0], self.device) \
             if self.densifier else {}
         self.rng = np.random.default_rng(self.seed)
+        self.detail_window = scaled_window(self.cfg.detail_window, pixel_scale(self.data.width))
         torch.manual_seed(self.seed)
         if self.data.audio is None:
             raise ValueError("the fine stage needs audio windows in the FrameSet")
@@ -293,6 +294,8 @@ class FineTrainer:
         assert pred is not None
         gt = d.image(i)
         loss = photometric_loss(pred, gt, c.ssim_lambda)
+        if c.detail_lambda > 0:
+            loss = loss + c.detail_lambda * detail_loss(pred, gt, self.detail_window)
         if c.mouth_weight > 0:
             loss = loss + c.mouth_weight * masked_l1(pred, gt, d.mouth_mask(i))
         if c.eye_weight > 0 and d.eye_boxes is not None:

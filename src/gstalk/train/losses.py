@@ -1,10 +1,13 @@
-"""Photometric losses (3DGS: L = (1 - λ) L1 + λ D-SSIM, Kerbl et al. 2023, Eq. 7).
+"""Photometric losses (3DGS: L = (1 - λ) L1 + λ D-SSIM, Kerbl et al. 2023, Eq. 7), the
+masked and boxed L1 terms, and the phase-free detail loss (:func:`detail_loss`).
 
 Images are [B, H, W, 3] float32 in [0, 1] (channels last, as the rasterizer returns them).
 SSIM comes from ``pytorch_msssim`` (11x11 Gaussian window, σ = 1.5).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -26,6 +29,67 @@ def photometric_loss(pred: torch.Tensor, target: torch.Tensor, ssim_lambda: floa
     if ssim_lambda <= 0:
         return l1
     return (1.0 - ssim_lambda) * l1 + ssim_lambda * (1.0 - ssim(pred, target))
+
+
+# ITU-R BT.601 luma weights, as eval's sharpness metric (gstalk.metrics.sharpness) uses with
+# the same 4-neighbour Laplacian, so the loss matches the energy the metric counts
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def local_detail_energy(images: torch.Tensor, window: int) -> torch.Tensor:
+    """The local mean of the squared Laplacian of the luma: how much pixel-scale detail each
+    neighbourhood holds, whatever its phase.
+
+    Args:
+        images: [B, H, W, 3] float in [0, 1] (RGB, channels last).
+        window: side of the square box the squared Laplacian is averaged over (px, odd).
+
+    Returns:
+        [B, 1, H, W] float, (intensity units)²; the Laplacian sees the border's pixels repeated
+        (replicate padding) and the box average counts only pixels inside the image (two
+        1-D box means, a row then a column: the same as the square box's, in 2·window
+        additions per pixel instead of window²).
+    """
+    luma = images @ images.new_tensor(_LUMA)  # [B, H, W]
+    p = torch.nn.functional.pad(luma[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+    lap = p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:] - 4.0 * luma  # 4-neighbour ∇²
+    e = (lap * lap)[:, None]
+    r = window // 2
+    e = torch.nn.functional.avg_pool2d(e, (1, window), stride=1, padding=(0, r), count_include_pad=False)
+    return torch.nn.functional.avg_pool2d(e, (window, 1), stride=1, padding=(r, 0), count_include_pad=False)
+
+
+def scaled_window(window: int, scale: float) -> int:
+    """An odd box side ``window`` (px at 256 px, :data:`gstalk.config.REFERENCE_SIZE_PX`) for
+    images ``scale`` times as wide: the nearest odd number of pixels to window × scale, at
+    least 1, so the box covers the same part of the face at every working size."""
+    return max(1, 2 * int(math.floor((window * scale - 1) / 2 + 0.5)) + 1)
+
+
+def detail_loss(pred: torch.Tensor, target: torch.Tensor, window: int = 15, eps: float = 1e-6) -> torch.Tensor:
+    """Phase-free high-frequency loss: mean |√(E_pred + ε) − √(E_target + ε)| over the pixels,
+    with E the local Laplacian energy (:func:`local_detail_energy`) of [B, H, W, 3] images.
+
+    L1 and SSIM ask each pixel for its value, so a static head fitted to many frames whose
+    fine detail (skin, hair strands, creases) differs from frame to frame learns their average,
+    which has less detail than any one of them. This term asks only for the *amount* of
+    detail in each neighbourhood, not where its peaks lie, in the spirit of the amplitude
+    (phase-free) term of FreGS's frequency regularisation (Zhang et al., CVPR 2024) and the
+    focal frequency loss (Jiang et al., ICCV 2021), taken locally in the image rather than
+    over a patch's Fourier spectrum.
+
+    Args:
+        pred: [B, H, W, 3] float in [0, 1], the render (differentiated).
+        target: [B, H, W, 3] float in [0, 1], the frame (not differentiated).
+        window: odd box side in pixels (:func:`scaled_window` scales it with the image).
+        eps: (intensity units)², keeps the square root's gradient finite on flat regions.
+
+    Returns:
+        Scalar, in intensity units (a Laplacian's magnitude)."""
+    e_pred = local_detail_energy(pred, window)
+    with torch.no_grad():
+        e_target = local_detail_energy(target, window)
+    return ((e_pred + eps).sqrt() - (e_target + eps).sqrt()).abs().mean()
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
