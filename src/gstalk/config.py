@@ -110,7 +110,7 @@ class CoarseConfig:
     # weight of the phase-free detail loss (gstalk.train.losses.detail_loss: the local
     # Laplacian energy of the render against the frame's, in boxes detail_window px wide at
     # 256 px, scaled with the working size); 0 = off. 0.5 with 15 px: on four clips the held-out
-    # sharpness ratio rose 0.44-0.60 -> 0.65-0.80 for +0.01 to -0.32 dB of PSNR (docs/methods.md,
+    # sharpness ratio rose 0.44-0.60 -> 0.65-0.82 for +0.01 to -0.32 dB of PSNR (docs/methods.md,
     # "Detail the frames disagree on")
     detail_lambda: float = 0.5
     detail_window: int = 15

@@ -211,9 +211,10 @@ class CoarseTrainer:
         colors, alphas, meta = splat(params, d.viewmats[i:i + 1], d.K, d.width, d.height, backend=c.raster,
                                      sh_degree=self.sh_degree())
         pred = composite(colors, alphas, d.background(i))
-        loss = photometric_loss(pred, d.image(i), c.ssim_lambda)
+        gt = d.image(i)
+        loss = photometric_loss(pred, gt, c.ssim_lambda)
         if c.detail_lambda > 0:
-            loss = loss + c.detail_lambda * detail_loss(pred, d.image(i), self.detail_window)
+            loss = loss + c.detail_lambda * detail_loss(pred, gt, self.detail_window)
         if not torch.isfinite(loss):
             raise TrainingError(f"coarse loss became {loss.item()} at step {self.step} (frame {int(d.frame_ids[i])}).",
                                 hint="run the coarse stage again with `--raster torch` to rule out the compiled "

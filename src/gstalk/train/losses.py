@@ -31,11 +31,6 @@ def photometric_loss(pred: torch.Tensor, target: torch.Tensor, ssim_lambda: floa
     return (1.0 - ssim_lambda) * l1 + ssim_lambda * (1.0 - ssim(pred, target))
 
 
-# ITU-R BT.601 luma weights, as eval's sharpness metric (gstalk.metrics.sharpness) uses with
-# the same 4-neighbour Laplacian, so the loss matches the energy the metric counts
-_LUMA = (0.299, 0.587, 0.114)
-
-
 def local_detail_energy(images: torch.Tensor, window: int) -> torch.Tensor:
     """The local mean of the squared Laplacian of the luma: how much pixel-scale detail each
     neighbourhood holds, whatever its phase.
@@ -50,7 +45,9 @@ def local_detail_energy(images: torch.Tensor, window: int) -> torch.Tensor:
         1-D box means, a row then a column: the same as the square box's, in 2·window
         additions per pixel instead of window²).
     """
-    luma = images @ images.new_tensor(_LUMA)  # [B, H, W]
+    from gstalk.metrics.sharpness import LUMA  # eval's luma and Laplacian: the energy the metric counts
+
+    luma = images @ images.new_tensor(LUMA)  # [B, H, W]
     p = torch.nn.functional.pad(luma[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
     lap = p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:] - 4.0 * luma  # 4-neighbour ∇²
     e = (lap * lap)[:, None]
